@@ -1,0 +1,1237 @@
+#!/usr/bin/env python3
+"""chat.py: a chat server and client in one file, standard library only.
+
+Copy this file to any machine with Python 3.6 or newer and run
+
+    python chat.py server              # listen on port 9090, all interfaces
+    python chat.py client HOST         # join it (or: nc HOST 9090, telnet HOST 9090)
+
+The protocol is plain UTF-8 lines ending in "\\n" ("\\r\\n" is accepted), so
+nc, telnet and socat are clients too.  A line a peer sends is a public
+message, or a command when it starts with "/" ("//" says a literal "/").
+Every line the server sends starts with a marker that tells its kind:
+
+    <NAME> TEXT          public message        * NAME TEXT     action (/me)
+    [PM from NAME] TEXT  private message       [PM to NAME] T  your /msg, sent
+    -!- TEXT             notice from the server
+    !!! TEXT             error, for you alone
+
+The server is one selectors event loop over nonblocking sockets.  Each peer
+has an input buffer (at most MAX_LINE_BYTES of an unfinished line), an output
+buffer (a peer whose backlog passes MAX_BACKLOG_BYTES is disconnected), and a
+flood budget (RATE_BURST_LINES, then RATE_LINES_PER_SEC; over it the server
+stops reading that peer until the budget refills).  Messages broadcast during
+one loop turn are encoded once and sent to each peer in one send() call.
+Control characters and bidirectional overrides are removed from everything a
+peer says before anyone sees it, and the client removes them again.
+"""
+
+import argparse
+import collections
+import errno
+import getpass
+import heapq
+import itertools
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import unicodedata
+
+__version__ = '1.0.0'
+
+
+# --- Compatibility -----------------------------------------------------------
+
+try:
+    import resource  # POSIX only: open-files limit
+except ImportError:  # Windows
+    resource = None
+
+
+# --- Limits and defaults -----------------------------------------------------
+
+DEFAULT_PORT = 9090
+DEFAULT_HISTORY = 20           # public messages replayed to a newcomer
+MAX_LINE_BYTES = 4096          # longest line a peer may send (IRC allows 512)
+MAX_BACKLOG_BYTES = 256 * 1024  # unsent output before a peer counts as too slow
+RATE_BURST_LINES = 20          # lines a peer may send at once ...
+RATE_LINES_PER_SEC = 5.0       # ... and then per second; faster input waits
+MAX_NAME_CHARS = 24
+READ_CHUNK_BYTES = 16 * 1024   # one recv() per peer per loop turn
+SEND_BUFFER_BYTES = 64 * 1024  # the kernel's share of a peer's backlog: left
+# alone, Linux lets it grow to 4 MiB per peer, which would hide a slow reader
+# from MAX_BACKLOG_BYTES and spend kernel memory no cap accounts for.
+TURN_SHARE = 4                 # a turn broadcasts at most max_backlog / this,
+# so a reader that keeps up is never cut off by one burst of the room.
+ACCEPTS_PER_TURN = 64          # bounded, so a connect storm cannot starve peers
+ACCEPT_PAUSE_SEC = 0.5         # wait this long when out of file descriptors
+LINGER_SEC = 2.0               # a closing peer gets this long to read its last lines
+SHUTDOWN_FLUSH_SEC = 1.0       # output flushed for at most this long on exit
+RESERVED_FDS = 32              # files the server keeps for itself (logs, listeners)
+CONNECT_TIMEOUT_SEC = 10.0
+QUIT_WAIT_SEC = 5.0            # piped client: wait this long after /quit, plus
+# the time the server's default flood budget needs to take the lines sent
+CLIENT_MAX_LINE_BYTES = 64 * 1024  # a longer line from the server is cut
+FDS_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+# --- Text protocol -----------------------------------------------------------
+
+def _unprintable_table():
+    """Map every character that could move the cursor, restyle the terminal
+    or reorder text to nothing; a tab becomes a space."""
+    table = dict.fromkeys(range(0x00, 0x20))         # C0, including CR and LF
+    table[0x09] = ' '
+    table.update(dict.fromkeys(range(0x7f, 0xa0)))   # DEL and C1 (0x9b = CSI)
+    table.update(dict.fromkeys(range(0x202a, 0x202f)))  # bidi embeddings, overrides
+    table.update(dict.fromkeys(range(0x2066, 0x206a)))  # bidi isolates
+    table.update(dict.fromkeys((0x2028, 0x2029)))    # line/paragraph separators
+    return table
+
+
+UNPRINTABLE = _unprintable_table()
+LOG_ESCAPES = {code: '\\x%02x' % code if code < 0x100 else '\\u%04x' % code
+               for code in UNPRINTABLE}
+
+
+def clean(text):
+    """Return text without control, escape or bidi-override characters."""
+    return text.translate(UNPRINTABLE)
+
+
+def decode(raw):
+    """Turn bytes from the network into clean text; invalid UTF-8 becomes U+FFFD."""
+    return clean(raw.decode('utf-8', 'replace'))
+
+
+def public_line(name, text):
+    return ('<%s> %s\n' % (name, text)).encode()
+
+
+def action_line(name, text):
+    return ('* %s %s\n' % (name, text)).encode()
+
+
+def private_line(sender, text):
+    return ('[PM from %s] %s\n' % (sender, text)).encode()
+
+
+def sent_line(recipient, text):
+    return ('[PM to %s] %s\n' % (recipient, text)).encode()
+
+
+def notice_line(text):
+    return ('-!- %s\n' % text).encode()
+
+
+def error_line(text):
+    return ('!!! %s\n' % text).encode()
+
+
+NAME_PUNCTUATION = '_-.'
+CONFUSABLE_SCRIPTS = ('LATIN', 'GREEK', 'CYRILLIC')
+GUEST_PREFIX = 'guest-'
+
+
+def name_key(name):
+    """The form names are compared in: NFKC, case-folded, so that 'Alice',
+    'ALICE' and the fullwidth 'Ａｌｉｃｅ' are all the same name."""
+    return unicodedata.normalize('NFKC', unicodedata.normalize('NFKC', name).casefold())
+
+
+def name_problem(name):
+    """Why name cannot be used, or None if it can (uniqueness aside)."""
+    if not name:
+        return 'a name needs at least one character'
+    if len(name) > MAX_NAME_CHARS:
+        return 'a name has at most %d characters' % MAX_NAME_CHARS
+    for i, ch in enumerate(name):
+        category = unicodedata.category(ch)
+        # Marks (Mn, Mc) carry vowels in many scripts, but only after a letter.
+        allowed = category[0] == 'L' or category == 'Nd' or ch in NAME_PUNCTUATION
+        if not allowed and not (i and category[0] == 'M'):
+            return 'a name may hold only letters, digits and "_", "-", "."'
+    scripts = set()
+    for ch in unicodedata.normalize('NFKC', name):
+        script = unicodedata.name(ch, '').split(' ')[0]
+        if script in CONFUSABLE_SCRIPTS:
+            scripts.add(script)
+    if len(scripts) > 1:
+        return 'a name may not mix Latin, Greek and Cyrillic letters'
+    return None
+
+
+def plural(count, noun):
+    return '%d %s%s' % (count, noun, '' if count == 1 else 's')
+
+
+def printable_address(address):
+    """'host:port' for a socket address, '[v6]:port' for IPv6."""
+    host, port = address[0], address[1]
+    if host.startswith('::ffff:') and '.' in host:  # IPv4 on a dual-stack socket
+        host = host[len('::ffff:'):]
+    return ('[%s]:%d' if ':' in host else '%s:%d') % (host, port)
+
+
+# --- Server ------------------------------------------------------------------
+
+TOO_LONG = object()  # what Peer.next_line returns for an overlong line
+
+
+class Peer:
+    """One connection to the server: its socket, buffers, name and flood budget."""
+
+    __slots__ = ('sock', 'address', 'inbuf', 'outbuf', 'name', 'key', 'skipping',
+                 'tokens', 'tokens_at', 'paused', 'eof', 'close_reason',
+                 'lingering', 'events', 'turn', 'batch_pos')
+
+    def __init__(self, sock, address, burst):
+        self.sock = sock
+        self.address = address
+        self.inbuf = bytearray()    # received bytes not yet handled as lines
+        self.outbuf = bytearray()   # bytes queued for it that send() has not taken
+        self.name = None            # set once it is in the room
+        self.key = None             # name_key(name)
+        self.skipping = False       # discarding the rest of an overlong line
+        self.tokens = burst         # lines it may send now (flood budget)
+        self.tokens_at = time.monotonic()
+        self.paused = False         # over budget: not read until it refills
+        self.eof = False            # it will send nothing more
+        self.close_reason = None    # set when it is on its way out
+        self.lingering = False      # out of the room, finishing its output
+        self.events = 0             # what the selector watches it for now
+        self.turn = -1              # last loop turn it was given broadcasts in,
+        self.batch_pos = 0          # and how many of that turn's it has had
+
+    def wanted_events(self):
+        """The selector events this peer needs now: read unless paused or
+        finished; write only while output is waiting."""
+        events = 0
+        if not (self.paused or self.eof):
+            events |= selectors.EVENT_READ
+        if self.outbuf:
+            events |= selectors.EVENT_WRITE
+        return events
+
+    def next_line(self, max_line):
+        """Remove the next complete line from inbuf and return it: None if
+        there is none yet, TOO_LONG if it is longer than max_line."""
+        end = self.inbuf.find(b'\n')
+        if end < 0:
+            return None
+        line = bytes(self.inbuf[:end])
+        del self.inbuf[:end + 1]  # cheap: bytearray deletes from the front in place
+        if self.skipping:         # the tail of a line already refused
+            self.skipping = False
+            return b''
+        if len(line) > max_line and len(line.rstrip(b'\r')) > max_line:
+            return TOO_LONG
+        return line
+
+    def trim_unfinished_line(self, max_line):
+        """Bound the memory of a line that never ends: once its unfinished
+        part is longer than max_line, forget it.  True if it was just refused."""
+        if b'\n' in self.inbuf or len(self.inbuf) <= max_line + 1:  # +1: a CR
+            return False
+        del self.inbuf[:]
+        refused, self.skipping = not self.skipping, True
+        return refused
+
+
+class Server:
+    """The chat room: one selector over the listening sockets and every peer.
+
+    Handlers never write to sockets: they queue output, and end_turn() gives
+    each peer everything queued for it in one send() per loop turn.  Lines
+    for the whole room are collected in self.batch and joined once per turn,
+    so a message is encoded once and costs each peer a share of one send().
+    A peer leaves the room only at the end of a turn (reap), never in the
+    middle of a broadcast; a broken socket is closed at once.
+    """
+
+    def __init__(self, listeners, log=None, history=DEFAULT_HISTORY,
+                 max_line=MAX_LINE_BYTES, max_backlog=MAX_BACKLOG_BYTES,
+                 rate=RATE_LINES_PER_SEC, burst=RATE_BURST_LINES,
+                 max_clients=None, selector_class=selectors.DefaultSelector):
+        self.listeners = listeners
+        self.log = log or (lambda message: None)
+        self.max_line = max_line
+        self.max_backlog = max_backlog
+        self.rate = rate
+        self.burst = burst
+        self.max_clients = max_clients or default_max_clients()
+        self.history = collections.deque(maxlen=history)
+        self.selector = selector_class()
+        self.peers = set()          # open connections, closing ones aside
+        self.closing = set()        # connections finishing their output
+        self.room = {}              # name_key -> Peer, for peers with a name
+        self.batch = []             # (sender, line) broadcast this turn
+        self.turn = 0
+        self.turn_budget = max_backlog // TURN_SHARE
+        self.batch_bytes = 0        # bytes broadcast this turn
+        self.dirty = set()          # peers to flush at the end of this turn
+        self.held = collections.deque()  # peers with lines held over to next turn
+        self.doomed = []            # peers leaving the room at the end of this turn
+        self.timers = []            # heap of (when, seq, callback, argument)
+        self.timer_seq = itertools.count()
+        self.guest_numbers = itertools.count(1)  # never reused
+        self.fds_exhausted = False
+        self.stopping = False
+        # stop() may be called from a signal handler or another thread; a byte
+        # on this socket pair wakes select() so the loop notices.
+        self.wake_r, self.wake_w = socket.socketpair()
+        for sock in (self.wake_r, self.wake_w):
+            sock.setblocking(False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, 'wake')
+        for listener in listeners:
+            listener.setblocking(False)
+        self.resume_accepting()
+
+    # The loop ----------------------------------------------------------------
+
+    def serve_forever(self):
+        """Run until stop() is called, then say goodbye to everyone."""
+        try:
+            while not self.stopping:
+                self.run_once()
+            self.say_goodbye()
+        finally:
+            self.close_all()
+
+    def run_once(self, timeout=None):
+        """One loop turn: wait for events, handle them, send what they queued."""
+        events = self.selector.select(self.next_timeout(timeout))
+        self.continue_held()
+        # Rotate the order so that when turn_budget cuts a turn short, it is
+        # not the same peers that wait every time.
+        if events:
+            start = self.turn % len(events)
+            events = events[start:] + events[:start]
+        for key, mask in events:
+            peer = key.data
+            if peer == 'accept':
+                self.accept(key.fileobj)
+            elif peer == 'wake':
+                drain(self.wake_r)
+            elif peer.sock is not None:  # not closed earlier this turn
+                self.guarded(self.on_event, peer, mask)
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            _, _, callback, peer = heapq.heappop(self.timers)
+            self.guarded(callback, peer)
+        self.end_turn()
+
+    def guarded(self, handler, peer, *args):
+        """Run a handler for one peer; a bug it trips over closes that peer,
+        not the server."""
+        try:
+            handler(peer, *args)
+        except Exception as exc:
+            if not isinstance(peer, Peer):
+                raise
+            self.log('internal error with %s: %r' % (peer.name or peer.address, exc))
+            self.lose(peer, 'server error')
+
+    def on_event(self, peer, mask):
+        if mask & selectors.EVENT_READ:
+            self.on_readable(peer)
+        if mask & selectors.EVENT_WRITE:
+            self.dirty.add(peer)
+
+    def next_timeout(self, limit=None):
+        """Seconds select() may wait: none while output is queued, else until
+        the next timer (or limit)."""
+        if self.batch or self.dirty or self.doomed or self.held:
+            return 0
+        timeout = limit
+        if self.timers:
+            due = max(0.0, self.timers[0][0] - time.monotonic())
+            timeout = due if timeout is None else min(timeout, due)
+        return timeout
+
+    def stop(self):
+        """Ask the loop to finish; safe from signal handlers and other threads."""
+        self.stopping = True
+        try:
+            self.wake_w.send(b'\0')
+        except OSError:
+            pass  # the buffer is full (so select() is awake) or it is closed
+
+    def call_later(self, delay, callback, peer=None):
+        heapq.heappush(self.timers, (time.monotonic() + delay, next(self.timer_seq),
+                                     callback, peer))
+
+    def set_interest(self, peer):
+        """The one place that tells the selector what to watch a peer for."""
+        wanted = peer.wanted_events()
+        if wanted == peer.events:
+            return
+        if not wanted:
+            self.selector.unregister(peer.sock)
+        elif not peer.events:
+            self.selector.register(peer.sock, wanted, peer)
+        else:
+            self.selector.modify(peer.sock, wanted, peer)
+        peer.events = wanted
+
+    # Connections ---------------------------------------------------------------
+
+    def accept(self, listener):
+        """Accept a bounded number of waiting connections."""
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in FDS_EXHAUSTED:
+                    self.pause_accepting(exc)
+                    return
+                continue  # ECONNABORTED and the like: that one is gone
+            self.fds_exhausted = False
+            self.admit(sock, address)
+
+    def pause_accepting(self, exc):
+        """Out of file descriptors: stop accepting for a moment instead of
+        spinning on a listener that stays readable.  Log once per episode."""
+        if not self.fds_exhausted:
+            self.log('out of file descriptors (%s): pausing new connections' % exc.strerror)
+            self.fds_exhausted = True
+        for listener in self.listeners:
+            self.selector.unregister(listener)
+        self.call_later(ACCEPT_PAUSE_SEC, self.resume_accepting)
+
+    def resume_accepting(self, _=None):
+        for listener in self.listeners:
+            self.selector.register(listener, selectors.EVENT_READ, 'accept')
+
+    def admit(self, sock, address):
+        """Take a new connection into the room, or refuse it when full."""
+        sock.setblocking(False)
+        # Chat lines are small and latency matters: no Nagle delay.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        peer = Peer(sock, printable_address(address), self.burst)
+        if len(self.peers) >= self.max_clients:
+            self.log('refused %s: server full (%d clients)' % (peer.address, len(self.peers)))
+            peer.outbuf += error_line('server full (%d clients); try again later'
+                                      % len(self.peers))
+            self.start_closing(peer)
+            return
+        self.peers.add(peer)
+        self.set_interest(peer)
+        self.enter_room(peer)
+
+    def enter_room(self, peer):
+        """Give peer a guest name, greet it and tell the others."""
+        name = GUEST_PREFIX + str(next(self.guest_numbers))
+        peer.name, peer.key = name, name_key(name)
+        # It must not be handed the broadcasts queued earlier this turn.
+        peer.turn, peer.batch_pos = self.turn, len(self.batch)
+        self.room[peer.key] = peer
+        self.log('%s joined from %s' % (name, peer.address))
+        self.queue(peer, notice_line('Welcome, %s! Type /help for commands, '
+                                     '/nick NAME to choose a name.' % name))
+        self.queue(peer, self.who_line())
+        if self.history:
+            self.queue(peer, notice_line('Last %s:' % plural(len(self.history), 'message')))
+            self.queue(peer, b''.join(self.history))
+        self.broadcast(notice_line('%s joined' % name), sender=peer)
+
+    def drop(self, peer, reason, linger=False):
+        """Take peer out of the room at the end of this turn; the first reason
+        given is the one announced.  With linger, it gets its queued output
+        before the connection closes."""
+        if peer.close_reason is None:
+            peer.close_reason = reason
+            peer.lingering = linger
+            self.doomed.append(peer)
+
+    def lose(self, peer, reason):
+        """The connection cannot go on: close it now, announce it later."""
+        self.drop(peer, reason)
+        self.close(peer)
+
+    def reap(self):
+        """Take the peers dropped this turn out of the room; tell the others."""
+        doomed, self.doomed = self.doomed, []
+        for peer in doomed:
+            if peer.key is not None and self.room.get(peer.key) is peer:
+                del self.room[peer.key]
+                self.log('%s left (%s)' % (peer.name, peer.close_reason))
+                self.broadcast(notice_line('%s left (%s)' % (peer.name, peer.close_reason)))
+            if peer.sock is not None:
+                if peer.lingering:
+                    self.start_closing(peer)
+                else:
+                    self.close(peer)
+
+    def start_closing(self, peer):
+        """Let peer read what is queued for it, then close.  Its input is read
+        and thrown away meanwhile: closing a socket with unread input sends a
+        reset, which can destroy output the peer has not read yet."""
+        self.peers.discard(peer)
+        self.closing.add(peer)
+        peer.lingering = True
+        peer.paused = False
+        del peer.inbuf[:]
+        self.set_interest(peer)
+        self.dirty.add(peer)
+        self.call_later(LINGER_SEC, self.close, peer)
+
+    def close(self, peer):
+        """Release a peer's socket and memory now.  Safe to call twice."""
+        if peer.sock is None:
+            return
+        if peer.events:
+            self.selector.unregister(peer.sock)
+        peer.sock.close()
+        peer.sock = None
+        peer.events = 0
+        peer.inbuf = peer.outbuf = bytearray()
+        self.peers.discard(peer)
+        self.closing.discard(peer)
+        self.dirty.discard(peer)
+
+    # Input ---------------------------------------------------------------------
+
+    def on_readable(self, peer):
+        """Read one chunk from peer and handle the lines it completes."""
+        if self.batch_bytes >= self.turn_budget and not peer.lingering:
+            return  # this turn's share is used up; the selector will ask again
+        try:
+            data = peer.sock.recv(READ_CHUNK_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.lose(peer, 'connection lost')
+            return
+        if peer.lingering:  # closing: input is only drained
+            if not data:
+                peer.eof = True
+                if not peer.outbuf:
+                    self.close(peer)
+            return
+        if not data:
+            peer.eof = True  # what is already here is still handled
+            self.set_interest(peer)
+        peer.inbuf += data
+        self.handle_input(peer)
+
+    def handle_input(self, peer):
+        """Handle the complete lines in peer.inbuf, as many as its flood
+        budget and this turn's share allow; the rest wait, and peer is not
+        read again until they are handled."""
+        allowed = self.lines_allowed(peer)
+        handled = 0
+        while allowed is None or handled < allowed:
+            if self.batch_bytes >= self.turn_budget:
+                self.hold(peer)
+                return
+            raw = peer.next_line(self.max_line)
+            if raw is None:
+                break
+            handled += 1
+            if raw is TOO_LONG:
+                self.refuse_long_line(peer)
+            else:
+                self.handle_line(peer, raw)
+            if peer.close_reason is not None:
+                return
+        if allowed is not None:
+            peer.tokens -= handled
+        if peer.trim_unfinished_line(self.max_line):
+            self.refuse_long_line(peer)
+        if b'\n' in peer.inbuf:
+            self.pause(peer, (1 - peer.tokens % 1) / self.rate)
+        elif peer.eof:
+            self.drop(peer, 'connection closed', linger=True)
+
+    def refuse_long_line(self, peer):
+        self.queue(peer, error_line('line too long (over %d bytes): not sent' % self.max_line))
+
+    def lines_allowed(self, peer):
+        """Refill peer's flood budget for the time gone by; how many whole
+        lines it may send now (None: no limit)."""
+        if not self.rate:
+            return None
+        now = time.monotonic()
+        peer.tokens = min(self.burst, peer.tokens + (now - peer.tokens_at) * self.rate)
+        peer.tokens_at = now
+        return int(peer.tokens)
+
+    def pause(self, peer, delay):
+        """Stop reading peer for delay seconds (until one more line fits its
+        flood budget).  Its input waits in the kernel meanwhile, delayed but
+        never dropped, and TCP slows the sender down."""
+        if not peer.paused:
+            peer.paused = True
+            self.set_interest(peer)
+            self.call_later(delay, self.resume, peer)
+
+    def resume(self, peer):
+        if peer.sock is not None and peer.close_reason is None:
+            peer.paused = False
+            self.set_interest(peer)
+            self.handle_input(peer)
+
+    def hold(self, peer):
+        """This turn's share of output is used up: peer's remaining lines
+        wait for the next turn, in a queue, so that every held peer gets
+        its turn before anyone's new input is read."""
+        peer.paused = True
+        self.set_interest(peer)
+        self.held.append(peer)
+
+    def continue_held(self):
+        for _ in range(len(self.held)):
+            if self.batch_bytes >= self.turn_budget:
+                return
+            self.resume(self.held.popleft())  # back of the queue if still held
+
+    def handle_line(self, peer, raw):
+        """One line from peer: a command, or a public message."""
+        text = decode(raw)
+        if not text.strip():
+            return  # empty lines, and lines of nothing but control characters
+        if text.startswith('/') and not text.startswith('//'):
+            word, _, argument = text[1:].partition(' ')
+            handler = getattr(self, 'cmd_' + word.lower(), None)
+            if handler is None:
+                self.queue(peer, error_line('unknown command /%s (try /help)' % word))
+            else:
+                handler(peer, argument.strip())
+            return
+        if text.startswith('//'):
+            text = text[1:]
+        self.say(peer, public_line(peer.name, text))
+
+    def say(self, peer, line):
+        """A public line from peer: remember it and send it to the others."""
+        self.history.append(line)
+        self.broadcast(line, sender=peer)
+
+    # Commands ------------------------------------------------------------------
+
+    HELP = (
+        'Commands:',
+        '  /nick NAME       choose your name',
+        '  /who             list who is online',
+        '  /me ACTION       say what you are doing',
+        '  /msg NAME TEXT   send a private message',
+        '  /quit [REASON]   leave',
+        '  /help            show this',
+        'Lines starting with / are commands; start a line with // to say "/...".',
+    )
+
+    def cmd_help(self, peer, argument):
+        self.queue(peer, b''.join(notice_line(line) for line in self.HELP))
+
+    def cmd_who(self, peer, argument):
+        self.queue(peer, self.who_line())
+
+    def who_line(self):
+        names = sorted((p.name for p in self.room.values()), key=name_key)
+        return notice_line('%d online: %s' % (len(names), ', '.join(names)))
+
+    def cmd_nick(self, peer, name):
+        if not name:
+            self.queue(peer, error_line('usage: /nick NAME'))
+            return
+        name = unicodedata.normalize('NFC', name)
+        key = name_key(name)
+        holder = self.room.get(key)
+        problem = name_problem(name)
+        if problem is None and key.startswith(GUEST_PREFIX):
+            problem = 'names starting with "%s" are given out by the server' % GUEST_PREFIX
+        if problem is None and holder not in (None, peer):
+            problem = 'the name is taken by %s' % holder.name
+        if problem is None and name == peer.name:
+            problem = 'you are already %s' % name
+        if problem is not None:
+            self.log('%s refused the name %s: %s' % (peer.name, name, problem))
+            self.queue(peer, error_line('cannot use the name %s: %s' % (name, problem)))
+            return
+        old = peer.name
+        del self.room[peer.key]
+        peer.name, peer.key = name, key
+        self.room[key] = peer
+        self.log('%s is now known as %s' % (old, name))
+        self.broadcast(notice_line('%s is now known as %s' % (old, name)))
+
+    def cmd_me(self, peer, action):
+        if not action:
+            self.queue(peer, error_line('usage: /me ACTION'))
+            return
+        self.say(peer, action_line(peer.name, action))
+
+    def cmd_msg(self, peer, argument):
+        name, _, text = argument.partition(' ')
+        text = text.strip()
+        if not name or not text:
+            self.queue(peer, error_line('usage: /msg NAME TEXT'))
+            return
+        recipient = self.room.get(name_key(name))
+        if recipient is None:
+            self.queue(peer, error_line('no one called %s is online' % name))
+            return
+        self.queue(recipient, private_line(peer.name, text))
+        self.queue(peer, sent_line(recipient.name, text))
+
+    def cmd_quit(self, peer, reason):
+        self.drop(peer, 'quit: %s' % reason if reason else 'quit', linger=True)
+
+    # Output --------------------------------------------------------------------
+
+    def broadcast(self, line, sender=None):
+        """Queue line for everyone in the room except sender.  It is sent at
+        the end of this turn, joined with the turn's other broadcasts."""
+        self.batch.append((sender, line))
+        self.batch_bytes += len(line)
+        if sender is not None:
+            self.catch_up(sender)  # so end_turn knows it must skip this line
+
+    def queue(self, peer, data):
+        """Queue data for one peer, after the broadcasts it has not yet been
+        given, so that everything reaches it in the order it happened."""
+        self.catch_up(peer)
+        peer.outbuf += data
+        self.dirty.add(peer)
+
+    def catch_up(self, peer):
+        """Copy this turn's broadcasts that peer has not had into its outbuf."""
+        if peer.turn != self.turn:
+            peer.turn, peer.batch_pos = self.turn, 0
+        for sender, line in self.batch[peer.batch_pos:]:
+            if sender is not peer:
+                peer.outbuf += line
+        peer.batch_pos = len(self.batch)
+
+    def end_turn(self):
+        """Send each peer what this turn queued for it, in one send() each,
+        then take the peers dropped this turn out of the room."""
+        if self.batch:
+            everything = b''.join(line for _, line in self.batch)
+            for peer in self.room.values():
+                if peer.sock is None:
+                    continue
+                if peer.turn == self.turn:  # it has its own order: use its outbuf
+                    self.catch_up(peer)
+                    self.dirty.add(peer)
+                elif peer.outbuf:
+                    peer.outbuf += everything
+                    self.dirty.add(peer)
+                else:
+                    self.send_fresh(peer, everything)
+            self.batch = []
+            self.batch_bytes = 0
+        self.turn += 1
+        dirty, self.dirty = self.dirty, set()
+        for peer in dirty:
+            if peer.sock is not None:
+                self.flush(peer)
+        self.reap()
+
+    def send_fresh(self, peer, data):
+        """Send data to a peer with nothing queued: the common case, which
+        copies nothing unless the socket takes only part of it."""
+        try:
+            sent = peer.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.lose(peer, 'connection lost')
+            return
+        if sent < len(data):
+            peer.outbuf += memoryview(data)[sent:]
+            self.judge(peer)
+
+    def flush(self, peer):
+        """Try once to send peer's outbuf; keep the unsent tail."""
+        try:
+            sent = peer.sock.send(peer.outbuf)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.lose(peer, 'connection lost')
+            return
+        del peer.outbuf[:sent]
+        if peer.lingering and not peer.outbuf:
+            self.finish_closing(peer)
+        else:
+            self.judge(peer)
+
+    def judge(self, peer):
+        """After a send, a peer whose backlog is still over the cap is too
+        slow: it goes, and its memory with it; no one else waits for it."""
+        if len(peer.outbuf) > self.max_backlog and not peer.lingering:
+            self.log('%s is too slow: %d bytes unsent' % (peer.name, len(peer.outbuf)))
+            self.lose(peer, 'too slow')
+        else:
+            self.set_interest(peer)
+
+    def finish_closing(self, peer):
+        """Everything is sent to a closing peer: say so with a FIN, and close
+        once it has closed its side too (or LINGER_SEC has passed)."""
+        try:
+            peer.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if peer.eof:
+            self.close(peer)
+        else:
+            self.set_interest(peer)
+
+    # Shutdown ------------------------------------------------------------------
+
+    def say_goodbye(self):
+        """Tell every peer the server is going, and flush for about a second."""
+        self.log('shutting down')
+        for peer in list(self.peers):
+            if peer.name is not None:
+                self.queue(peer, notice_line('server shutting down'))
+            self.start_closing(peer)
+        deadline = time.monotonic() + SHUTDOWN_FLUSH_SEC
+        while self.closing and time.monotonic() < deadline:
+            self.run_once(timeout=deadline - time.monotonic())
+
+    def close_all(self):
+        for peer in list(self.peers | self.closing):
+            self.close(peer)
+        for sock in self.listeners + [self.wake_r, self.wake_w]:
+            sock.close()
+        self.selector.close()
+
+
+def drain(sock):
+    """Read and discard whatever is waiting on a nonblocking socket."""
+    try:
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
+
+
+def default_max_clients():
+    """As many clients as the open-files limit leaves room for."""
+    if resource is None:
+        return 500  # Windows: select() handles at most 512 sockets
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(1, soft - RESERVED_FDS)
+
+
+def raise_open_files_limit():
+    """Raise the soft open-files limit to the hard limit: one per peer."""
+    if resource is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20  # Linux's default fs.nr_open
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # keep the soft limit we have
+
+
+def open_listeners(host, port):
+    """Listen on host:port: on every address host names, or, with no host,
+    on all interfaces over IPv4 and IPv6 (one dual-stack socket if the
+    OS allows).  With port 0 every socket shares the first one's port."""
+    if host is None:
+        plans = [(socket.AF_INET6, ('::', port)), (socket.AF_INET, ('0.0.0.0', port))]
+    else:
+        try:
+            infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                       0, socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise UserError('cannot listen on %s: %s' % (host, exc.strerror))
+        plans = []
+        for family, _, _, _, address in infos:
+            if (family, address[:2]) not in ((f, a[:2]) for f, a in plans):
+                plans.append((family, address))
+    listeners = []
+    for family, address in plans:
+        if listeners and family == socket.AF_INET and host is None and dual_stack(listeners[0]):
+            break  # the IPv6 socket already takes IPv4 connections
+        if listeners and address[1] == 0:
+            address = (address[0], listeners[0].getsockname()[1]) + tuple(address[2:])
+        try:
+            listeners.append(listen_on(family, address))
+        except OSError as exc:
+            if host is None and family == socket.AF_INET6 and not listeners:
+                continue  # no IPv6 here: IPv4 alone will do
+            for sock in listeners:
+                sock.close()
+            raise UserError(bind_error(exc, host or 'all interfaces', address[1]))
+    return listeners
+
+
+def listen_on(family, address):
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if os.name == 'posix':  # on Windows this would let others steal the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and address[0] == '::':
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except (AttributeError, OSError):
+                pass  # IPv6 only; open_listeners adds an IPv4 socket
+        sock.bind(address)
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def dual_stack(sock):
+    """True if sock is IPv6 and also takes IPv4 connections."""
+    if sock.family != socket.AF_INET6:
+        return False
+    try:
+        return not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    except (AttributeError, OSError):
+        return False
+
+
+def bind_error(exc, where, port):
+    """A one-line explanation of why the server could not listen."""
+    if exc.errno == errno.EADDRINUSE:
+        return 'port %d is already in use on %s (is another server running?)' % (port, where)
+    if exc.errno == errno.EACCES:
+        return 'permission denied to listen on port %d (ports below 1024 need root)' % port
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return 'cannot listen on %s: not an address of this machine' % where
+    return 'cannot listen on %s port %d: %s' % (where, port, exc.strerror)
+
+
+def lan_addresses():
+    """This machine's non-loopback addresses, found without sending a packet:
+    connecting a UDP socket only asks the routing table which address the
+    machine would send from."""
+    found = []
+    for family, probe in ((socket.AF_INET, '198.51.100.1'), (socket.AF_INET6, '2001:db8::1')):
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.connect((probe, 9))
+                address = sock.getsockname()[0]
+        except OSError:
+            continue
+        if address not in ('0.0.0.0', '::') and not address.startswith('127.'):
+            found.append(address)
+    return found
+
+
+def server_banner(listeners):
+    """What the server prints on start: where it listens, how to join."""
+    bound = [sock.getsockname() for sock in listeners]
+    lines = ['chat.py %s listening on %s%s' % (
+        __version__, ', '.join(printable_address(a) for a in bound),
+        ' (IPv4 and IPv6)' if any(dual_stack(s) for s in listeners) else '')]
+    port = bound[0][1]
+    hosts = [a[0] for a in bound if a[0] not in ('::', '0.0.0.0')]
+    if not hosts:
+        hosts = lan_addresses() or ['localhost']
+    for host in hosts:
+        lines.append('join with: python chat.py client %s %d   (or: nc %s %d)'
+                     % (host, port, host, port))
+    return '\n'.join(lines)
+
+
+def make_log(quiet=False, stream=None):
+    """The server's one logging funnel: timestamped lines on stderr, with
+    anything unprintable escaped so a log can never drive a terminal."""
+    def log(message):
+        if quiet:
+            return
+        out = stream or sys.stderr
+        out.write('%s %s\n' % (time.strftime('%Y-%m-%d %H:%M:%S'),
+                               message.translate(LOG_ESCAPES)))
+        out.flush()
+    return log
+
+
+# --- Client ------------------------------------------------------------------
+
+class Client:
+    """Joins standard input and output to a chat server over one selector."""
+
+    def __init__(self, sock, name=None, stdin_fd=0, stdout=None):
+        self.sock = sock
+        self.name = name
+        self.stdin_fd = stdin_fd
+        self.stdout = stdout or sys.stdout
+        self.selector = selectors.DefaultSelector()
+        self.inbuf = bytearray()      # from the server, not yet a whole line
+        self.typed = bytearray()      # from standard input, not yet a whole line
+        self.outbuf = bytearray()     # to the server, not yet sent
+        self.lines_sent = 0
+        self.quit_deadline = None     # set once we have said /quit
+        self.reading_stdin = False
+
+    def run(self):
+        """Talk until the server closes; the exit status."""
+        self.sock.setblocking(False)
+        self.selector.register(self.sock, selectors.EVENT_READ)
+        try:
+            self.selector.register(self.stdin_fd, selectors.EVENT_READ)
+            self.reading_stdin = True
+        except (OSError, ValueError):
+            self.end_of_input()  # no usable standard input: nothing to say
+        if self.name:
+            self.send_line(('/nick ' + self.name).encode())
+        while True:
+            timeout = None
+            if self.quit_deadline is not None:
+                timeout = max(0.0, self.quit_deadline - time.monotonic())
+                if timeout == 0:
+                    return 0
+            for key, mask in self.selector.select(timeout):
+                if key.fileobj is self.sock:
+                    if mask & selectors.EVENT_WRITE:
+                        self.flush()
+                    if mask & selectors.EVENT_READ:
+                        status = self.read_server()
+                        if status is not None:
+                            return status
+                else:
+                    self.read_stdin()
+
+    def read_server(self):
+        """Show the lines the server sent; an exit status once it is gone."""
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            return self.lost('connection lost: %s' % (exc.strerror or exc))
+        if not data:
+            if self.inbuf:
+                self.show(bytes(self.inbuf))
+            if self.quit_deadline is not None:
+                return 0
+            return self.lost('the server closed the connection')
+        self.inbuf += data
+        end = self.inbuf.rfind(b'\n')
+        if end >= 0:
+            for line in bytes(self.inbuf[:end]).split(b'\n'):
+                self.show(line)
+            del self.inbuf[:end + 1]
+        if len(self.inbuf) > CLIENT_MAX_LINE_BYTES:  # a server that never ends a line
+            self.show(bytes(self.inbuf[:CLIENT_MAX_LINE_BYTES]))
+            del self.inbuf[:]
+        return None
+
+    def show(self, raw):
+        """Print one line from the server, cleaned: the client does not trust it."""
+        self.stdout.buffer.write(decode(raw).encode('utf-8') + b'\n')
+        self.stdout.flush()
+
+    def lost(self, why):
+        print('chat.py: %s' % why, file=sys.stderr)
+        return 1
+
+    def read_stdin(self):
+        """Send each complete line typed or piped in; at the end, /quit."""
+        try:
+            data = os.read(self.stdin_fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b''
+        if not data:
+            if self.typed:
+                self.send_line(bytes(self.typed))
+            self.end_of_input()
+            return
+        self.typed += data
+        end = self.typed.rfind(b'\n')
+        if end >= 0:
+            for line in bytes(self.typed[:end]).split(b'\n'):
+                self.send_line(line.rstrip(b'\r'))
+            del self.typed[:end + 1]
+
+    def end_of_input(self):
+        """Standard input is done: leave, and wait (bounded) for the server
+        to take the lines sent and close."""
+        if self.reading_stdin:
+            self.selector.unregister(self.stdin_fd)
+            self.reading_stdin = False
+        if self.quit_deadline is None:
+            self.send_line(b'/quit')
+
+    def send_line(self, line):
+        """Queue one line for the server; a /quit starts the wait for its close."""
+        self.outbuf += line + b'\n'
+        self.lines_sent += 1
+        if line == b'/quit' or line.startswith(b'/quit '):
+            paced = max(0, self.lines_sent - RATE_BURST_LINES) / RATE_LINES_PER_SEC
+            self.quit_deadline = time.monotonic() + QUIT_WAIT_SEC + paced
+        self.flush()
+
+    def flush(self):
+        """Send what the socket takes now; watch for writability only while
+        something is left, and stop reading input while a lot is."""
+        try:
+            sent = self.sock.send(self.outbuf)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = len(self.outbuf)  # the read side reports the loss
+        del self.outbuf[:sent]
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbuf else 0)
+        self.selector.modify(self.sock, events)
+        if self.reading_stdin and len(self.outbuf) > MAX_BACKLOG_BYTES:
+            self.selector.unregister(self.stdin_fd)
+            self.reading_stdin = False
+        elif (not self.reading_stdin and not self.outbuf and self.quit_deadline is None):
+            self.selector.register(self.stdin_fd, selectors.EVENT_READ)
+            self.reading_stdin = True
+
+
+def connect(host, port):
+    """A connected socket to host:port, or a UserError saying why not."""
+    host = host.strip('[]')  # accept [::1] as well as ::1
+    try:
+        return socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SEC)
+    except socket.gaierror as exc:
+        raise UserError('cannot find host %s: %s' % (host, exc.strerror))
+    except ConnectionRefusedError:
+        raise UserError('cannot connect to %s port %d: connection refused '
+                        '(is the server running?)' % (host, port))
+    except socket.timeout:
+        raise UserError('cannot connect to %s port %d: timed out' % (host, port))
+    except OSError as exc:
+        raise UserError('cannot connect to %s port %d: %s' % (host, port, exc.strerror))
+
+
+def default_name():
+    """The login name, when it is a valid chat name."""
+    try:
+        name = getpass.getuser()
+    except Exception:  # getuser() raises whatever its last lookup raised
+        return None
+    return name if name_problem(name) is None else None
+
+
+# --- Command line ------------------------------------------------------------
+
+class UserError(Exception):
+    """Something the user can fix; main() prints it as one line."""
+
+
+def port_number(text):
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError('not a port number: %r' % text)
+    return port
+
+
+def at_least(minimum, kind=int):
+    """An argparse type: a number no smaller than minimum."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError('expected a number >= %s, got %r' % (minimum, text))
+        return value
+    return parse
+
+
+def byte_size(text):
+    """An argparse type: bytes, with an optional K or M suffix (KiB, MiB)."""
+    scale = {'K': 1024, 'M': 1024 * 1024}.get(text[-1:].upper(), 1)
+    return at_least(1)(text[:-1] if scale > 1 else text) * scale
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog='chat.py', description='A chat server and client in one file. '
+        'Start a server, then join it with the client, nc or telnet.')
+    parser.add_argument('--version', action='version', version='chat.py ' + __version__)
+    commands = parser.add_subparsers(dest='command', metavar='COMMAND')
+    commands.required = True  # 3.6: add_subparsers(required=True) raises
+
+    server = commands.add_parser('server', help='run a chat server',
+                                 description='Run a chat server.')
+    server.set_defaults(run=run_server)
+    server.add_argument('port', nargs='?', type=port_number, default=DEFAULT_PORT,
+                        help='TCP port (default %(default)s; 0 picks a free one)')
+    server.add_argument('--host', help='address or name to listen on '
+                        '(default: all interfaces, IPv4 and IPv6)')
+    server.add_argument('--history', type=at_least(0), default=DEFAULT_HISTORY, metavar='N',
+                        help='public messages replayed to newcomers (default %(default)s)')
+    server.add_argument('--max-line', type=byte_size, default=MAX_LINE_BYTES, metavar='BYTES',
+                        help='longest line a peer may send (default %(default)s)')
+    server.add_argument('--max-backlog', type=byte_size, default=MAX_BACKLOG_BYTES,
+                        metavar='BYTES', help='unsent output after which a peer is '
+                        'disconnected as too slow (default 256K)')
+    server.add_argument('--rate', type=at_least(0, float), default=RATE_LINES_PER_SEC,
+                        metavar='LINES', help='lines per second a peer may send after '
+                        'its burst; faster input waits (default %(default)s; 0: no limit)')
+    server.add_argument('--burst', type=at_least(1), default=RATE_BURST_LINES, metavar='N',
+                        help='lines a peer may send at once (default %(default)s)')
+    server.add_argument('--max-clients', type=at_least(1), metavar='N',
+                        help='connections at once (default: what the open-files limit allows)')
+    server.add_argument('--quiet', action='store_true', help='log nothing')
+
+    client = commands.add_parser('client', help='join a chat server',
+                                 description='Join a chat server. Lines you type are sent; '
+                                 'at the end of input the client leaves.')
+    client.set_defaults(run=run_client)
+    client.add_argument('host', nargs='?', default='localhost',
+                        help='server name or address (default %(default)s)')
+    client.add_argument('port', nargs='?', type=port_number, default=DEFAULT_PORT,
+                        help='server port (default %(default)s)')
+    client.add_argument('--name', help='the name to ask for (default: your login name)')
+    return parser
+
+
+def run_server(args):
+    raise_open_files_limit()
+    listeners = open_listeners(args.host, args.port)
+    server = Server(listeners, log=make_log(args.quiet), history=args.history,
+                    max_line=args.max_line, max_backlog=args.max_backlog,
+                    rate=args.rate, burst=args.burst, max_clients=args.max_clients)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: server.stop())
+    print(server_banner(listeners), flush=True)
+    server.serve_forever()
+    return 0
+
+
+def run_client(args):
+    name = args.name if args.name is not None else default_name()
+    sock = connect(args.host, args.port)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        return Client(sock, name=name).run()
+    finally:
+        sock.close()
+
+
+def main(argv=None):
+    """Run the command line; the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as exc:
+        print('chat.py: error: %s' % exc, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C is how people leave: no traceback
+    except BrokenPipeError:
+        return 0  # our output went to a pipe that closed, e.g. `| head`
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,724 @@
+"""Tests for chat.py: real sockets, real processes, no mocks of the network.
+
+Run with:  python -m unittest -v test_chat      (pytest finds them too)
+
+Servers listen on port 0 on loopback.  Most tests run a chat.Server in a
+daemon thread of this process so that they can also look at its buffers;
+the command line, signals and the client run as subprocesses.  Every wait
+has a deadline (TIMEOUT) and fails instead of hanging.
+"""
+
+import errno
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+import chat
+
+TIMEOUT = 10.0        # the longest any single expectation may take
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHAT = os.path.join(HERE, 'chat.py')
+
+
+# --- Helpers -----------------------------------------------------------------
+
+def wait_until(predicate, what, timeout=TIMEOUT):
+    """Poll predicate until it is true; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError('timed out waiting for ' + what)
+        time.sleep(0.005)
+
+
+class ServerThread:
+    """A chat.Server on 127.0.0.1, port 0, run in a daemon thread."""
+
+    def __init__(self, **options):
+        listener = socket.socket()
+        listener.bind(('127.0.0.1', 0))  # bound here, before serving: no race
+        listener.listen(128)
+        self.port = listener.getsockname()[1]
+        self.logs = []
+        self.server = chat.Server([listener], log=self.logs.append, **options)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.stop()
+        self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive(), 'server did not stop'
+
+    def peer(self, name):
+        """The server's Peer for name (read from the test thread)."""
+        return self.server.room.get(chat.name_key(name))
+
+    def wait_log(self, pattern):
+        wait_for_log(self.logs, pattern)
+
+
+def wait_for_log(logs, pattern):
+    wait_until(lambda: any(re.search(pattern, line) for line in list(logs)),
+               'log line %r in %r' % (pattern, logs))
+
+
+class Conn:
+    """A raw TCP peer, like nc: send bytes, read lines with deadlines."""
+
+    def __init__(self, port, rcvbuf=None, host='127.0.0.1'):
+        self.sock = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
+        if rcvbuf:  # set before connect so the window starts small
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect((host, port))
+        self.buf = bytearray()
+        self.seen = []
+
+    def send(self, data):
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def line(self, timeout=TIMEOUT):
+        """The next line the server sent, without its newline; fail on timeout."""
+        deadline = time.monotonic() + timeout
+        while b'\n' not in self.buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError('no line within %ss; seen: %r' % (timeout, self.seen[-10:]))
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                raise ConnectionError('closed by server; seen: %r' % self.seen[-10:])
+            self.buf += data
+        end = self.buf.index(b'\n')
+        text = self.buf[:end].decode('utf-8')
+        del self.buf[:end + 1]
+        self.seen.append(text)
+        return text
+
+    def expect(self, pattern, timeout=TIMEOUT):
+        """Read lines until one matches the regular expression; return the
+        lines read before it and the match."""
+        before = []
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.line(max(0.0, deadline - time.monotonic()))
+            match = re.search(pattern, text)
+            if match:
+                return before, match
+            before.append(text)
+
+    def expect_closed(self, timeout=TIMEOUT):
+        """Read until the server closes; return the lines read."""
+        lines = []
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                lines.append(self.line(max(0.0, deadline - time.monotonic())))
+            except ConnectionError:
+                return lines
+
+    def close(self):
+        self.sock.close()
+
+
+class ServerTestCase(unittest.TestCase):
+    """Starts a fresh server per test; options in SERVER_OPTIONS.  With
+    IN_PROCESS false it is a subprocess, for tests whose readers must keep
+    up with it (in this process they would share the server's GIL)."""
+
+    SERVER_OPTIONS = {}
+    SELECTOR = None  # None: the default selector
+    IN_PROCESS = True
+
+    def setUp(self):
+        options = dict(self.SERVER_OPTIONS)
+        if not self.IN_PROCESS:
+            self.srv = ServerProcess(*['--%s=%s' % (key.replace('_', '-'), value)
+                                       for key, value in options.items()])
+        else:
+            if self.SELECTOR is not None:
+                options['selector_class'] = self.SELECTOR
+            self.srv = ServerThread(**options)
+        self.addCleanup(self.srv.stop)
+        self.conns = []
+
+    def connect(self, name=None, **kw):
+        """A connected peer, past its welcome; renamed to name if given."""
+        conn = Conn(self.srv.port, **kw)
+        self.addCleanup(conn.close)
+        _, match = conn.expect(r'^-!- Welcome, (\S+)!')
+        conn.name = match.group(1)
+        conn.expect(r'^-!- \d+ online: ')
+        if name:
+            conn.send('/nick %s\n' % name)
+            conn.expect(r'^-!- %s is now known as %s$' % (re.escape(conn.name), re.escape(name)))
+            conn.name = name
+        # Everyone already here hears of it: wait so no test sees a stale notice.
+        for other in self.conns:
+            other.expect(r'^-!- %s$' % re.escape(
+                '%s is now known as %s' % (match.group(1), name) if name
+                else '%s joined' % conn.name))
+        self.conns.append(conn)
+        return conn
+
+    def sync(self, conn):
+        """Round trip: every line conn sent before this is handled once it returns."""
+        conn.send('/who\n')
+        return conn.expect(r'^-!- \d+ online: ')[0]
+
+
+def run_chat(*args, stdin_data=None, timeout=TIMEOUT, **kw):
+    """Run chat.py as a subprocess; its CompletedProcess (text)."""
+    return subprocess.run([sys.executable, CHAT] + list(args), input=stdin_data,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=timeout, universal_newlines=True, **kw)
+
+
+class ServerProcess:
+    """chat.py server as a subprocess on a free port (read from its banner);
+    its log lines are collected in self.logs as they come."""
+
+    def __init__(self, *args, host='127.0.0.1', **popen_kw):
+        command = [sys.executable, CHAT, 'server', '0'] + list(args)
+        if host:
+            command += ['--host', host]
+        self.proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True, **popen_kw)
+        self.banner = self.proc.stdout.readline()
+        match = re.search(r'listening on \S+:(\d+)', self.banner)
+        if not match:
+            self.proc.kill()
+            raise AssertionError('no banner: %r %r' % (self.banner, self.proc.stderr.read()))
+        self.port = int(match.group(1))
+        self.logs = []
+        self.log_reader = threading.Thread(target=self.read_logs, daemon=True)
+        self.log_reader.start()
+
+    def read_logs(self):
+        for line in self.proc.stderr:
+            self.logs.append(line.rstrip('\n'))
+
+    def wait_log(self, pattern):
+        wait_for_log(self.logs, pattern)
+
+    def finish(self, sig=signal.SIGTERM):
+        """Send sig; the exit status, standard output and the log."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        out, _ = self.proc.communicate(timeout=TIMEOUT)
+        self.log_reader.join(TIMEOUT)
+        return self.proc.returncode, self.banner + out, '\n'.join(self.logs)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+        self.log_reader.join(TIMEOUT)
+
+
+# --- Text protocol -----------------------------------------------------------
+
+class TestText(unittest.TestCase):
+
+    def test_clean_removes_controls_escapes_and_bidi_overrides(self):
+        evil = 'a\x1b[2Jb\x07c\rd\x00e\x7ff\x9b31mg\u202eh\u2066i\u2069j'
+        self.assertEqual(chat.clean(evil), 'a[2Jbcdef31mghij')
+        self.assertEqual(chat.clean('tab\there'), 'tab here')
+        self.assertEqual(chat.clean('line\nbreak'), 'linebreak')
+
+    def test_clean_keeps_every_script(self):
+        text = '안녕하세요 こんにちは Привет ça va 😀'
+        self.assertEqual(chat.clean(text), text)
+
+    def test_decode_replaces_invalid_utf8(self):
+        self.assertEqual(chat.decode(b'ok \xff\xfe end'), 'ok \ufffd\ufffd end')
+        self.assertEqual(chat.decode('한'.encode()[:2]), '\ufffd')
+
+    def test_every_kind_of_line_has_its_own_marker(self):
+        lines = [chat.public_line('a', 'x'), chat.action_line('a', 'x'),
+                 chat.private_line('a', 'x'), chat.sent_line('a', 'x'),
+                 chat.notice_line('x'), chat.error_line('x')]
+        markers = ['<', '* ', '[PM from ', '[PM to ', '-!- ', '!!! ']
+        for line, marker in zip(lines, markers):
+            self.assertTrue(line.decode().startswith(marker), line)
+            self.assertTrue(line.endswith(b'\n'))
+
+    def test_valid_names(self):
+        for name in ('alice', 'Bob_2', 'a.b-c', '김철수', 'José', 'Вася', 'Σωκράτης',
+                     'नमस्ते', '山田', 'x' * chat.MAX_NAME_CHARS):
+            self.assertIsNone(chat.name_problem(name), name)
+
+    def test_invalid_names_say_why(self):
+        cases = {'': 'at least one', 'x' * 25: 'at most 24', 'a b': 'letters, digits',
+                 'a<b': 'letters, digits', '\u0301a': 'letters, digits',
+                 'p\u0430ypal': 'mix Latin', '\u03b1lpha': 'mix Latin'}
+        for name, reason in cases.items():
+            self.assertIn(reason, chat.name_problem(name) or '', repr(name))
+
+    def test_name_key_folds_case_and_compatibility_forms(self):
+        self.assertEqual(chat.name_key('Alice'), chat.name_key('ALICE'))
+        self.assertEqual(chat.name_key('Alice'), chat.name_key('\uff21\uff4c\uff49\uff43\uff45'))
+        self.assertEqual(chat.name_key('ﬁsh'), chat.name_key('FISH'))
+        self.assertNotEqual(chat.name_key('alice'), chat.name_key('alic'))
+
+    def test_next_line_frames_across_reads(self):
+        peer = chat.Peer(None, 'test', burst=1)
+        for piece in (b'hel', b'lo\r\nwor', b'ld\npart'):
+            peer.inbuf += piece
+        self.assertEqual(peer.next_line(100), b'hello\r')
+        self.assertEqual(peer.next_line(100), b'world')
+        self.assertIsNone(peer.next_line(100))
+        self.assertEqual(bytes(peer.inbuf), b'part')
+
+    def test_next_line_refuses_overlong_lines(self):
+        peer = chat.Peer(None, 'test', burst=1)
+        peer.inbuf += b'x' * 11 + b'\n' + b'y' * 10 + b'\r\n'
+        self.assertIs(peer.next_line(10), chat.TOO_LONG)
+        self.assertEqual(peer.next_line(10), b'y' * 10 + b'\r')
+
+    def test_unfinished_line_is_bounded_and_its_tail_skipped(self):
+        peer = chat.Peer(None, 'test', burst=1)
+        peer.inbuf += b'z' * 20
+        self.assertTrue(peer.trim_unfinished_line(10))
+        self.assertEqual(len(peer.inbuf), 0)
+        peer.inbuf += b'z' * 20
+        self.assertFalse(peer.trim_unfinished_line(10))  # refused once only
+        peer.inbuf += b'zz\nnext\n'
+        self.assertEqual(peer.next_line(10), b'')      # the tail is dropped
+        self.assertEqual(peer.next_line(10), b'next')
+
+
+# --- Server: the protocol ----------------------------------------------------
+
+class ProtocolTests:
+    """Mixed into one TestCase per selector class (Windows has only select)."""
+
+    SERVER_OPTIONS = {'rate': 0}
+
+    def test_welcome_names_the_peer_and_lists_who_is_online(self):
+        alice = self.connect('alice')
+        conn = Conn(self.srv.port)
+        self.addCleanup(conn.close)
+        self.assertRegex(conn.line(), r'^-!- Welcome, guest-2! Type /help for commands')
+        self.assertEqual(conn.line(), '-!- 2 online: alice, guest-2')
+        alice.expect(r'^-!- guest-2 joined$')
+
+    def test_guest_numbers_are_never_reused(self):
+        first = self.connect()
+        first.send('/quit\n')
+        first.expect_closed()
+        self.conns.remove(first)
+        self.assertEqual(self.connect().name, 'guest-2')
+
+    def test_public_message_reaches_others_not_sender(self):
+        alice, bob, carol = self.connect('alice'), self.connect('bob'), self.connect('carol')
+        alice.send('hello, world\n')
+        bob.expect(r'^<alice> hello, world$')
+        carol.expect(r'^<alice> hello, world$')
+        self.assertNotIn('<alice> hello, world', self.sync(alice))
+
+    def test_double_slash_sends_a_literal_slash(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+        alice.send('//usr/bin is a path\n')
+        bob.expect(r'^<alice> /usr/bin is a path$')
+
+    def test_crlf_and_empty_lines(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+        alice.send('\r\n\n  \nfrom telnet\r\n\x07\n')
+        before, _ = bob.expect(r'^<alice> from telnet$')
+        self.assertEqual(before, [])
+        alice.send('after\n')
+        self.assertEqual(bob.line(), '<alice> after')  # nothing for the blank lines
+
+    def test_each_line_gets_its_own_prefix_however_it_is_split(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+        for piece in (b'hel', b'lo\nsec', b'ond\nthi', b'rd', b'\n'):
+            alice.send(piece)
+            self.sync(bob)  # the server has surely read the piece by now
+        self.assertEqual([bob.line() for _ in range(3)],
+                         ['<alice> hello', '<alice> second', '<alice> third'])
+
+    def test_invalid_utf8_is_replaced_not_fatal(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+        alice.send(b'caf\xc3 \xff\xfe ok\n')
+        bob.expect('^<alice> caf\ufffd \ufffd\ufffd ok$')
+        alice.send('still here\n')
+        bob.expect(r'^<alice> still here$')
+
+    def test_control_characters_cannot_forge_or_escape(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+        alice.send('hi\r<bob> fake\x1b[2J\x1b]0;title\x07\u202egnp.exe\x9b1m\n')
+        line = bob.line()
+        self.assertEqual(line, '<alice> hi<bob> fake[2J]0;titlegnp.exe1m')
+        self.assertIsNone(re.search('[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]', line))
+
+    def test_nick_is_announced_to_everyone_including_the_renamed(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+        alice.send('/nick alicia\n')
+        alice.expect(r'^-!- alice is now known as alicia$')
+        bob.expect(r'^-!- alice is now known as alicia$')
+        alice.send('hi\n')
+        bob.expect(r'^<alicia> hi$')
+        self.srv.wait_log(r'alice is now known as alicia')
+
+    def test_korean_names_and_text(self):
+        alice, bob = self.connect('김철수'), self.connect('bob')
+        alice.send('안녕하세요 😀\n')
+        bob.expect('^<김철수> 안녕하세요 😀$')
+        bob.send('/msg 김철수 반가워요\n')
+        alice.expect(r'^\[PM from bob\] 반가워요$')
+
+    def test_taken_names_collide_after_case_folding_and_nfkc(self):
+        self.connect('Alice')
+        bob = self.connect('bob')
+        for attempt in ('alice', 'ALICE', '\uff21\uff4c\uff49\uff43\uff45'):
+            bob.send('/nick %s\n' % attempt)
+            bob.expect(r'^!!! cannot use the name .*: the name is taken by Alice$')
+
+    def test_refused_names_say_why(self):
+        bob = self.connect('bob')
+        cases = [('p\u0430ypal', 'may not mix Latin, Greek and Cyrillic'),
+                 ('x' * 25, 'at most 24 characters'),
+                 ('a<b>', 'only letters, digits'),
+                 ('guest-99', 'given out by the server'),
+                 ('bob', 'you are already bob')]
+        for name, reason in cases:
+            bob.send('/nick %s\n' % name)
+            bob.expect(r'^!!! cannot use the name .*: .*%s' % re.escape(reason))
+        bob.send('/nick\n')
+        bob.expect(r'^!!! usage: /nick NAME$')
+
+    def test_a_case_change_of_your_own_name_is_allowed(self):
+        bob = self.connect('bob')
+        bob.send('/nick Bob\n')
+        bob.expect(r'^-!- bob is now known as Bob$')
+
+    def test_who(self):
+        self.connect('alice')
+        bob = self.connect('bob')
+        self.assertEqual(self.sync(bob), [])
+        bob.send('/WHO\n')
+        bob.expect(r'^-!- 2 online: alice, bob$')
+
+    def test_me(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+        alice.send('/me waves\n')
+        bob.expect(r'^\* alice waves$')
+        alice.send('/me\n')
+        alice.expect(r'^!!! usage: /me ACTION$')
+
+    def test_msg_reaches_only_its_recipient_and_is_confirmed(self):
+        alice, bob, carol = self.connect('alice'), self.connect('bob'), self.connect('carol')
+        alice.send('/msg BOB psst, a secret\n')
+        alice.expect(r'^\[PM to bob\] psst, a secret$')
+        bob.expect(r'^\[PM from alice\] psst, a secret$')
+        alice.send('public now\n')
+        before, _ = carol.expect(r'^<alice> public now$')
+        self.assertEqual(before, [])
+        alice.send('/msg nobody hi\n')
+        alice.expect(r'^!!! no one called nobody is online$')
+        alice.send('/msg bob\n')
+        alice.expect(r'^!!! usage: /msg NAME TEXT$')
+
+    def test_quit_with_reason_is_announced_and_closes(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+        alice.send('/quit see you later\nnot sent\n')
+        self.assertEqual(alice.expect_closed(), [])
+        before, _ = bob.expect(r'^-!- alice left \(quit: see you later\)$')
+        self.assertEqual(before, [])
+        self.srv.wait_log(r'alice left \(quit: see you later\)')
+
+    def test_help_and_unknown_commands_go_to_the_sender_only(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+        alice.send('/help\n')
+        lines, _ = alice.expect(r'^-!- .*start a line with //')
+        for command in ('/nick', '/who', '/me', '/msg', '/quit', '/help'):
+            self.assertTrue(any(command in line for line in lines), command)
+        alice.send('/frobnicate now\n')
+        alice.expect(r'^!!! unknown command /frobnicate \(try /help\)$')
+        self.assertEqual(self.sync(bob), [])
+
+    def test_history_is_replayed_to_newcomers(self):
+        alice = self.connect('alice')
+        for i in range(3):
+            alice.send('message %d\n' % i)
+        alice.send('/me waves\n')
+        self.sync(alice)
+        conn = Conn(self.srv.port)
+        self.addCleanup(conn.close)
+        lines, _ = conn.expect(r'^\* alice waves$')
+        self.assertEqual(lines[-4:], ['-!- Last 4 messages:', '<alice> message 0',
+                                      '<alice> message 1', '<alice> message 2'])
+
+    def test_leaving_is_announced_with_its_reason(self):
+        alice, bob, carol = self.connect('alice'), self.connect('bob'), self.connect('carol')
+        bob.sock.shutdown(socket.SHUT_WR)  # half-close: bob still reads
+        alice.expect(r'^-!- bob left \(connection closed\)$')
+        bob.expect_closed()
+        carol.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\1\0\0\0\0\0\0\0')
+        carol.close()  # linger 0: the close sends a reset
+        alice.expect(r'^-!- carol left \(connection (lost|closed)\)$')
+
+
+class TestProtocolDefaultSelector(ProtocolTests, ServerTestCase):
+    pass
+
+
+class TestProtocolSelectSelector(ProtocolTests, ServerTestCase):
+    SELECTOR = selectors.SelectSelector
+
+
+# --- Server: limits ------------------------------------------------------------
+
+class TestLineLimit(ServerTestCase):
+    SERVER_OPTIONS = {'rate': 0, 'max_line': 100}
+
+    def test_long_line_is_refused_and_skipped_and_the_connection_stays(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+        alice.send('a' * 101 + '\nafter\n' + 'b' * 100 + '\r\n')
+        alice.expect(r'^!!! line too long \(over 100 bytes\): not sent$')
+        bob.expect(r'^<alice> after$')
+        bob.expect(r'^<alice> b{100}$')  # exactly the limit, CRLF not counted
+
+    def test_a_line_that_never_ends_holds_bounded_memory(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+        peer = self.srv.peer('alice')
+        for _ in range(50):
+            alice.send('z' * 1000)
+        alice.expect(r'^!!! line too long')
+        wait_until(lambda: peer.skipping, 'the server to skip the line')
+        self.sync(bob)
+        self.assertLessEqual(len(peer.inbuf), 101)
+        alice.send('z' * 5000 + '\nnext\n')  # still the same line, then a new one
+        before, _ = bob.expect(r'^<alice> next$')
+        self.assertEqual(before, [])
+        self.assertEqual(self.sync(alice), [])  # refused once, not per read
+
+
+class TestSlowConsumers(ServerTestCase):
+    SERVER_OPTIONS = {'rate': 0, 'max_backlog': 32 * 1024}
+    IN_PROCESS = False
+
+    def test_a_peer_that_never_reads_is_cut_off_and_no_one_waits_for_it(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+        self.connect('slow', rcvbuf=4096)
+        lines = ['line %05d %s' % (i, 'x' * 200) for i in range(2000)]
+        sender = threading.Thread(target=alice.send, args=(''.join(l + '\n' for l in lines),))
+        sender.start()
+        got = []
+        while len(got) < len(lines):
+            line = bob.line()
+            if line.startswith('<alice> '):
+                got.append(line[len('<alice> '):])
+            else:
+                self.assertEqual(line, '-!- slow left (too slow)')
+        sender.join(TIMEOUT)
+        self.assertEqual(got, lines)  # everything, in order, for the reader
+        self.srv.wait_log(r'slow is too slow: \d+ bytes unsent')
+        self.srv.wait_log(r'slow left \(too slow\)')
+
+    def test_short_writes_deliver_everything_intact(self):
+        alice = self.connect('alice')
+        bob = self.connect('bob', rcvbuf=4096)
+        lines = ['%04d %s' % (i, '한글' * 20) for i in range(300)]  # ~40 KiB
+        alice.send(''.join(l + '\n' for l in lines))
+        received = []
+        while len(received) < len(lines):
+            received.append(bob.line())
+            time.sleep(0.0005)  # a slow reader: forces partial sends
+        self.assertEqual(received, ['<alice> ' + l for l in lines])
+
+
+class TestBurstsAreSpreadOverTurns(unittest.TestCase):
+    """The loop is stepped by hand here, so "a reader that keeps up" is
+    exact: it reads everything sent to it between two loop turns."""
+
+    def test_a_reader_that_keeps_up_is_never_cut_off_however_bursty(self):
+        listener = socket.socket()
+        listener.bind(('127.0.0.1', 0))
+        listener.listen(64)
+        server = chat.Server([listener], rate=0, max_backlog=32 * 1024)
+        self.addCleanup(server.close_all)
+        peers = []
+        for _ in range(20):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(listener.getsockname())
+            self.addCleanup(sock.close)
+            peers.append(sock)
+        while len(server.room) < len(peers):
+            server.run_once(timeout=TIMEOUT)
+
+        def read_all(sock):
+            data = bytearray()
+            while True:
+                try:
+                    chunk = sock.recv(65536, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    return bytes(data)
+                self.assertTrue(chunk, 'a reader was cut off')
+                data += chunk
+        for sock in peers:
+            read_all(sock)
+        # Everyone pastes 8,192 tiny lines at once: 2 MB for each reader,
+        # many times its cap and kernel buffers if one turn sent it all.
+        for sock in peers:
+            sock.sendall(b'x\n' * 8192)
+        expected = (len(peers) - 1) * 8192
+        received = [0] * len(peers)
+        deadline = time.monotonic() + TIMEOUT
+        while min(received) < expected and time.monotonic() < deadline:
+            server.run_once(timeout=0.1)
+            for i, sock in enumerate(peers):
+                received[i] += read_all(sock).count(b'> x\n')
+        self.assertEqual(received, [expected] * len(peers))
+        self.assertEqual(len(server.room), len(peers))
+
+
+class TestBacklogMemory(ServerTestCase):
+    SERVER_OPTIONS = {'rate': 0, 'max_backlog': 32 * 1024}
+
+    def test_memory_stays_bounded_by_peers_times_cap(self):
+        alice = self.connect('alice')
+        for i in range(4):
+            self.connect('idle%d' % i, rcvbuf=4096)
+        server = self.srv.server
+        peers = list(server.room.values())
+        worst = []
+        end_turn = server.end_turn
+
+        def measured_end_turn():  # memory held at the end of every loop turn
+            end_turn()
+            worst.append(sum(len(p.outbuf) for p in peers))
+        server.end_turn = measured_end_turn
+        alice.send(''.join('%s\n' % ('y' * 300) for _ in range(1000)))
+        for i in range(4):
+            self.srv.wait_log(r'idle%d left \(too slow\)' % i)
+        self.assertGreater(max(worst), server.max_backlog)  # it was put to the test
+        self.assertLessEqual(max(worst), len(peers) * server.max_backlog)
+        for peer in peers[1:]:  # cut off, and their memory freed
+            self.assertIsNone(peer.sock)
+            self.assertEqual(len(peer.outbuf), 0)
+
+    def test_a_message_is_encoded_once_for_all_recipients(self):
+        alice = self.connect('alice')
+        others = [self.connect('p%d' % i) for i in range(5)]
+        calls = []
+        original = chat.public_line
+        chat.public_line = lambda *args: calls.append(args) or original(*args)
+        self.addCleanup(setattr, chat, 'public_line', original)
+        alice.send('once\n')
+        for other in others:
+            other.expect(r'^<alice> once$')
+        self.assertEqual(calls, [('alice', 'once')])
+
+
+class TestFloodControl(ServerTestCase):
+    SERVER_OPTIONS = {'rate': 20, 'burst': 5}
+
+    def test_input_over_budget_is_delayed_not_dropped(self):
+        alice, bob, carol = self.connect('alice'), self.connect('bob'), self.connect('carol')
+        alice.send(''.join('flood %02d\n' % i for i in range(30)))
+        started = time.monotonic()
+        got = [bob.line() for _ in range(5)]
+        self.assertTrue(self.srv.peer('alice').paused)
+        carol.send('not starved\n')
+        while len([l for l in got if l.startswith('<alice>')]) < 30:
+            got.append(bob.line())
+        elapsed = time.monotonic() - started
+        flood = [l for l in got if l.startswith('<alice>')]
+        self.assertEqual(flood, ['<alice> flood %02d' % i for i in range(30)])
+        self.assertLess(got.index('<carol> not starved'), 15)
+        self.assertGreaterEqual(elapsed, 25 / 20 * 0.8)  # 25 lines over budget at 20/s
+
+    def test_paused_input_is_bounded(self):
+        alice = self.connect('alice')
+        alice.send('p\n' * 20000)  # 40 KB, most of it left in the kernel
+        peer = self.srv.peer('alice')
+        wait_until(lambda: peer.paused, 'alice to be paused')
+        self.assertLessEqual(len(peer.inbuf), chat.READ_CHUNK_BYTES)
+
+
+class TestNoFloodControl(ServerTestCase):
+    SERVER_OPTIONS = {'rate': 0}
+
+    def test_rate_zero_lets_a_burst_through_at_once(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+        alice.send(''.join('fast %d\n' % i for i in range(500)))
+        for i in range(500):  # at 5 lines/s this would take 100 s
+            self.assertEqual(bob.line(timeout=5), '<alice> fast %d' % i)
+        self.assertFalse(self.srv.peer('alice').paused)
+
+
+class TestMaxClients(ServerTestCase):
+    SERVER_OPTIONS = {'max_clients': 2}
+
+    def test_extra_connections_get_one_error_line(self):
+        alice = self.connect('alice')
+        self.connect('bob')
+        extra = Conn(self.srv.port)
+        self.addCleanup(extra.close)
+        self.assertEqual(extra.expect_closed(),
+                         ['!!! server full (2 clients); try again later'])
+        self.srv.wait_log(r'refused 127\.0\.0\.1:\d+: server full')
+        alice.send('/quit\n')
+        alice.expect_closed()
+        self.conns.remove(alice)
+        self.connect('carol')  # a slot freed is a slot again
+
+
+# --- Server: robustness --------------------------------------------------------
+
+class TestRobustness(ServerTestCase):
+    SERVER_OPTIONS = {'rate': 0}
+
+    def test_reset_mid_line_affects_no_one_else(self):
+        alice, bob, carol = self.connect('alice'), self.connect('bob'), self.connect('carol')
+        bob.send('half a li')
+        self.sync(alice)
+        bob.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\1\0\0\0\0\0\0\0')
+        bob.close()  # linger 0: the close sends a reset
+        before, _ = alice.expect(r'^-!- bob left \(connection (lost|closed)\)$')
+        self.assertEqual(before, [])  # the unfinished line is not delivered
+        alice.send('still fine\n')
+        carol.expect(r'^<alice> still fine$')
+
+    def test_vanishing_mid_line_delivers_nothing(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+        bob.send('unfinis')
+        bob.close()
+        before, _ = alice.expect(r'^-!- bob left \(connection closed\)$')
+        self.assertEqual(before, [])
+
+    def test_half_close_still_gets_its_answers(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+        bob.send('last words\n/who\n')
+        bob.sock.shutdown(socket.SHUT_WR)
+        self.assertEqual(bob.expect_closed(), ['-!- 2 online: alice, bob'])
+        alice.expect(r'^<bob> last words$')
+        alice.expect(r'^-!- bob left \(connection closed\)$')
+
+    def test_an_error_in_a_handler_closes_only_that_peer(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+
+        def broken(peer, argument):
+            raise RuntimeError('boom')
+        self.srv.server.cmd_who = broken
+        self.conns.remove(bob)
+        bob.send('/who\n')
+        alice.expect(r'^-!- bob left \(server error\)$')
+        self.srv.wait_log(r"internal error with bob: RuntimeError\('boom'")
+        carol = self.connect('carol')
+        carol.send('fine\n')
+        alice.expect(r'^<carol> fine$')
