@@ -37,6 +37,7 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 import unicodedata
 
@@ -963,27 +964,23 @@ class Client:
     def __init__(self, sock, name=None, stdin_fd=0, stdout=None):
         self.sock = sock
         self.name = name
-        self.stdin_fd = stdin_fd
         self.stdout = stdout or sys.stdout
         self.selector = selectors.DefaultSelector()
+        self.input, self.read_input = watchable_input(stdin_fd)
         self.inbuf = bytearray()      # from the server, not yet a whole line
         self.typed = bytearray()      # from standard input, not yet a whole line
         self.outbuf = bytearray()     # to the server, not yet sent
         self.lines_sent = 0
         self.quit_deadline = None     # set once we have said /quit
-        self.reading_stdin = False
+        self.reading_input = False
 
     def run(self):
         """Talk until the server closes; the exit status."""
         self.sock.setblocking(False)
         self.selector.register(self.sock, selectors.EVENT_READ)
-        try:
-            self.selector.register(self.stdin_fd, selectors.EVENT_READ)
-            self.reading_stdin = True
-        except (OSError, ValueError):
-            self.end_of_input()  # no usable standard input: nothing to say
         if self.name:
             self.send_line(('/nick ' + self.name).encode())
+        self.watch_input(True)
         while True:
             timeout = None
             if self.quit_deadline is not None:
@@ -991,15 +988,15 @@ class Client:
                 if timeout == 0:
                     return 0
             for key, mask in self.selector.select(timeout):
-                if key.fileobj is self.sock:
-                    if mask & selectors.EVENT_WRITE:
-                        self.flush()
-                    if mask & selectors.EVENT_READ:
-                        status = self.read_server()
-                        if status is not None:
-                            return status
-                else:
+                if key.fileobj is not self.sock:
                     self.read_stdin()
+                    continue
+                if mask & selectors.EVENT_WRITE:
+                    self.flush()
+                if mask & selectors.EVENT_READ:
+                    status = self.read_server()
+                    if status is not None:
+                        return status
 
     def read_server(self):
         """Show the lines the server sent; an exit status once it is gone."""
@@ -1010,10 +1007,6 @@ class Client:
         except OSError as exc:
             return self.lost('connection lost: %s' % (exc.strerror or exc))
         if not data:
-            if self.inbuf:
-                self.show(bytes(self.inbuf))
-            if self.quit_deadline is not None:
-                return 0
             return self.lost('the server closed the connection')
         self.inbuf += data
         end = self.inbuf.rfind(b'\n')
@@ -1032,13 +1025,19 @@ class Client:
         self.stdout.flush()
 
     def lost(self, why):
+        """The connection is over: show what is left; the exit status (0 if
+        we asked to leave)."""
+        if self.inbuf:
+            self.show(bytes(self.inbuf))
+        if self.quit_deadline is not None:
+            return 0
         print('chat.py: %s' % why, file=sys.stderr)
         return 1
 
     def read_stdin(self):
         """Send each complete line typed or piped in; at the end, /quit."""
         try:
-            data = os.read(self.stdin_fd, 65536)
+            data = self.read_input()
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -1046,7 +1045,9 @@ class Client:
         if not data:
             if self.typed:
                 self.send_line(bytes(self.typed))
-            self.end_of_input()
+            self.watch_input(False)
+            if self.quit_deadline is None:
+                self.send_line(b'/quit')
             return
         self.typed += data
         end = self.typed.rfind(b'\n')
@@ -1055,27 +1056,21 @@ class Client:
                 self.send_line(line.rstrip(b'\r'))
             del self.typed[:end + 1]
 
-    def end_of_input(self):
-        """Standard input is done: leave, and wait (bounded) for the server
-        to take the lines sent and close."""
-        if self.reading_stdin:
-            self.selector.unregister(self.stdin_fd)
-            self.reading_stdin = False
-        if self.quit_deadline is None:
-            self.send_line(b'/quit')
-
     def send_line(self, line):
-        """Queue one line for the server; a /quit starts the wait for its close."""
+        """Queue one line for the server.  After a /quit, input is over and
+        the client waits (bounded) for the server to take the lines sent
+        and close."""
         self.outbuf += line + b'\n'
         self.lines_sent += 1
         if line == b'/quit' or line.startswith(b'/quit '):
+            self.watch_input(False)
             paced = max(0, self.lines_sent - RATE_BURST_LINES) / RATE_LINES_PER_SEC
             self.quit_deadline = time.monotonic() + QUIT_WAIT_SEC + paced
         self.flush()
 
     def flush(self):
         """Send what the socket takes now; watch for writability only while
-        something is left, and stop reading input while a lot is."""
+        something is left, and read no more input while a lot is."""
         try:
             sent = self.sock.send(self.outbuf)
         except (BlockingIOError, InterruptedError):
@@ -1083,14 +1078,50 @@ class Client:
         except OSError:
             sent = len(self.outbuf)  # the read side reports the loss
         del self.outbuf[:sent]
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbuf else 0)
-        self.selector.modify(self.sock, events)
-        if self.reading_stdin and len(self.outbuf) > MAX_BACKLOG_BYTES:
-            self.selector.unregister(self.stdin_fd)
-            self.reading_stdin = False
-        elif (not self.reading_stdin and not self.outbuf and self.quit_deadline is None):
-            self.selector.register(self.stdin_fd, selectors.EVENT_READ)
-            self.reading_stdin = True
+        self.selector.modify(self.sock, selectors.EVENT_READ |
+                             (selectors.EVENT_WRITE if self.outbuf else 0))
+        self.watch_input(len(self.outbuf) <= MAX_BACKLOG_BYTES)
+
+    def watch_input(self, wanted):
+        """Start or stop reading standard input (never again after /quit)."""
+        wanted = wanted and self.quit_deadline is None
+        if wanted and not self.reading_input:
+            self.selector.register(self.input, selectors.EVENT_READ)
+        elif self.reading_input and not wanted:
+            self.selector.unregister(self.input)
+        self.reading_input = wanted
+
+
+def watchable_input(fd):
+    """What the client's selector watches for input, and how to read it:
+    fd itself when a selector can watch it, else a socket that a thread
+    feeds from fd.  That covers Windows, where select() takes only sockets,
+    and regular files and /dev/null, which epoll refuses.  Setting
+    CHAT_STDIN_THREAD=1 forces the thread, so that path is tested anywhere."""
+    if os.name == 'posix' and not os.environ.get('CHAT_STDIN_THREAD'):
+        probe = selectors.DefaultSelector()
+        try:
+            probe.register(fd, selectors.EVENT_READ)
+            return fd, lambda: os.read(fd, 65536)
+        except (OSError, ValueError):
+            pass
+        finally:
+            probe.close()
+    ours, theirs = socket.socketpair()
+
+    def forward():
+        try:
+            while True:
+                data = os.read(fd, 65536)
+                if not data:
+                    break
+                theirs.sendall(data)  # blocks while the client holds back
+        except OSError:
+            pass  # a closed or unreadable input ends like an empty one
+        finally:
+            theirs.close()
+    threading.Thread(target=forward, daemon=True).start()
+    return ours, lambda: ours.recv(65536)
 
 
 def connect(host, port):

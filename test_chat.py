@@ -8,12 +8,14 @@ the command line, signals and the client run as subprocesses.  Every wait
 has a deadline (TIMEOUT) and fails instead of hanging.
 """
 
-import errno
 import os
+import queue
 import re
 import selectors
+import shutil
 import signal
 import socket
+import tempfile
 import subprocess
 import sys
 import threading
@@ -216,14 +218,16 @@ class ServerProcess:
         """Send sig; the exit status, standard output and the log."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        out, _ = self.proc.communicate(timeout=TIMEOUT)
+        self.proc.wait(TIMEOUT)
+        out = self.proc.stdout.read()  # stderr belongs to the log reader
         self.log_reader.join(TIMEOUT)
         return self.proc.returncode, self.banner + out, '\n'.join(self.logs)
 
     def stop(self):
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.communicate()
+        self.proc.wait(TIMEOUT)
+        self.proc.stdout.close()
         self.log_reader.join(TIMEOUT)
 
 
@@ -722,3 +726,412 @@ class TestRobustness(ServerTestCase):
         carol = self.connect('carol')
         carol.send('fine\n')
         alice.expect(r'^<carol> fine$')
+
+
+# --- The server process --------------------------------------------------------
+
+def cpu_seconds(pid):
+    """User plus system CPU time of a process (Linux /proc)."""
+    with open('/proc/%d/stat' % pid) as stat:
+        fields = stat.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+class TestServerProcess(unittest.TestCase):
+
+    def start(self, *args, **kw):
+        server = ServerProcess(*args, **kw)
+        self.addCleanup(server.stop)
+        return server
+
+    def test_banner_says_where_it_listens_and_how_to_join(self):
+        server = self.start()
+        self.assertRegex(server.banner, r'^chat\.py \S+ listening on 127\.0\.0\.1:\d+\n$')
+        join = server.proc.stdout.readline()
+        self.assertEqual(join, 'join with: python chat.py client 127.0.0.1 %d   '
+                               '(or: nc 127.0.0.1 %d)\n' % (server.port, server.port))
+
+    def test_default_listens_on_ipv4_and_ipv6(self):
+        server = self.start(host=None)
+        self.assertRegex(server.banner, r'listening on \[::\]:\d+ \(IPv4 and IPv6\)')
+        self.assertRegex(server.proc.stdout.readline(),
+                         r'^join with: python chat\.py client \S+ %d ' % server.port)
+        for host in ('127.0.0.1', '::1'):
+            conn = Conn(server.port, host=host)
+            self.addCleanup(conn.close)
+            conn.expect(r'^-!- Welcome, guest-\d+!')
+        server.wait_log(r'guest-1 joined from 127\.0\.0\.1:\d+$')
+        server.wait_log(r'guest-2 joined from \[::1\]:\d+$')
+
+    def test_sigterm_and_sigint_close_politely_and_exit_zero(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            server = self.start()
+            conn = Conn(server.port)
+            self.addCleanup(conn.close)
+            conn.expect(r'^-!- \d+ online')
+            server.wait_log(r'guest-1 joined')
+            status, out, log = server.finish(sig)
+            self.assertEqual(status, 0)
+            self.assertEqual(conn.expect_closed(), ['-!- server shutting down'])
+            self.assertIn('shutting down', log)
+            self.assertNotIn('Traceback', log)
+
+    def test_shutdown_does_not_wait_long_for_a_peer_that_never_reads(self):
+        server = self.start('--rate=0', '--max-backlog=100M')
+        stuck = Conn(server.port, rcvbuf=4096)
+        observer = Conn(server.port)
+        talker = Conn(server.port)
+        for conn in (stuck, observer, talker):
+            self.addCleanup(conn.close)
+        talker.expect(r'^-!- 3 online')
+        observer.expect(r'^-!- guest-3 joined')
+        talker.send(('z' * 1000 + '\n') * 2000)  # 2 MB that stuck never reads
+        for _ in range(2000):  # once the observer has it all, stuck's backlog is full
+            observer.expect(r'^<guest-3> z+$')
+        started = time.monotonic()
+        status, _, _ = server.finish()
+        self.assertEqual(status, 0)
+        self.assertLess(time.monotonic() - started, 3 * chat.SHUTDOWN_FLUSH_SEC)
+
+    def test_quiet_logs_nothing(self):
+        server = self.start('--quiet')
+        conn = Conn(server.port)
+        self.addCleanup(conn.close)
+        conn.expect(r'^-!- \d+ online')
+        conn.send('/nick talker\nhello\n/quit\n')
+        conn.expect_closed()
+        status, _, log = server.finish()
+        self.assertEqual((status, log), (0, ''))
+
+    def test_logs_are_timestamped_and_escaped(self):
+        server = self.start()
+        conn = Conn(server.port)
+        self.addCleanup(conn.close)
+        conn.expect(r'^-!- \d+ online')
+        conn.send('/nick 김철수\n/quit bye\n')
+        conn.expect_closed()
+        server.wait_log(r'left \(quit: bye\)')
+        for line in server.logs:
+            self.assertRegex(line, r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ')
+        self.assertIn('guest-1 is now known as 김철수', '\n'.join(server.logs))
+
+    def test_port_in_use_is_one_clear_line(self):
+        first = self.start()
+        result = run_chat('server', str(first.port), '--host', '127.0.0.1')
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr, 'chat.py: error: port %d is already in use on '
+                         '127.0.0.1 (is another server running?)\n' % first.port)
+
+    def test_permission_denied_is_one_clear_line(self):
+        command = [sys.executable, CHAT, 'server', '80', '--host', '127.0.0.1']
+        if os.geteuid() == 0:  # root may bind port 80: take that right away
+            command = ['setpriv', '--bounding-set=-net_bind_service'] + command
+        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, timeout=TIMEOUT)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr, 'chat.py: error: permission denied to listen on '
+                         'port 80 (ports below 1024 need root)\n')
+
+    def test_running_out_of_file_descriptors_pauses_accepting(self):
+        import resource
+
+        def low_limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+        server = self.start('--max-clients=1000', '--rate=0', preexec_fn=low_limit)
+        conns = []
+        for _ in range(60):  # more than 40 descriptors: the kernel queues the rest
+            conns.append(Conn(server.port))
+            self.addCleanup(conns[-1].close)
+        server.wait_log(r'out of file descriptors \(Too many open files\): pausing')
+        before = cpu_seconds(server.proc.pid)
+        time.sleep(1.5)  # three pauses long: it must idle, not spin
+        self.assertLess(cpu_seconds(server.proc.pid) - before, 0.5)
+        for conn in conns[:40]:  # room for all that wait
+            conn.close()
+        conns[-1].expect(r'^-!- Welcome, guest-\d+!')  # the last one gets in at last
+        self.assertEqual(sum('out of file descriptors' in l for l in server.logs), 1)
+        status, _, _ = server.finish()
+        self.assertEqual(status, 0)
+
+
+# --- The command line ----------------------------------------------------------
+
+class TestCommandLine(unittest.TestCase):
+
+    def test_help_and_version(self):
+        for args in (['--help'], ['server', '-h'], ['client', '-h']):
+            result = run_chat(*args)
+            self.assertEqual(result.returncode, 0, args)
+            self.assertIn('usage: chat.py', result.stdout)
+        self.assertIn('--max-backlog', run_chat('server', '--help').stdout)
+        self.assertIn('--name', run_chat('client', '--help').stdout)
+        result = run_chat('--version')
+        self.assertEqual(result.stdout.strip(), 'chat.py ' + chat.__version__)
+
+    def test_bad_arguments_exit_2_with_usage(self):
+        for args in ([], ['serve'], ['server', 'notaport'], ['server', '70000'],
+                     ['server', '--rate', '-1'], ['client', 'h', '1', '--bogus'],
+                     ['server', '--max-backlog', 'lots']):
+            result = run_chat(*args)
+            self.assertEqual(result.returncode, 2, args)
+            self.assertIn('usage:', result.stderr)
+            self.assertNotIn('Traceback', result.stderr)
+
+    def test_sizes_take_k_and_m(self):
+        self.assertEqual(chat.byte_size('256K'), 256 * 1024)
+        self.assertEqual(chat.byte_size('2m'), 2 * 1024 * 1024)
+        self.assertEqual(chat.byte_size('4096'), 4096)
+
+    def test_unknown_host_is_one_clear_line(self):
+        result = run_chat('client', 'no-such-host.invalid', '9')
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stderr, r'^chat\.py: error: cannot find host '
+                         r'no-such-host\.invalid: .+\n$')
+
+    def test_connection_refused_is_one_clear_line(self):
+        with socket.socket() as sock:
+            sock.bind(('127.0.0.1', 0))
+            port = sock.getsockname()[1]  # nothing listens once it is closed
+        result = run_chat('client', '127.0.0.1', str(port))
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr, 'chat.py: error: cannot connect to 127.0.0.1 port '
+                         '%d: connection refused (is the server running?)\n' % port)
+
+
+# --- The client --------------------------------------------------------------
+
+class ClientProcess:
+    """python chat.py client as a subprocess, its output read with deadlines."""
+
+    def __init__(self, port, *args, host='127.0.0.1', env=None):
+        self.proc = subprocess.Popen(
+            [sys.executable, CHAT, 'client', host, str(port)] + list(args),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.lines = queue.Queue()
+        self.reader = threading.Thread(target=self.read, daemon=True)
+        self.reader.start()
+
+    def read(self):
+        for raw in self.proc.stdout:
+            self.lines.put(raw)
+        self.lines.put(None)
+
+    def expect(self, pattern):
+        """Read output lines until one matches; the raw lines before it."""
+        before = []
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                raw = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError('client printed no %r; saw %r' % (pattern, before))
+            if raw is None:
+                raise AssertionError('client exited before %r; saw %r' % (pattern, before))
+            if re.search(pattern, raw.decode('utf-8')):
+                return before
+            before.append(raw)
+
+    def send(self, text):
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
+    def finish(self):
+        """Close its input; its exit status and standard error."""
+        self.proc.stdin.close()
+        self.proc.wait(TIMEOUT)
+        self.reader.join(TIMEOUT)
+        err = self.proc.stderr.read().decode()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return self.proc.returncode, err
+
+
+class FakeServer:
+    """A listening socket the test drives by hand, to play a bad server."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.bind(('127.0.0.1', 0))
+        self.listener.listen(1)
+        self.listener.settimeout(TIMEOUT)
+        self.port = self.listener.getsockname()[1]
+
+    def accept(self):
+        sock, _ = self.listener.accept()
+        sock.settimeout(TIMEOUT)
+        return sock
+
+    def close(self):
+        self.listener.close()
+
+
+class TestClient(ServerTestCase):
+    SERVER_OPTIONS = {'rate': 20, 'burst': 5}
+
+    def start_client(self, *args, **kw):
+        client = ClientProcess(self.srv.port, *args, **kw)
+        self.addCleanup(lambda: client.proc.poll() is None and client.proc.kill())
+        return client
+
+    def test_piped_lines_are_sent_then_it_quits_with_status_zero(self):
+        bob = self.connect('bob')
+        result = run_chat('client', '127.0.0.1', str(self.srv.port), '--name', 'piper',
+                          stdin_data='hi\nthere\nno newline at the end')
+        self.assertEqual((result.returncode, result.stderr), (0, ''))
+        self.assertRegex(result.stdout, r'^-!- Welcome, guest-\d+!')
+        self.assertNotIn('\x1b', result.stdout)
+        bob.expect(r'^<piper> hi$')
+        self.assertEqual(bob.line(), '<piper> there')
+        self.assertEqual(bob.line(), '<piper> no newline at the end')
+        self.assertEqual(bob.line(), '-!- piper left (quit)')
+
+    def test_a_pasted_block_arrives_whole_and_in_order(self):
+        bob = self.connect('bob')
+        lines = ['line %02d' % i for i in range(40)]  # 35 over the burst of 5
+        result = run_chat('client', '127.0.0.1', str(self.srv.port), '--name', 'paster',
+                          stdin_data=''.join(l + '\n' for l in lines))
+        self.assertEqual(result.returncode, 0)
+        bob.expect(r'^-!- guest-\d+ is now known as paster$')
+        self.assertEqual([bob.line() for _ in lines], ['<paster> ' + l for l in lines])
+
+    def test_incoming_lines_are_printed_while_it_waits_for_input(self):
+        bob = self.connect('bob')
+        client = self.start_client('--name', 'reader')
+        client.expect(r'^-!- guest-\d+ is now known as reader$')
+        bob.expect(r'is now known as reader$')
+        bob.send('hello reader\n')
+        client.expect(r'^<bob> hello reader$')
+        client.send('hello bob\n')
+        bob.expect(r'^<reader> hello bob$')
+        self.assertEqual(client.finish(), (0, ''))
+
+    def test_a_refused_name_says_why_and_keeps_the_guest_name(self):
+        bob = self.connect('alice')
+        result = run_chat('client', '127.0.0.1', str(self.srv.port), '--name', 'ALICE',
+                          stdin_data='hi\n')
+        self.assertEqual(result.returncode, 0)
+        self.assertIn('!!! cannot use the name ALICE: the name is taken by alice', result.stdout)
+        bob.expect(r'^<guest-\d+> hi$')
+
+    def test_the_default_name_is_the_login_name(self):
+        bob = self.connect('bob')
+        env = dict(os.environ, LOGNAME='tester')
+        result = run_chat('client', '127.0.0.1', str(self.srv.port), stdin_data='', env=env)
+        self.assertEqual(result.returncode, 0)
+        bob.expect(r'^-!- guest-\d+ is now known as tester$')
+
+    def test_no_standard_input_at_all(self):
+        bob = self.connect('bob')
+        result = run_chat('client', '127.0.0.1', str(self.srv.port), '--name', 'mute',
+                          stdin=subprocess.DEVNULL)
+        self.assertEqual((result.returncode, result.stderr), (0, ''))
+        bob.expect(r'^-!- mute left \(quit\)$')
+
+    def test_input_from_a_regular_file(self):
+        bob = self.connect('bob')
+        with tempfile.TemporaryFile() as notes:  # epoll cannot watch a file
+            notes.write('from a file\n두 번째 줄\n'.encode())
+            notes.seek(0)
+            result = run_chat('client', '127.0.0.1', str(self.srv.port), '--name', 'filer',
+                              stdin=notes)
+        self.assertEqual((result.returncode, result.stderr), (0, ''))
+        bob.expect(r'^<filer> from a file$')
+        self.assertEqual(bob.line(), '<filer> 두 번째 줄')
+
+    def test_the_stdin_thread_used_on_windows_works_here_too(self):
+        bob = self.connect('bob')
+        env = dict(os.environ, CHAT_STDIN_THREAD='1')
+        client = self.start_client('--name', 'threaded', env=env)
+        bob.expect(r'is now known as threaded$')
+        client.send('typed while\n')
+        bob.expect(r'^<threaded> typed while$')
+        bob.send('messages arrive\n')
+        client.expect(r'^<bob> messages arrive$')
+        self.assertEqual(client.finish(), (0, ''))
+        bob.expect(r'^-!- threaded left \(quit\)$')
+
+    def test_ctrl_c_and_sigterm_exit_quietly(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            client = self.start_client('--name', 'sig%d' % sig)
+            client.expect(r'is now known as sig%d$' % sig)
+            client.proc.send_signal(sig)
+            self.assertEqual(client.finish(), (0, ''))
+
+    def test_ipv6_literal_host(self):
+        server = ServerProcess(host='::1')
+        self.addCleanup(server.stop)
+        result = run_chat('client', '::1', str(server.port), '--name', 'six', stdin_data='')
+        self.assertEqual(result.returncode, 0)
+        self.assertIn('is now known as six', result.stdout)
+
+
+class TestClientAgainstABadServer(unittest.TestCase):
+
+    def setUp(self):
+        self.fake = FakeServer()
+        self.addCleanup(self.fake.close)
+
+    def accept(self):
+        """Accept the client and read its /nick, so that closing later
+        sends a FIN rather than a reset."""
+        sock = self.fake.accept()
+        received = b''
+        while not received.endswith(b'/nick x\n'):
+            received += sock.recv(100)
+        return sock
+
+    def test_server_gone_is_a_clear_line_and_a_failure(self):
+        client = ClientProcess(self.fake.port, '--name', 'x')
+        sock = self.accept()
+        sock.sendall(b'-!- Welcome, guest-1!\n')
+        client.expect(r'^-!- Welcome, guest-1!$')
+        sock.close()
+        status, err = client.finish()
+        self.assertEqual((status, err), (1, 'chat.py: the server closed the connection\n'))
+
+    def test_escape_sequences_from_the_server_never_reach_the_output(self):
+        client = ClientProcess(self.fake.port, '--name', 'x')
+        sock = self.accept()
+        sock.sendall('\x1b[31mred\x1b[0m\x07 \r<bob> forged\x9b2J\u202eevil\x1b]0;t\x07\n'
+                     'unfinished \x1b[1m'.encode())
+        sock.close()
+        client.proc.wait(TIMEOUT)
+        out = b''.join(iter(client.lines.get, None))
+        self.assertEqual(out.decode(), '[31mred[0m <bob> forged2Jevil]0;t\nunfinished [1m\n')
+        client.finish()
+
+
+# --- Other clients: nc and socat ---------------------------------------------
+
+class TestOtherClients(ServerTestCase):
+    SERVER_OPTIONS = {'rate': 0}
+
+    def run_tool(self, command, stdin_data):
+        """Run an external client that leaves when its input ends."""
+        if shutil.which(command[0]) is None:
+            self.skipTest('%s is not installed (.ci/run installs it)' % command[0])
+        return subprocess.run(command, input=stdin_data.encode(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=TIMEOUT).stdout.decode()
+
+    def test_nc_and_the_python_client_talk_to_each_other(self):
+        bob = self.connect('bob')
+        client = ClientProcess(self.srv.port, '--name', 'py')
+        self.addCleanup(lambda: client.proc.poll() is None and client.proc.kill())
+        bob.expect(r'is now known as py$')
+        out = self.run_tool(['nc', '-N', '127.0.0.1', str(self.srv.port)],
+                            '/nick netcat\nhello from nc\n/who\n')
+        self.assertIn('-!- 3 online: bob, netcat, py', out)
+        client.expect(r'^<netcat> hello from nc$')
+        bob.expect(r'^<netcat> hello from nc$')
+        client.send('hi nc\n')
+        bob.expect(r'^<py> hi nc$')
+        self.assertEqual(client.finish(), (0, ''))
+
+    def test_socat_with_crlf_line_endings(self):
+        bob = self.connect('bob')
+        out = self.run_tool(['socat', '-t', '5', 'STDIO,crlf',
+                             'TCP:127.0.0.1:%d' % self.srv.port],
+                            '/nick socat\nhello from socat\n/quit\n')
+        self.assertIn('-!- guest-2 is now known as socat', out)
+        bob.expect(r'^<socat> hello from socat$')
+        bob.expect(r'^-!- socat left \(quit\)$')
