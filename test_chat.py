@@ -665,6 +665,35 @@ class TestNoFloodControl(ServerTestCase):
         self.assertFalse(self.srv.peer('alice').paused)
 
 
+class TestShortHistory(ServerTestCase):
+    SERVER_OPTIONS = {'history': 2}
+
+    def test_history_keeps_only_the_last_n(self):
+        alice = self.connect('alice')
+        for i in range(5):
+            alice.send('message %d\n' % i)
+        self.sync(alice)
+        conn = Conn(self.srv.port)
+        self.addCleanup(conn.close)
+        lines, _ = conn.expect(r'^<alice> message 4$')
+        self.assertEqual(lines[-2:], ['-!- Last 2 messages:', '<alice> message 3'])
+
+
+class TestNoHistory(ServerTestCase):
+    SERVER_OPTIONS = {'history': 0}
+
+    def test_history_zero_replays_nothing(self):
+        alice = self.connect('alice')
+        alice.send('not kept\n')
+        self.sync(alice)
+        conn = Conn(self.srv.port)
+        self.addCleanup(conn.close)
+        conn.line()
+        self.assertEqual(conn.line(), '-!- 2 online: alice, guest-2')
+        alice.send('live\n')
+        self.assertEqual(conn.line(), '<alice> live')
+
+
 class TestMaxClients(ServerTestCase):
     SERVER_OPTIONS = {'max_clients': 2}
 
@@ -1113,19 +1142,25 @@ class TestOtherClients(ServerTestCase):
         return subprocess.run(command, input=stdin_data.encode(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=TIMEOUT).stdout.decode()
 
-    def test_nc_and_the_python_client_talk_to_each_other(self):
+    def test_nc_and_two_python_clients_talk_to_each_other(self):
         bob = self.connect('bob')
-        client = ClientProcess(self.srv.port, '--name', 'py')
-        self.addCleanup(lambda: client.proc.poll() is None and client.proc.kill())
-        bob.expect(r'is now known as py$')
+        clients = []
+        for name in ('py1', 'py2'):
+            clients.append(ClientProcess(self.srv.port, '--name', name))
+            self.addCleanup(lambda c=clients[-1]: c.proc.poll() is None and c.proc.kill())
+            bob.expect(r'is now known as %s$' % name)
+        clients[0].send('hi all\n')
+        clients[1].expect(r'^<py1> hi all$')
         out = self.run_tool(['nc', '-N', '127.0.0.1', str(self.srv.port)],
                             '/nick netcat\nhello from nc\n/who\n')
-        self.assertIn('-!- 3 online: bob, netcat, py', out)
-        client.expect(r'^<netcat> hello from nc$')
-        bob.expect(r'^<netcat> hello from nc$')
-        client.send('hi nc\n')
-        bob.expect(r'^<py> hi nc$')
-        self.assertEqual(client.finish(), (0, ''))
+        self.assertIn('<py1> hi all', out)  # the history
+        self.assertIn('-!- 4 online: bob, netcat, py1, py2', out)
+        for client in clients:
+            client.expect(r'^<netcat> hello from nc$')
+        clients[1].send('hi py1\n')
+        clients[0].expect(r'^<py2> hi py1$')
+        for client in clients:
+            self.assertEqual(client.finish(), (0, ''))
 
     def test_socat_with_crlf_line_endings(self):
         bob = self.connect('bob')
