@@ -36,6 +36,7 @@ import os
 import selectors
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -72,6 +73,11 @@ ACCEPT_PAUSE_SEC = 0.5         # wait this long when out of file descriptors
 LINGER_SEC = 2.0               # a closing peer gets this long to read its last lines
 SHUTDOWN_FLUSH_SEC = 1.0       # output flushed for at most this long on exit
 RESERVED_FDS = 32              # files the server keeps for itself (logs, listeners)
+NOTICE_INTERVAL_SEC = 0.25     # joins and leaves this close are announced together,
+NOTICE_NAMES = 10              # naming this many; so a storm of N joins costs
+# O(N) bytes, not the O(N^2) of one notice per join to everyone
+WELCOME_NAMES = 20             # names in a newcomer's list of who is online
+WHO_PAGE_NAMES = 200           # names per page of /who
 CONNECT_TIMEOUT_SEC = 10.0
 QUIT_WAIT_SEC = 5.0            # piped client: wait this long after /quit, plus
 # the time the server's default flood budget needs to take the lines sent
@@ -163,6 +169,13 @@ def name_problem(name):
     if len(scripts) > 1:
         return 'a name may not mix Latin, Greek and Cyrillic letters'
     return None
+
+
+def name_list(names, limit):
+    """'a, b, c', or 'a, b and 5 others' when there are more than limit."""
+    if len(names) <= limit:
+        return ', '.join(names)
+    return '%s and %d others' % (', '.join(names[:limit]), len(names) - limit)
 
 
 def plural(count, noun):
@@ -279,6 +292,11 @@ class Server:
         self.timers = []            # heap of (when, seq, callback, argument)
         self.timer_seq = itertools.count()
         self.guest_numbers = itertools.count(1)  # never reused
+        self.arrivals = []          # peers whose joining is not yet announced
+        self.departures = []        # (name, reason) not yet announced
+        self.notices_due = 0.0      # announce at once if nothing was since then
+        self.notice_timer = False   # a timer will announce the pending ones
+        self.roster = None          # sorted (key, peer) of the room, or None when stale
         self.fds_exhausted = False
         self.stopping = False
         # stop() may be called from a signal handler or another thread; a byte
@@ -433,14 +451,16 @@ class Server:
         # It must not be handed the broadcasts queued earlier this turn.
         peer.turn, peer.batch_pos = self.turn, len(self.batch)
         self.room[peer.key] = peer
+        self.roster = None
         self.log('%s joined from %s' % (name, peer.address))
         self.queue(peer, notice_line('Welcome, %s! Type /help for commands, '
                                      '/nick NAME to choose a name.' % name))
-        self.queue(peer, self.who_line())
+        self.queue(peer, self.welcome_list())
         if self.history:
             self.queue(peer, notice_line('Last %s:' % plural(len(self.history), 'message')))
             self.queue(peer, b''.join(self.history))
-        self.broadcast(notice_line('%s joined' % name), sender=peer)
+        self.arrivals.append(peer)
+        self.announce_soon()
 
     def drop(self, peer, reason, linger=False):
         """Take peer out of the room at the end of this turn; the first reason
@@ -462,13 +482,43 @@ class Server:
         for peer in doomed:
             if peer.key is not None and self.room.get(peer.key) is peer:
                 del self.room[peer.key]
+                self.roster = None
                 self.log('%s left (%s)' % (peer.name, peer.close_reason))
-                self.broadcast(notice_line('%s left (%s)' % (peer.name, peer.close_reason)))
+                self.departures.append((peer.name, peer.close_reason))
+                self.announce_soon()
             if peer.sock is not None:
                 if peer.lingering:
                     self.start_closing(peer)
                 else:
                     self.close(peer)
+
+    def announce_soon(self):
+        """Announce pending joins and leaves now if the room has been quiet
+        for NOTICE_INTERVAL_SEC, else at the end of that interval, together."""
+        now = time.monotonic()
+        if now >= self.notices_due:
+            self.announce()
+        elif not self.notice_timer:
+            self.notice_timer = True
+            self.call_later(self.notices_due - now, self.announce)
+
+    def announce(self, _=None):
+        """Broadcast the joins and leaves not yet announced: one line for
+        each kind, naming the first NOTICE_NAMES and counting the rest."""
+        arrivals, self.arrivals = self.arrivals, []
+        departures, self.departures = self.departures, []
+        self.notice_timer = False
+        self.notices_due = time.monotonic() + NOTICE_INTERVAL_SEC
+        if len(arrivals) == 1:  # the newcomer has its welcome instead
+            self.broadcast(notice_line('%s joined' % arrivals[0].name), sender=arrivals[0])
+        elif arrivals:
+            self.broadcast(notice_line('%d people joined: %s' % (
+                len(arrivals), name_list([p.name for p in arrivals], NOTICE_NAMES))))
+        if len(departures) == 1:
+            self.broadcast(notice_line('%s left (%s)' % departures[0]))
+        elif departures:
+            self.broadcast(notice_line('%d people left: %s' % (len(departures), name_list(
+                ['%s (%s)' % departure for departure in departures], NOTICE_NAMES))))
 
     def start_closing(self, peer):
         """Let peer read what is queued for it, then close.  Its input is read
@@ -632,11 +682,36 @@ class Server:
         self.queue(peer, b''.join(notice_line(line) for line in self.HELP))
 
     def cmd_who(self, peer, argument):
-        self.queue(peer, self.who_line())
+        """/who [TEXT] [+PAGE]: who is online, in pages, or those whose
+        names contain TEXT.  ('+' is never part of a name.)"""
+        page, pattern = 1, ''
+        for word in argument.split():
+            if word.startswith('+') and word[1:].isdigit():
+                page = max(1, int(word[1:]))
+            else:
+                pattern = name_key(word)
+        if self.roster is None:  # sorted once per change to the room
+            self.roster = sorted(self.room.items())
+        names = [p.name for key, p in self.roster if pattern in key]
+        pages = max(1, -(-len(names) // WHO_PAGE_NAMES))
+        shown = names[(page - 1) * WHO_PAGE_NAMES:page * WHO_PAGE_NAMES]
+        what = '%d online' % len(self.room)
+        if pattern:
+            what = '%d of %s match "%s"' % (len(names), what, pattern)
+        if pages > 1:
+            what += ', page %d of %d (/who %s+N for page N)' % (
+                page, pages, pattern + ' ' if pattern else '')
+        self.queue(peer, notice_line('%s: %s' % (what, ', '.join(shown))))
 
-    def who_line(self):
-        names = sorted((p.name for p in self.room.values()), key=name_key)
-        return notice_line('%d online: %s' % (len(names), ', '.join(names)))
+    def welcome_list(self):
+        """Who is online, for a newcomer: everyone in a small room; in a big
+        one a few names and a count, so a join costs O(1), not O(room)."""
+        if len(self.room) <= WELCOME_NAMES:
+            names = ', '.join(p.name for _, p in sorted(self.room.items()))
+            return notice_line('%d online: %s' % (len(self.room), names))
+        names = ', '.join(p.name for p in itertools.islice(self.room.values(), WELCOME_NAMES))
+        return notice_line('%d online: %s and %d others (/who lists them)'
+                           % (len(self.room), names, len(self.room) - WELCOME_NAMES))
 
     def cmd_nick(self, peer, name):
         if not name:
@@ -660,6 +735,7 @@ class Server:
         del self.room[peer.key]
         peer.name, peer.key = name, key
         self.room[key] = peer
+        self.roster = None
         self.log('%s is now known as %s' % (old, name))
         self.broadcast(notice_line('%s is now known as %s' % (old, name)))
 
@@ -689,7 +765,11 @@ class Server:
 
     def broadcast(self, line, sender=None):
         """Queue line for everyone in the room except sender.  It is sent at
-        the end of this turn, joined with the turn's other broadcasts."""
+        the end of this turn, joined with the turn's other broadcasts.
+        Pending joins and leaves go first: no one hears a newcomer speak
+        before hearing that it came."""
+        if self.arrivals or self.departures:
+            self.announce()
         self.batch.append((sender, line))
         self.batch_bytes += len(line)
         if sender is not None:
@@ -1149,6 +1229,358 @@ def default_name():
     return name if name_problem(name) is None else None
 
 
+# --- Bench -------------------------------------------------------------------
+
+BENCH_MARK = b'~b~'        # every bench message carries this once, so receivers
+BENCH_TIMED = b'~b~T '     # count lines at C speed; some also carry their send
+# time ("~b~T SENDER SEQ MICROSECONDS"), from which latency is sampled.
+BENCH_SETTLE_SEC = 0.3     # the room is quiet after joins once this passes silently
+BENCH_PROGRESS_SEC = 2.0
+BENCH_STALL_SEC = 5.0      # give up when nothing has arrived for this long
+BENCH_WINDOW_BYTES = MAX_BACKLOG_BYTES // 2  # in flight to each receiver: the
+# load is closed-loop, so a server faster than this process's reading cannot
+# make it a slow consumer that the server rightly cuts off.
+
+
+class BenchConn:
+    """One load-generator connection: what it has to send, what it got."""
+
+    __slots__ = ('sock', 'index', 'connected', 'greeted', 'tail', 'got', 'bytes',
+                 'outbuf', 'seq', 'closed')
+
+    def __init__(self, sock, index):
+        self.sock = sock
+        self.index = index
+        self.connected = self.greeted = self.closed = False
+        self.tail = b''           # an unfinished line, kept for the next read
+        self.got = 0              # bench messages received
+        self.bytes = 0            # bytes received in all
+        self.outbuf = bytearray()
+        self.seq = 0              # messages it has sent
+
+
+class Bench:
+    """A fan-out load generator on one selector: connects clients, lets some
+    of them send, and counts and times what reaches the others."""
+
+    def __init__(self, address, args, server_pid=None, out=None):
+        self.address = address
+        self.args = args
+        self.server_pid = server_pid
+        self.out = out or sys.stdout
+        self.selector = selectors.DefaultSelector()
+        self.conns = []
+        self.latencies = []           # seconds, sampled
+        self.total_got = 0            # bench messages received by all
+        self.last_progress = time.monotonic()
+
+    # Phases ------------------------------------------------------------------
+
+    def run(self):
+        """Connect, load, report; the exit status (1 if anything was lost)."""
+        args = self.args
+        baseline = proc_memory(self.server_pid)
+        cpu_start = proc_cpu_seconds(self.server_pid)
+        connect_time, greet_lag, join_bytes = self.connect_all(args.clients)
+        idle_memory = proc_memory(self.server_pid)
+        slow = [self.open_slow() for _ in range(args.slow)]
+        self.say('connect:    %d connections in %.2f s; the last greeted %.3f s after '
+                 'the last connect; %s of joins (%.0f per client)'
+                 % (args.clients, connect_time, greet_lag, human_bytes(join_bytes),
+                    join_bytes / args.clients))
+        if baseline and idle_memory:
+            self.say('memory:     server %s at start, %s with %d idle connections '
+                     '(%+.2f KiB each)' % (human_bytes(baseline[0]), human_bytes(idle_memory[0]),
+                                           args.clients,
+                                           (idle_memory[0] - baseline[0]) / 1024 / args.clients))
+        if args.idle:
+            lost = self.broadcast_once()
+        else:
+            cpu_start = proc_cpu_seconds(self.server_pid)
+            lost = self.load(args.senders, args.messages, args.size, args.rate)
+        cpu = proc_cpu_seconds(self.server_pid)
+        if cpu is not None and cpu_start is not None and not args.idle:
+            delivered = self.delivered()
+            self.say('server CPU: %.2f s, %.3f s per million deliveries'
+                     % (cpu - cpu_start, (cpu - cpu_start) / max(delivered, 1) * 1e6))
+        peak = proc_memory(self.server_pid)
+        if peak:
+            self.say('server mem: %s now, %s peak' % (human_bytes(peak[0]), human_bytes(peak[1])))
+        if slow:
+            cut = sum(connection_closed(sock) for sock in slow)
+            self.say('slow:       %d clients that never read; the server cut off %d'
+                     % (len(slow), cut))
+        return 1 if lost else 0
+
+    def connect_all(self, count):
+        """Open count connections at once; wait until each is greeted and
+        the joins have died down.  (seconds to connect, greeting lag after
+        the last connect, bytes the server sent meanwhile)"""
+        started = time.monotonic()
+        last_connect = started
+        for index in range(count):
+            sock = socket.socket(self.address[0], socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            error = sock.connect_ex(self.address[1])
+            if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+                raise UserError('bench: cannot connect to %s: %s'
+                                % (printable_address(self.address[1]), os.strerror(error)))
+            conn = BenchConn(sock, index)
+            self.conns.append(conn)
+            self.selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+        last_greeted = None
+        deadline = started + self.args.timeout
+        while time.monotonic() < deadline:
+            self.pump(1.0)
+            connected = sum(c.connected for c in self.conns)
+            greeted = sum(c.greeted for c in self.conns)
+            if connected == count and last_connect == started:
+                last_connect = time.monotonic()
+            if greeted == count:
+                last_greeted = time.monotonic()
+                break
+            self.progress('connecting: %d of %d connected, %d greeted' % (connected, count, greeted))
+        if last_greeted is None:
+            raise UserError('bench: only %d of %d connections were greeted within %d s'
+                            % (sum(c.greeted for c in self.conns), count, self.args.timeout))
+        self.settle()
+        return last_connect - started, last_greeted - last_connect, sum(c.bytes for c in self.conns)
+
+    def settle(self):
+        """Read until the server has been quiet for BENCH_SETTLE_SEC (bounded)."""
+        deadline = time.monotonic() + self.args.timeout
+        while time.monotonic() < deadline and self.pump(BENCH_SETTLE_SEC):
+            pass
+        for conn in self.conns:
+            conn.got = 0
+        self.total_got = 0
+
+    def open_slow(self):
+        """A client that connects and never reads a byte."""
+        sock = socket.socket(self.address[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(self.address[1])
+        return sock
+
+    def broadcast_once(self):
+        """One message from the first client to all the others: how long until
+        the last has it.  The number lost."""
+        first = self.conns[0]
+        started = time.monotonic()
+        first.outbuf += self.messages(first, 1, self.args.size, started)
+        self.send(first)
+        expected = len(self.conns) - 1
+        deadline = started + self.args.timeout
+        while self.delivered() < expected and time.monotonic() < deadline:
+            self.pump(deadline - time.monotonic())
+        elapsed = time.monotonic() - started
+        lost = expected - self.delivered()
+        self.say('broadcast:  1 message reached %d clients in %.1f ms (lost %d)'
+                 % (self.delivered(), elapsed * 1000, lost))
+        return lost
+
+    def load(self, senders, per_sender, size, rate):
+        """senders clients send per_sender messages each (at rate per second
+        each, or as fast as the server takes them); everyone else counts.
+        The number lost."""
+        senders = self.conns[:senders]
+        receivers = len(self.conns) - 1
+        expected = len(senders) * per_sender * receivers
+        window = max(1, BENCH_WINDOW_BYTES // (size + 2 * MAX_NAME_CHARS))  # messages
+        started = time.monotonic()
+        deadline = started + self.args.timeout
+        last_delivery = started
+        while time.monotonic() < deadline and time.monotonic() - last_delivery < BENCH_STALL_SEC:
+            now = time.monotonic()
+            sent = sum(conn.seq for conn in senders)
+            room = window - (sent - self.delivered() // receivers)
+            for conn in senders:
+                due = min(per_sender - conn.seq, room)
+                if rate:
+                    due = min(due, int((now - started) * rate) + 1 - conn.seq)
+                if due > 0 and len(conn.outbuf) < READ_CHUNK_BYTES:
+                    batch = due if rate else min(due, max(1, READ_CHUNK_BYTES // size))
+                    conn.outbuf += self.messages(conn, batch, size, now)
+                    room -= batch
+                    self.send(conn)
+            before = self.delivered()
+            self.pump(min(1.0 / rate, 0.05) if rate else 0.05)
+            if self.delivered() > before:
+                last_delivery = time.monotonic()
+            if self.delivered() >= expected:
+                break
+            self.progress('load: %d of %d deliveries' % (self.delivered(), expected))
+        delivered = self.delivered()
+        elapsed = last_delivery - started
+        self.say('load:       %d senders x %d messages of %d bytes to %d clients%s'
+                 % (len(senders), per_sender, size, len(self.conns),
+                    ', %g/s each' % rate if rate else ', as fast as possible'))
+        self.say('deliveries: %d in %.2f s = %s/s (lost %d)'
+                 % (delivered, elapsed, human_count(delivered / max(elapsed, 1e-9)),
+                    expected - delivered))
+        self.say_latency()
+        cut = sum(conn.closed for conn in self.conns)
+        if cut:
+            self.say('closed:     the server closed %d of the clients' % cut)
+        return expected - delivered
+
+    # Sending and receiving -----------------------------------------------------
+
+    def messages(self, conn, count, size, now):
+        """count bench lines of size bytes from conn; the first carries the time."""
+        lines = []
+        for i in range(count):
+            conn.seq += 1
+            if i == 0:
+                head = '~b~T %d %d %d ' % (conn.index, conn.seq, int(now * 1e6))
+            else:
+                head = '~b~ %d %d ' % (conn.index, conn.seq)
+            lines.append(head + 'x' * max(0, size - 1 - len(head)) + '\n')
+        return ''.join(lines).encode()
+
+    def send(self, conn):
+        try:
+            sent = conn.sock.send(conn.outbuf)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            conn.closed = True
+            return
+        del conn.outbuf[:sent]
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
+        self.selector.modify(conn.sock, events, conn)
+
+    def pump(self, timeout):
+        """Handle whatever happens within timeout; True if anything arrived."""
+        arrived = False
+        for key, mask in self.selector.select(timeout):
+            conn = key.data
+            if mask & selectors.EVENT_WRITE:
+                if not conn.connected:
+                    error = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if error:
+                        raise UserError('bench: cannot connect to %s: %s'
+                                        % (printable_address(self.address[1]),
+                                           os.strerror(error)))
+                    conn.connected = True
+                self.send(conn)
+            if mask & selectors.EVENT_READ:
+                arrived = self.receive(conn) or arrived
+        return arrived
+
+    def receive(self, conn):
+        """Count the bench lines in what arrived; sample their latency."""
+        try:
+            data = conn.sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            data = b''
+        if not data:
+            conn.closed = True
+            self.selector.unregister(conn.sock)
+            return False
+        now = time.monotonic()
+        conn.bytes += len(data)
+        if conn.tail:
+            data = conn.tail + data
+        end = data.rfind(b'\n') + 1
+        conn.tail = data[end:]
+        if end:
+            conn.greeted = True
+            count = data.count(BENCH_MARK, 0, end)
+            conn.got += count
+            self.total_got += count
+            start = data.find(BENCH_TIMED, 0, end)
+            while start >= 0:
+                fields = data[start:data.index(b'\n', start)].split(b' ', 4)
+                self.latencies.append(now - int(fields[3]) / 1e6)
+                start = data.find(BENCH_TIMED, start + 1, end)
+        return True
+
+    def delivered(self):
+        return self.total_got
+
+    # Reporting -----------------------------------------------------------------
+
+    def say(self, line):
+        print(line, file=self.out, flush=True)
+
+    def progress(self, line):
+        now = time.monotonic()
+        if now - self.last_progress >= BENCH_PROGRESS_SEC:
+            self.last_progress = now
+            print('... ' + line, file=sys.stderr, flush=True)
+
+    def say_latency(self):
+        samples = sorted(self.latencies)
+        if not samples:
+            return
+        def at(fraction):
+            return samples[min(len(samples) - 1, int(fraction * len(samples)))] * 1000
+        self.say('latency:    p50 %.2f ms  p90 %.2f ms  p99 %.2f ms  max %.2f ms  (%d samples)'
+                 % (at(0.5), at(0.9), at(0.99), samples[-1] * 1000, len(samples)))
+
+
+def proc_cpu_seconds(pid):
+    """User plus system CPU seconds of a local process, or None (Linux only)."""
+    try:
+        with open('/proc/%d/stat' % pid) as stat:
+            fields = stat.read().rsplit(')', 1)[1].split()
+    except (OSError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def proc_memory(pid):
+    """(resident, peak resident) bytes of a local process, or None (Linux only)."""
+    try:
+        with open('/proc/%d/status' % pid) as status:
+            fields = dict(line.split(':', 1) for line in status)
+        return tuple(int(fields[key].split()[0]) * 1024 for key in ('VmRSS', 'VmHWM'))
+    except (OSError, TypeError, KeyError, ValueError):
+        return None
+
+
+def connection_closed(sock):
+    """True if the peer has closed sock (read without waiting)."""
+    sock.setblocking(False)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def human_count(number):
+    return '%.2fM' % (number / 1e6) if number >= 1e6 else '%.0f' % number
+
+
+def human_bytes(count):
+    for unit in ('B', 'KiB', 'MiB', 'GiB'):
+        if count < 1024 or unit == 'GiB':
+            return ('%d %s' if unit == 'B' else '%.1f %s') % (count, unit)
+        count /= 1024
+
+
+def start_local_server():
+    """A chat.py server in a child process on a free loopback port, flood
+    control off, for the bench to measure.  (process, port)"""
+    server = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), 'server', '0', '--host', '127.0.0.1',
+         '--rate', '0', '--quiet'], stdout=subprocess.PIPE, universal_newlines=True)
+    banner = server.stdout.readline()
+    port = banner.split('listening on 127.0.0.1:')[-1].split()[0] if 'listening' in banner else ''
+    if not port.isdigit():
+        server.kill()
+        raise UserError('bench: the local server did not start')
+    return server, int(port)
+
+
 # --- Command line ------------------------------------------------------------
 
 class UserError(Exception):
@@ -1224,6 +1656,34 @@ def build_parser():
     client.add_argument('port', nargs='?', type=port_number, default=DEFAULT_PORT,
                         help='server port (default %(default)s)')
     client.add_argument('--name', help='the name to ask for (default: your login name)')
+
+    bench = commands.add_parser(
+        'bench', help='measure a server under load',
+        description='Measure a chat server: connect clients, let some of them send, '
+        'and report deliveries per second, latency and losses. With no HOST it '
+        'starts its own server (flood control off) on a free loopback port.')
+    bench.set_defaults(run=run_bench)
+    bench.add_argument('host', nargs='?', help='server to measure (default: start one)')
+    bench.add_argument('port', nargs='?', type=port_number, default=DEFAULT_PORT,
+                       help='its port (default %(default)s)')
+    bench.add_argument('--clients', type=at_least(2), default=100, metavar='N',
+                       help='connections (default %(default)s)')
+    bench.add_argument('--senders', type=at_least(1), default=10, metavar='N',
+                       help='how many of them send (default %(default)s)')
+    bench.add_argument('--messages', type=at_least(1), metavar='N', help='messages per '
+                       'sender (default: 10 million deliveries in all, or 5 s at --rate)')
+    bench.add_argument('--size', type=at_least(40), default=64, metavar='BYTES',
+                       help='bytes per message, newline included (default %(default)s)')
+    bench.add_argument('--rate', type=at_least(0, float), default=0, metavar='N',
+                       help='messages per second per sender (default: as fast as possible)')
+    bench.add_argument('--idle', action='store_true', help='only connect the clients, '
+                       'then time one message to all of them')
+    bench.add_argument('--slow', type=at_least(0), default=0, metavar='N',
+                       help='extra clients that never read (default %(default)s)')
+    bench.add_argument('--timeout', type=at_least(1), default=60, metavar='SECONDS',
+                       help='give up on any phase after this long (default %(default)s)')
+    bench.add_argument('--server-pid', type=at_least(1), metavar='PID',
+                       help='a local server process to report CPU and memory for')
     return parser
 
 
@@ -1248,6 +1708,32 @@ def run_client(args):
         return Client(sock, name=name).run()
     finally:
         sock.close()
+
+
+def run_bench(args):
+    raise_open_files_limit()
+    server = None
+    if args.host is None:
+        server, args.port = start_local_server()
+        args.host, args.server_pid = '127.0.0.1', server.pid
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            args.host.strip('[]'), args.port, 0, socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UserError('cannot find host %s: %s' % (args.host, exc.strerror))
+    if args.senders >= args.clients:
+        raise UserError('bench: --senders must be fewer than --clients')
+    if args.messages is None:
+        args.messages = (int(args.rate * 5) if args.rate else
+                         max(1, 10 ** 7 // (args.senders * (args.clients - 1))))
+    print('chat.py bench: %s:%d%s' % (args.host, args.port, ' (started here)' if server else ''),
+          flush=True)
+    try:
+        return Bench((family, address), args, server_pid=args.server_pid).run()
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait()
 
 
 def main(argv=None):

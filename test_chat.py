@@ -221,14 +221,17 @@ class ServerProcess:
         self.proc.wait(TIMEOUT)
         out = self.proc.stdout.read()  # stderr belongs to the log reader
         self.log_reader.join(TIMEOUT)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
         return self.proc.returncode, self.banner + out, '\n'.join(self.logs)
 
     def stop(self):
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(TIMEOUT)
-        self.proc.stdout.close()
         self.log_reader.join(TIMEOUT)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            pipe.close()
 
 
 # --- Text protocol -----------------------------------------------------------
@@ -679,6 +682,91 @@ class TestShortHistory(ServerTestCase):
         self.assertEqual(lines[-2:], ['-!- Last 2 messages:', '<alice> message 3'])
 
 
+class TestBigRooms(ServerTestCase):
+    """Joins and leaves are announced together when many come at once, and
+    lists of who is online stay bounded."""
+    SERVER_OPTIONS = {'rate': 0}
+
+    def raw_peers(self, count):
+        """count connections opened at once, each past its welcome."""
+        conns = [Conn(self.srv.port) for _ in range(count)]
+        for conn in conns:
+            self.addCleanup(conn.close)
+            conn.expect(r'^-!- \d+ online')
+        return conns
+
+    def test_a_join_storm_is_announced_in_a_few_combined_lines(self):
+        watcher = self.connect('watcher')
+        self.raw_peers(30)
+        joined, lines = 0, 0
+        while joined < 30:
+            text = watcher.line()
+            lines += 1
+            match = re.match(r'^-!- (?:(\d+) people joined: (.*)|guest-\d+ joined)$', text)
+            self.assertTrue(match, text)
+            if match.group(1):
+                joined += int(match.group(1))
+                listed = match.group(2).split(', ')
+                self.assertLessEqual(len(listed), chat.NOTICE_NAMES)
+                if int(match.group(1)) > chat.NOTICE_NAMES:
+                    self.assertRegex(match.group(2), r' and \d+ others$')
+            else:
+                joined += 1
+        self.assertLess(lines, 10)  # not one line per join
+
+    def test_no_one_hears_a_newcomer_before_hearing_it_came(self):
+        watcher = self.connect('watcher')
+        newcomer = Conn(self.srv.port)  # the watcher's join was just announced,
+        self.addCleanup(newcomer.close)  # so this one's waits for the interval
+        newcomer.send('hi, I am new\n')
+        before, _ = watcher.expect(r'^<guest-2> hi, I am new$')
+        self.assertEqual(before, ['-!- guest-2 joined'])
+
+    def test_leaves_at_once_are_announced_together_with_reasons(self):
+        watcher = self.connect('watcher')
+        conns = self.raw_peers(3)
+        watcher.expect(r'guest-4')
+        self.sync(watcher)  # the joins are announced; leaves start a new interval
+        conns[0].send('/quit bye\n')
+        conns[0].expect_closed()
+        for conn in conns[1:]:
+            conn.close()
+        lines = [watcher.line()]
+        if lines[0] == '-!- guest-2 left (quit: bye)':  # the first may come alone
+            lines.append(watcher.line())
+        reason = r'\(connection (closed|lost)\)'  # lost: they closed with unread input
+        self.assertRegex(lines[-1], r'^-!- [23] people left: (guest-2 \(quit: bye\), )?'
+                         r'guest-3 %s, guest-4 %s$' % (reason, reason))
+
+    def test_the_welcome_names_a_few_and_counts_the_rest(self):
+        self.raw_peers(chat.WELCOME_NAMES + 5)
+        conn = Conn(self.srv.port)
+        self.addCleanup(conn.close)
+        conn.line()
+        text = conn.line()
+        self.assertRegex(text, r'^-!- 26 online: (guest-\d+, ){19}guest-\d+ and 6 others '
+                               r'\(/who lists them\)$')
+
+    def test_who_pages_and_filters(self):
+        self.patch_who_page(3)
+        peers = [self.connect(name) for name in ('kim1', 'kim2', 'lee', 'Kimura', 'park')]
+        asker = peers[0]
+        asker.send('/who\n')
+        asker.expect(r'^-!- 5 online, page 1 of 2 \(/who \+N for page N\): '
+                     r'kim1, kim2, Kimura$')
+        asker.send('/who +2\n')
+        asker.expect(r'^-!- 5 online, page 2 of 2 .*: lee, park$')
+        asker.send('/who KIM\n')
+        asker.expect(r'^-!- 3 of 5 online match "kim": kim1, kim2, Kimura$')
+        asker.send('/who nobody\n')
+        asker.expect(r'^-!- 0 of 5 online match "nobody": $')
+
+    def patch_who_page(self, size):
+        original = chat.WHO_PAGE_NAMES
+        chat.WHO_PAGE_NAMES = size
+        self.addCleanup(setattr, chat, 'WHO_PAGE_NAMES', original)
+
+
 class TestNoHistory(ServerTestCase):
     SERVER_OPTIONS = {'history': 0}
 
@@ -813,7 +901,7 @@ class TestServerProcess(unittest.TestCase):
         for conn in (stuck, observer, talker):
             self.addCleanup(conn.close)
         talker.expect(r'^-!- 3 online')
-        observer.expect(r'^-!- guest-3 joined')
+        observer.expect(r'^-!- .*guest-3')  # its joining, alone or with guest-2's
         talker.send(('z' * 1000 + '\n') * 2000)  # 2 MB that stuck never reads
         for _ in range(2000):  # once the observer has it all, stuck's backlog is full
             observer.expect(r'^<guest-3> z+$')
@@ -1128,6 +1216,55 @@ class TestClientAgainstABadServer(unittest.TestCase):
         out = b''.join(iter(client.lines.get, None))
         self.assertEqual(out.decode(), '[31mred[0m <bob> forged2Jevil]0;t\nunfinished [1m\n')
         client.finish()
+
+
+# --- The bench ---------------------------------------------------------------
+
+class TestBench(unittest.TestCase):
+
+    def bench(self, *args):
+        result = run_chat('bench', *args, timeout=60)
+        self.assertNotIn('Traceback', result.stderr)
+        return result
+
+    def test_fan_out_with_its_own_server(self):
+        result = self.bench('--clients', '20', '--senders', '2', '--messages', '300')
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        out = result.stdout
+        self.assertRegex(out, r'deliveries: 11400 in [\d.]+ s = [\d.M]+/s \(lost 0\)')
+        self.assertRegex(out, r'latency:    p50 [\d.]+ ms  p90 [\d.]+ ms  p99 [\d.]+ ms  max')
+        self.assertRegex(out, r'connect:    20 connections in [\d.]+ s')
+        self.assertRegex(out, r'server CPU: [\d.]+ s, [\d.]+ s per million deliveries')
+        self.assertRegex(out, r'server mem: [\d.]+ MiB now, [\d.]+ MiB peak')
+
+    def test_a_join_storm_costs_linear_bytes(self):
+        result = self.bench('--clients', '400', '--idle')
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        match = re.search(r'of joins \((\d+) per client\)', result.stdout)
+        # One notice per join to everyone would be ~400 x 20 bytes per client.
+        self.assertLess(int(match.group(1)), 2000)
+        self.assertIn('broadcast:  1 message reached 399 clients', result.stdout)
+        self.assertRegex(result.stdout, r'with 400 idle connections \([+-][\d.]+ KiB each\)')
+
+    def test_an_existing_server_with_slow_consumers(self):
+        server = ServerProcess('--rate=0', '--max-backlog=64K')
+        self.addCleanup(server.stop)
+        result = self.bench('127.0.0.1', str(server.port), '--clients', '10', '--senders',
+                            '2', '--messages', '2000', '--size', '200', '--slow', '2',
+                            '--server-pid', str(server.proc.pid))
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn('deliveries: 36000 in', result.stdout)
+        self.assertIn('slow:       2 clients that never read; the server cut off 2',
+                      result.stdout)
+        server.wait_log(r'left \(too slow\)')
+
+    def test_losses_fail_the_run(self):
+        server = ServerProcess()  # flood control on: 5 lines a second
+        self.addCleanup(server.stop)
+        result = self.bench('127.0.0.1', str(server.port), '--clients', '3', '--senders',
+                            '1', '--messages', '1000', '--timeout', '2')
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stdout, r'\(lost [1-9]\d*\)')
 
 
 # --- Other clients: nc and socat ---------------------------------------------
