@@ -1452,9 +1452,14 @@ class Bench:
         self.selector.modify(conn.sock, events, conn)
 
     def pump(self, timeout):
-        """Handle whatever happens within timeout; True if anything arrived."""
+        """Handle whatever happens within timeout; True if anything arrived.
+        Arrivals are timed when select() reports them, so the time this
+        process spends on the sockets before them is not charged to the
+        server."""
         arrived = False
-        for key, mask in self.selector.select(timeout):
+        events = self.selector.select(timeout)
+        now = time.monotonic()
+        for key, mask in events:
             conn = key.data
             if mask & selectors.EVENT_WRITE:
                 if not conn.connected:
@@ -1466,10 +1471,10 @@ class Bench:
                     conn.connected = True
                 self.send(conn)
             if mask & selectors.EVENT_READ:
-                arrived = self.receive(conn) or arrived
+                arrived = self.receive(conn, now) or arrived
         return arrived
 
-    def receive(self, conn):
+    def receive(self, conn, now):
         """Count the bench lines in what arrived; sample their latency."""
         try:
             data = conn.sock.recv(262144)
@@ -1481,7 +1486,6 @@ class Bench:
             conn.closed = True
             self.selector.unregister(conn.sock)
             return False
-        now = time.monotonic()
         conn.bytes += len(data)
         if conn.tail:
             data = conn.tail + data
