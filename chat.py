@@ -27,13 +27,16 @@ peer says before anyone sees it, and the client removes them again.
 """
 
 import argparse
+import codecs
 import collections
 import errno
 import getpass
 import heapq
 import itertools
 import os
+import re
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,6 +44,7 @@ import sys
 import threading
 import time
 import unicodedata
+import zlib
 
 __version__ = '1.0.0'
 
@@ -51,6 +55,11 @@ try:
     import resource  # POSIX only: open-files limit
 except ImportError:  # Windows
     resource = None
+
+try:
+    import termios   # POSIX only: the terminal line editor
+except ImportError:  # Windows: the client falls back to cooked mode
+    termios = None
 
 
 # --- Limits and defaults -----------------------------------------------------
@@ -1039,16 +1048,17 @@ def make_log(quiet=False, stream=None):
 # --- Client ------------------------------------------------------------------
 
 class Client:
-    """Joins standard input and output to a chat server over one selector."""
+    """Joins standard input and output to a chat server over one selector.
+    What the user sees and types goes through a screen: PlainScreen for
+    pipes and files, TerminalScreen (a line editor) for a terminal."""
 
-    def __init__(self, sock, name=None, stdin_fd=0, stdout=None):
+    def __init__(self, sock, screen, name=None, stdin_fd=0):
         self.sock = sock
-        self.name = name
-        self.stdout = stdout or sys.stdout
+        self.screen = screen
+        self.name = name              # asked for on connect
         self.selector = selectors.DefaultSelector()
         self.input, self.read_input = watchable_input(stdin_fd)
         self.inbuf = bytearray()      # from the server, not yet a whole line
-        self.typed = bytearray()      # from standard input, not yet a whole line
         self.outbuf = bytearray()     # to the server, not yet sent
         self.lines_sent = 0
         self.quit_deadline = None     # set once we have said /quit
@@ -1058,25 +1068,31 @@ class Client:
         """Talk until the server closes; the exit status."""
         self.sock.setblocking(False)
         self.selector.register(self.sock, selectors.EVENT_READ)
+        if self.screen.wakeup is not None:  # signals the screen must see
+            self.selector.register(self.screen.wakeup, selectors.EVENT_READ)
         if self.name:
-            self.send_line(('/nick ' + self.name).encode())
+            self.send_line('/nick ' + self.name)
         self.watch_input(True)
         while True:
-            timeout = None
+            timeout = self.screen.timeout()
             if self.quit_deadline is not None:
-                timeout = max(0.0, self.quit_deadline - time.monotonic())
-                if timeout == 0:
+                left = max(0.0, self.quit_deadline - time.monotonic())
+                if left == 0:
                     return 0
+                timeout = left if timeout is None else min(timeout, left)
             for key, mask in self.selector.select(timeout):
-                if key.fileobj is not self.sock:
+                if key.fileobj is self.screen.wakeup:
+                    self.screen.on_wakeup()
+                elif key.fileobj is not self.sock:
                     self.read_stdin()
-                    continue
-                if mask & selectors.EVENT_WRITE:
-                    self.flush()
-                if mask & selectors.EVENT_READ:
-                    status = self.read_server()
-                    if status is not None:
-                        return status
+                else:
+                    if mask & selectors.EVENT_WRITE:
+                        self.flush()
+                    if mask & selectors.EVENT_READ:
+                        status = self.read_server()
+                        if status is not None:
+                            return status
+            self.screen.expire()
 
     def read_server(self):
         """Show the lines the server sent; an exit status once it is gone."""
@@ -1090,59 +1106,61 @@ class Client:
             return self.lost('the server closed the connection')
         self.inbuf += data
         end = self.inbuf.rfind(b'\n')
+        lines = []
         if end >= 0:
-            for line in bytes(self.inbuf[:end]).split(b'\n'):
-                self.show(line)
+            lines = bytes(self.inbuf[:end]).split(b'\n')
             del self.inbuf[:end + 1]
         if len(self.inbuf) > CLIENT_MAX_LINE_BYTES:  # a server that never ends a line
-            self.show(bytes(self.inbuf[:CLIENT_MAX_LINE_BYTES]))
+            lines.append(bytes(self.inbuf))
             del self.inbuf[:]
+        if lines:
+            self.show([decode(line) for line in lines])  # cleaned: the server is not trusted
         return None
 
-    def show(self, raw):
-        """Print one line from the server, cleaned: the client does not trust it."""
-        self.stdout.buffer.write(decode(raw).encode('utf-8') + b'\n')
-        self.stdout.flush()
+    def show(self, texts):
+        """Display lines from the server, noting our own name as it changes."""
+        for text in texts:
+            welcome, renamed = WELCOME.match(text), RENAMED.match(text)
+            if welcome:
+                self.screen.name = welcome.group(1)
+            elif renamed and renamed.group(1) == self.screen.name:
+                self.screen.name = renamed.group(2)
+        self.screen.show(texts)
 
     def lost(self, why):
         """The connection is over: show what is left; the exit status (0 if
         we asked to leave)."""
         if self.inbuf:
-            self.show(bytes(self.inbuf))
+            self.show([decode(bytes(self.inbuf))])
         if self.quit_deadline is not None:
             return 0
-        print('chat.py: %s' % why, file=sys.stderr)
+        self.screen.error('chat.py: %s' % why)
         return 1
 
     def read_stdin(self):
-        """Send each complete line typed or piped in; at the end, /quit."""
+        """Send each line typed or piped in; at the end of input, /quit."""
         try:
             data = self.read_input()
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b''
-        if not data:
-            if self.typed:
-                self.send_line(bytes(self.typed))
-            self.watch_input(False)
-            if self.quit_deadline is None:
-                self.send_line(b'/quit')
-            return
-        self.typed += data
-        end = self.typed.rfind(b'\n')
-        if end >= 0:
-            for line in bytes(self.typed[:end]).split(b'\n'):
-                self.send_line(line.rstrip(b'\r'))
-            del self.typed[:end + 1]
+        for line in self.screen.feed(data):
+            if line is None:  # end of input: leave
+                self.watch_input(False)
+                if self.quit_deadline is None:
+                    self.send_line('/quit')
+                return
+            self.send_line(line)
+            self.screen.echo(own_line(self.screen.name, line))
 
     def send_line(self, line):
         """Queue one line for the server.  After a /quit, input is over and
         the client waits (bounded) for the server to take the lines sent
         and close."""
-        self.outbuf += line + b'\n'
+        self.outbuf += line.encode('utf-8', 'surrogateescape') + b'\n'
         self.lines_sent += 1
-        if line == b'/quit' or line.startswith(b'/quit '):
+        if line == '/quit' or line.startswith('/quit '):
             self.watch_input(False)
             paced = max(0, self.lines_sent - RATE_BURST_LINES) / RATE_LINES_PER_SEC
             self.quit_deadline = time.monotonic() + QUIT_WAIT_SEC + paced
@@ -1170,6 +1188,69 @@ class Client:
         elif self.reading_input and not wanted:
             self.selector.unregister(self.input)
         self.reading_input = wanted
+
+
+# The lines that tell a client its own name: the welcome, and renames.
+WELCOME = re.compile(r'^-!- Welcome, (\S+)!')
+RENAMED = re.compile(r'^-!- (\S+) is now known as (\S+)$')
+
+
+def own_line(name, line):
+    """How a line we sent looks to the others, or None if it is not public:
+    the server does not echo our own messages, so the terminal shows them."""
+    if line.startswith('//'):
+        return '<%s> %s' % (name, line[1:])
+    if line.startswith('/me ') and line[4:].strip():
+        return '* %s %s' % (name, line[4:].strip())
+    if line.startswith('/') or not line.strip():
+        return None
+    return '<%s> %s' % (name, line)
+
+
+class PlainScreen:
+    """Lines in, lines out, no escape sequences: for pipes, files, scripts,
+    and Windows consoles, where the line editor falls back to cooked mode."""
+
+    wakeup = None
+    name = None
+
+    def __init__(self, out):
+        self.out = out
+        self.typed = bytearray()  # input not yet a whole line
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        pass
+
+    def show(self, texts):
+        self.out.buffer.write(''.join(text + '\n' for text in texts).encode('utf-8'))
+        self.out.flush()
+
+    def echo(self, text):
+        pass  # a script sees the room exactly as the server sends it
+
+    def error(self, text):
+        print(text, file=sys.stderr)
+
+    def feed(self, data):
+        """The complete lines in data; None last when input has ended."""
+        if not data:
+            return ([self.typed.decode('utf-8', 'surrogateescape')] if self.typed else []) + [None]
+        self.typed += data
+        end = self.typed.rfind(b'\n')
+        if end < 0:
+            return []
+        lines = bytes(self.typed[:end]).decode('utf-8', 'surrogateescape').split('\n')
+        del self.typed[:end + 1]
+        return [line.rstrip('\r') for line in lines]
+
+    def timeout(self):
+        return None
+
+    def expire(self):
+        pass
 
 
 def watchable_input(fd):
@@ -1227,6 +1308,354 @@ def default_name():
     except Exception:  # getuser() raises whatever its last lookup raised
         return None
     return name if name_problem(name) is None else None
+
+
+# --- Terminal line editor ------------------------------------------------------
+
+ESCAPE_WAIT_SEC = 0.05     # a lone ESC is a key, not a sequence, after this
+NAME_COLOURS = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)  # SGR foregrounds
+STYLES = {'time': '2', 'notice': '2', 'error': '1;31', 'private': '1;35',
+          'own': '1', 'mention': '1;7', 'prompt': '1'}
+CONTROL_KEYS = {'\x01': 'home', '\x02': 'left', '\x04': 'eof', '\x05': 'end',
+                '\x06': 'right', '\x08': 'backspace', '\x0b': 'kill_end', '\x0c': 'redraw',
+                '\r': 'enter', '\n': 'enter', '\x0e': 'down', '\x10': 'up',
+                '\x15': 'kill_start', '\x17': 'kill_word', '\x7f': 'backspace'}
+ESCAPE_KEYS = {'[A': 'up', '[B': 'down', '[C': 'right', '[D': 'left', '[H': 'home',
+               '[F': 'end', 'OA': 'up', 'OB': 'down', 'OC': 'right', 'OD': 'left',
+               'OH': 'home', 'OF': 'end', '[1~': 'home', '[7~': 'home', '[4~': 'end',
+               '[8~': 'end', '[3~': 'delete'}
+
+
+def char_width(ch):
+    """Terminal columns a character takes: 2 for East Asian wide and
+    fullwidth ones (Hangul, kanji, most emoji), 0 for combining marks and
+    invisible format characters, else 1."""
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ('Mn', 'Me', 'Cf'):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in 'WF' else 1
+
+
+def text_width(text):
+    return sum(char_width(ch) for ch in text)
+
+
+class KeyReader:
+    """Turns bytes typed at a terminal into keys: one-character strings for
+    text, names for control keys and escape sequences.  A character or a
+    sequence may arrive split across reads."""
+
+    def __init__(self):
+        self.decoder = codecs.getincrementaldecoder('utf-8')('replace')
+        self.pending = ''         # the start of an escape sequence
+        self.pending_since = 0.0
+
+    def feed(self, data):
+        text = self.pending + self.decoder.decode(data)
+        keys, i = [], 0
+        while i < len(text):
+            ch = text[i]
+            if ch == '\x1b':
+                end = escape_end(text, i)
+                if end is None:  # wait a moment for the rest of it
+                    if not self.pending:
+                        self.pending_since = time.monotonic()
+                    self.pending = text[i:]
+                    return keys
+                if text[i + 1:end] in ESCAPE_KEYS:
+                    keys.append(ESCAPE_KEYS[text[i + 1:end]])
+                i = end  # unknown sequences are ignored, not inserted
+            else:
+                if ch in CONTROL_KEYS:
+                    keys.append(CONTROL_KEYS[ch])
+                elif ord(ch) not in UNPRINTABLE:  # other control keys are ignored
+                    keys.append(ch)
+                i += 1
+        self.pending = ''
+        return keys
+
+    def expire(self):
+        """Forget an escape sequence that never finished (a lone ESC)."""
+        if self.pending and time.monotonic() - self.pending_since >= ESCAPE_WAIT_SEC:
+            self.pending = ''
+
+
+def escape_end(text, i):
+    """Where the escape sequence at text[i] ends, or None if it is unfinished:
+    CSI (ESC [ parameters final), SS3 (ESC O x), or ESC and one key (Alt)."""
+    if i + 1 >= len(text):
+        return None
+    if text[i + 1] == 'O':
+        return i + 3 if i + 2 < len(text) else None
+    if text[i + 1] != '[':
+        return i + 2
+    for j in range(i + 2, len(text)):
+        if not '\x20' <= text[j] <= '\x3f':  # past parameters and intermediates
+            return j + 1 if '\x40' <= text[j] <= '\x7e' else j
+    return None
+
+
+class LineEditor:
+    """The line being typed: its characters, the cursor, and the lines sent
+    earlier to recall.  Keys are dispatched to key_* methods by name."""
+
+    def __init__(self):
+        self.chars = []
+        self.cursor = 0
+        self.history = []
+        self.recalled = 0        # index into history while browsing it
+        self.draft = []          # the unsent line, kept while browsing
+
+    def press(self, key):
+        """Apply one key; the line, when Enter sends it (None: input ends)."""
+        if len(key) == 1:
+            self.chars[self.cursor:self.cursor] = [key]
+            self.cursor += 1
+            return False
+        return getattr(self, 'key_' + key)()
+
+    def key_enter(self):
+        line = ''.join(self.chars)
+        if line.strip():
+            self.history.append(line)
+        self.recalled = len(self.history)
+        self.chars, self.cursor = [], 0
+        return line if line.strip() else False
+
+    def key_eof(self):
+        if not self.chars:
+            return None  # Ctrl-D on an empty line: leave
+        return self.key_delete()
+
+    def key_left(self):
+        while self.cursor > 0:
+            self.cursor -= 1
+            if char_width(self.chars[self.cursor]):  # skip combining marks
+                break
+        return False
+
+    def key_right(self):
+        if self.cursor < len(self.chars):
+            self.cursor += 1
+            while self.cursor < len(self.chars) and not char_width(self.chars[self.cursor]):
+                self.cursor += 1
+        return False
+
+    def key_backspace(self):
+        if self.cursor > 0:
+            end = self.cursor
+            self.key_left()
+            del self.chars[self.cursor:end]
+        return False
+
+    def key_delete(self):
+        if self.cursor < len(self.chars):
+            start = self.cursor
+            self.key_right()
+            del self.chars[start:self.cursor]
+            self.cursor = start
+        return False
+
+    def key_home(self):
+        self.cursor = 0
+        return False
+
+    def key_end(self):
+        self.cursor = len(self.chars)
+        return False
+
+    def key_kill_end(self):
+        del self.chars[self.cursor:]
+        return False
+
+    def key_kill_start(self):
+        del self.chars[:self.cursor]
+        self.cursor = 0
+        return False
+
+    def key_kill_word(self):
+        start = self.cursor
+        while start > 0 and self.chars[start - 1] == ' ':
+            start -= 1
+        while start > 0 and self.chars[start - 1] != ' ':
+            start -= 1
+        del self.chars[start:self.cursor]
+        self.cursor = start
+        return False
+
+    def key_up(self):
+        if self.recalled > 0:
+            if self.recalled == len(self.history):
+                self.draft = self.chars
+            self.recalled -= 1
+            self.chars = list(self.history[self.recalled])
+            self.cursor = len(self.chars)
+        return False
+
+    def key_down(self):
+        if self.recalled < len(self.history):
+            self.recalled += 1
+            self.chars = (list(self.history[self.recalled]) if self.recalled < len(self.history)
+                          else self.draft)
+            self.cursor = len(self.chars)
+        return False
+
+    def key_redraw(self):
+        return False  # every key redraws the line
+
+
+class TerminalScreen:
+    """Messages scroll up the terminal's own scrollback while the line being
+    typed stays intact below them: each message clears the input line,
+    prints, and redraws it with the cursor where it was.  The terminal is in
+    non-canonical, no-echo mode (signals still work) until __exit__, which
+    every way out passes through."""
+
+    def __init__(self, fd_in, fd_out, colour):
+        self.fd_in, self.fd_out = fd_in, fd_out
+        self.colour = colour
+        self.keys = KeyReader()
+        self.editor = LineEditor()
+        self.name = None          # ours, once the server has said it
+        self.scroll = 0           # first character shown, for lines wider than the screen
+        self.saved = None         # the terminal settings to restore
+        self.redraw = False       # a signal asked for a redraw
+        self.wakeup = self.wakeup_w = None
+        self.previous = {}        # signal handlers to restore
+
+    def __enter__(self):
+        self.saved = termios.tcgetattr(self.fd_in)
+        self.enter_raw_mode()
+        # Signal handlers only set flags; this socket wakes the selector.
+        self.wakeup, self.wakeup_w = socket.socketpair()
+        for sock in (self.wakeup, self.wakeup_w):
+            sock.setblocking(False)
+        self.previous['wakeup'] = signal.set_wakeup_fd(self.wakeup_w.fileno())
+        for signum, handler in ((signal.SIGWINCH, self.on_resize),
+                                (signal.SIGTSTP, self.on_suspend)):
+            self.previous[signum] = signal.signal(signum, handler)
+        self.write(self.input_line())
+        return self
+
+    def __exit__(self, *exc_info):
+        self.write('\r\x1b[K')
+        termios.tcsetattr(self.fd_in, termios.TCSADRAIN, self.saved)
+        for signum in (signal.SIGWINCH, signal.SIGTSTP):
+            signal.signal(signum, self.previous[signum])
+        signal.set_wakeup_fd(self.previous['wakeup'])
+        self.wakeup.close()
+        self.wakeup_w.close()
+
+    def enter_raw_mode(self):
+        attrs = termios.tcgetattr(self.fd_in)
+        attrs[3] &= ~(termios.ICANON | termios.ECHO | termios.IEXTEN)  # ISIG stays
+        attrs[6][termios.VMIN], attrs[6][termios.VTIME] = 1, 0
+        termios.tcsetattr(self.fd_in, termios.TCSADRAIN, attrs)
+
+    def on_resize(self, signum, frame):
+        self.redraw = True
+
+    def on_suspend(self, signum, frame):
+        """Ctrl-Z: give the shell a sane terminal, stop, and on `fg` come back
+        in edit mode with the line redrawn."""
+        self.write('\r\x1b[K')
+        termios.tcsetattr(self.fd_in, termios.TCSADRAIN, self.saved)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # stops here until SIGCONT
+        signal.signal(signal.SIGTSTP, self.on_suspend)
+        self.enter_raw_mode()
+        self.redraw = True
+
+    def on_wakeup(self):
+        drain(self.wakeup)
+        if self.redraw:
+            self.redraw = False
+            self.write(self.input_line())
+
+    def timeout(self):
+        return ESCAPE_WAIT_SEC if self.keys.pending else None
+
+    def expire(self):
+        self.keys.expire()
+
+    def write(self, text):
+        data = text.encode('utf-8')
+        while data:
+            data = data[os.write(self.fd_out, data):]
+
+    # Output --------------------------------------------------------------------
+
+    def show(self, texts):
+        self.write('\r\x1b[K' + ''.join(self.styled(text) + '\r\n' for text in texts)
+                   + self.input_line())
+
+    def echo(self, text):
+        if text is not None:
+            self.show([text])
+
+    def error(self, text):
+        self.show([text])
+
+    def paint(self, style, text):
+        return '\x1b[%sm%s\x1b[0m' % (style, text) if self.colour and text else text
+
+    def name_colour(self, name):
+        """Each name in a colour of its own, the same in every session."""
+        return str(NAME_COLOURS[zlib.crc32(name_key(name).encode()) % len(NAME_COLOURS)])
+
+    def styled(self, text):
+        """A line from the room as shown: local time, then the line with its
+        kind styled apart.  Someone saying our name rings the bell."""
+        stamp = self.paint(STYLES['time'], time.strftime('%H:%M'))
+        match = re.match(r'(<(\S+)> |\* (\S+) )(.*)', text)
+        if match:
+            name = match.group(2) or match.group(3)
+            head = match.group(1).replace(name, self.paint(self.name_colour(name), name), 1)
+            body = match.group(4)
+            if name == self.name:
+                body = self.paint(STYLES['own'], body)
+            elif self.name and re.search(r'(?<![\w.-])%s(?![\w.-])' % re.escape(self.name),
+                                         body, re.IGNORECASE):
+                return '\a%s %s%s' % (stamp, head, self.paint(STYLES['mention'], body))
+            return '%s %s%s' % (stamp, head, body)
+        for prefix, style in (('[PM ', 'private'), ('-!- ', 'notice'), ('!!! ', 'error')):
+            if text.startswith(prefix):
+                return '%s %s' % (stamp, self.paint(STYLES[style], text))
+        return '%s %s' % (stamp, text)
+
+    # Input ---------------------------------------------------------------------
+
+    def feed(self, data):
+        """Apply typed keys; the lines entered (None last when the user leaves)."""
+        if not data:
+            return [None]
+        lines = []
+        for key in self.keys.feed(data):
+            line = self.editor.press(key)
+            if line is not False:
+                lines.append(line)
+                if line is None:
+                    break
+        self.write(self.input_line())
+        return lines
+
+    def input_line(self):
+        """The prompt and as much of the typed line as fits, scrolled to keep
+        the cursor in view, and the cursor put back where it belongs."""
+        columns = shutil.get_terminal_size().columns
+        prompt = (self.name or '') + '> '
+        room = max(2, columns - text_width(prompt) - 1)
+        chars, cursor = self.editor.chars, self.editor.cursor
+        widths = [char_width(ch) for ch in chars]
+        self.scroll = min(self.scroll, cursor)
+        while sum(widths[self.scroll:cursor]) > room - 1:
+            self.scroll += 1
+        end, used = self.scroll, 0
+        while end < len(chars) and used + widths[end] <= room:
+            used += widths[end]
+            end += 1
+        column = text_width(prompt) + sum(widths[self.scroll:cursor])
+        return ('\r' + self.paint(STYLES['prompt'], prompt) + ''.join(chars[self.scroll:end])
+                + '\x1b[K\r' + ('\x1b[%dC' % column if column else ''))
 
 
 # --- Bench -------------------------------------------------------------------
@@ -1660,6 +2089,8 @@ def build_parser():
     client.add_argument('port', nargs='?', type=port_number, default=DEFAULT_PORT,
                         help='server port (default %(default)s)')
     client.add_argument('--name', help='the name to ask for (default: your login name)')
+    client.add_argument('--no-color', action='store_true',
+                        help='no colours on a terminal (as does setting NO_COLOR)')
 
     bench = commands.add_parser(
         'bench', help='measure a server under load',
@@ -1707,11 +2138,20 @@ def run_server(args):
 def run_client(args):
     name = args.name if args.name is not None else default_name()
     sock = connect(args.host, args.port)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds: the terminal is restored
     try:
-        return Client(sock, name=name).run()
+        with open_screen(args.no_color) as screen:
+            return Client(sock, screen, name=name).run()
     finally:
         sock.close()
+
+
+def open_screen(no_color):
+    """The line editor when standard input and output are a terminal (and
+    the terminal can be driven: POSIX), else plain lines in and out."""
+    if termios is not None and os.isatty(0) and os.isatty(1):
+        return TerminalScreen(0, 1, colour=not (no_color or os.environ.get('NO_COLOR')))
+    return PlainScreen(sys.stdout)
 
 
 def run_bench(args):
