@@ -621,14 +621,61 @@ class TestBacklogMemory(ServerTestCase):
     def test_a_message_is_encoded_once_for_all_recipients(self):
         alice = self.connect('alice')
         others = [self.connect('p%d' % i) for i in range(5)]
-        calls = []
-        original = chat.public_line
-        chat.public_line = lambda *args: calls.append(args) or original(*args)
-        self.addCleanup(setattr, chat, 'public_line', original)
-        alice.send('once\n')
+        server = self.srv.server
+        broadcasts, sent = [], []
+        broadcast, send_fresh = server.broadcast, server.send_fresh
+        server.broadcast = lambda line, sender=None: (broadcasts.append(line),
+                                                      broadcast(line, sender))
+        server.send_fresh = lambda peer, data: (sent.append(data), send_fresh(peer, data))
+        alice.send('once\nand twice\n')
         for other in others:
-            other.expect(r'^<alice> once$')
-        self.assertEqual(calls, [('alice', 'once')])
+            other.expect(r'^<alice> and twice$')
+        self.assertEqual(broadcasts, [b'<alice> once\n<alice> and twice\n'])
+        self.assertEqual(len(sent), len(others))
+        for data in sent:
+            self.assertIs(data, sent[0])
+
+
+class TestFastPath(unittest.TestCase):
+    """Server.say_all handles a run of plain lines in one go; it must give
+    exactly what handling them one by one gives, or decline."""
+
+    def test_it_matches_the_line_by_line_path(self):
+        import random
+        rng = random.Random(1234)
+        pieces = ['hello', ' ', '한글', '😀', '\x1b[31m', '\r', '\t', '\x07', '\x9b',
+                  '\u202e', 'é', '/', '//', '<bob>', 'x' * 30]
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        server = chat.Server([listener], history=3, rate=0, max_line=200)
+        self.addCleanup(server.close_all)
+        said = declined = 0
+        for _ in range(500):
+            lines = [''.join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
+                     for _ in range(rng.randint(1, 5))]
+            raw = '\n'.join(lines).encode() + b'\n' + rng.choice([b'', b'\xff\n', b'tail'])
+            peer = chat.Peer(None, 'test', burst=5)
+            peer.name, peer.inbuf = 'alice', bytearray(raw)
+            server.batch, server.batch_bytes = [], 0
+            server.history.clear()
+            count = server.say_all(peer, None)
+            texts = [chat.decode(line) for line in raw[:raw.rindex(b'\n')].split(b'\n')]
+            plain = all(text.strip() and not text.startswith('/') for text in texts)
+            if not count:  # declined: nothing taken, nothing said
+                declined += 1
+                self.assertFalse(plain, raw)  # only lines the slow path must see
+                self.assertEqual(bytes(peer.inbuf), raw)
+                self.assertEqual(server.batch, [])
+                continue
+            said += 1
+            self.assertTrue(plain, raw)  # no command or blank line said as text
+            expected = [chat.public_line('alice', text) for text in texts]
+            self.assertEqual(count, len(expected))
+            self.assertEqual([line for _, line in server.batch], [b''.join(expected)])
+            self.assertEqual(list(server.history), expected[-3:])
+            self.assertEqual(bytes(peer.inbuf), raw[raw.rindex(b'\n') + 1:])
+        self.assertGreater(said, 50)
+        self.assertGreater(declined, 50)
 
 
 class TestFloodControl(ServerTestCase):
@@ -673,8 +720,7 @@ class TestShortHistory(ServerTestCase):
 
     def test_history_keeps_only_the_last_n(self):
         alice = self.connect('alice')
-        for i in range(5):
-            alice.send('message %d\n' % i)
+        alice.send(''.join('message %d\n' % i for i in range(5)))  # one read, or a few
         self.sync(alice)
         conn = Conn(self.srv.port)
         self.addCleanup(conn.close)
