@@ -31,7 +31,10 @@ import codecs
 import collections
 import errno
 import getpass
+import hashlib
 import heapq
+import hmac
+import ipaddress
 import itertools
 import os
 import re
@@ -61,6 +64,25 @@ try:
 except ImportError:  # Windows: the client falls back to cooked mode
     termios = None
 
+try:
+    import ssl       # missing only from Pythons built without OpenSSL
+except ImportError:
+    ssl = None
+
+# A nonblocking socket that cannot go on now; for TLS, either direction.
+WOULD_BLOCK = (BlockingIOError, InterruptedError) + (
+    (ssl.SSLWantReadError, ssl.SSLWantWriteError) if ssl else ())
+
+
+def tls_context(protocol):
+    """An SSLContext that speaks TLS 1.2 or newer."""
+    context = ssl.SSLContext(protocol)
+    if hasattr(context, 'minimum_version'):  # 3.7+
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    else:
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+    return context
+
 
 # --- Limits and defaults -----------------------------------------------------
 
@@ -89,6 +111,11 @@ NOTICE_DELIVERIES_PER_SEC = 20000  # deliveries a second (a big room waits longe
 WELCOME_NAMES = 20             # names in a newcomer's list of who is online
 WHO_PAGE_NAMES = 200           # names per page of /who
 CONNECT_TIMEOUT_SEC = 10.0
+FIRST_LINE_WAIT_SEC = 2.0      # for a server that never speaks first (not chat.py)
+TLS_HANDSHAKE_SEC = 10.0       # a TLS handshake not done by then is dropped (slowloris)
+PASSWORD_SEC = 30.0            # the room password must come this soon after connecting
+PASSWORD_TRIES = 3             # wrong passwords (room or operator) before the door shuts
+MAX_PER_ADDRESS = 32           # connections at once from one address, loopback aside
 QUIT_WAIT_SEC = 5.0            # piped client: wait this long after /quit, plus
 # the time the server's default flood budget needs to take the lines sent
 CLIENT_MAX_LINE_BYTES = 64 * 1024  # a longer line from the server is cut
@@ -151,6 +178,12 @@ def error_line(text):
     return ('!!! %s\n' % text).encode()
 
 
+PASSWORD_PROMPT = 'This room needs a password: send /pass PASSWORD'
+PASSWORD_ACCEPTED = 'Password accepted'
+GOODBYE = 'Goodbye'            # the answer to /quit: a client that sees it left cleanly
+# The first line of a browser tricked into talking to the port (cross-protocol).
+HTTP_REQUEST = re.compile(r'^[A-Z]+ \S+ HTTP/\d')
+
 NAME_PUNCTUATION = '_-.'
 CONFUSABLE_SCRIPTS = ('LATIN', 'GREEK', 'CYRILLIC')
 GUEST_PREFIX = 'guest-'
@@ -195,6 +228,29 @@ def plural(count, noun):
     return '%d %s%s' % (count, noun, '' if count == 1 else 's')
 
 
+CONSOLE_COMMANDS = ('help', 'who', 'kick', 'ban', 'unban', 'bans')
+OPERATOR_COMMANDS = ('kick', 'ban', 'unban', 'bans')
+
+
+def same_secret(given, secret):
+    """Compare a password in constant time, so timing tells nothing."""
+    return hmac.compare_digest(given.encode('utf-8'), secret.encode('utf-8'))
+
+
+def parse_network(text):
+    """An IP address or CIDR network, or None."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        return None
+
+
+def address_ip(address):
+    """The IP address of a socket address; IPv4 as itself on a dual-stack socket."""
+    ip = ipaddress.ip_address(address[0].split('%')[0])
+    return getattr(ip, 'ipv4_mapped', None) or ip
+
+
 def printable_address(address):
     """'host:port' for a socket address, '[v6]:port' for IPv6."""
     host, port = address[0], address[1]
@@ -211,13 +267,15 @@ TOO_LONG = object()  # what Peer.next_line returns for an overlong line
 class Peer:
     """One connection to the server: its socket, buffers, name and flood budget."""
 
-    __slots__ = ('sock', 'address', 'inbuf', 'outbuf', 'name', 'key', 'skipping',
-                 'tokens', 'tokens_at', 'paused', 'eof', 'close_reason',
-                 'lingering', 'events', 'turn', 'batch_pos')
+    __slots__ = ('sock', 'address', 'ip', 'inbuf', 'outbuf', 'name', 'key', 'skipping',
+                 'tokens', 'tokens_at', 'paused', 'eof', 'close_reason', 'lingering',
+                 'events', 'turn', 'batch_pos', 'handshaking', 'wants_write',
+                 'authorized', 'operator', 'strikes', 'lines')
 
-    def __init__(self, sock, address, burst):
+    def __init__(self, sock, address, burst, ip=None):
         self.sock = sock
-        self.address = address
+        self.address = address      # printable, for logs
+        self.ip = ip                # for address rules, caps and bans
         self.inbuf = bytearray()    # received bytes not yet handled as lines
         self.outbuf = bytearray()   # bytes queued for it that send() has not taken
         self.name = None            # set once it is in the room
@@ -232,10 +290,18 @@ class Peer:
         self.events = 0             # what the selector watches it for now
         self.turn = -1              # last loop turn it was given broadcasts in,
         self.batch_pos = 0          # and how many of that turn's it has had
+        self.handshaking = False    # in its TLS handshake,
+        self.wants_write = False    # which waits to write
+        self.authorized = True      # has given the room password, if there is one
+        self.operator = False
+        self.strikes = 0            # wrong passwords
+        self.lines = 0              # lines handled
 
     def wanted_events(self):
         """The selector events this peer needs now: read unless paused or
         finished; write only while output is waiting."""
+        if self.handshaking:
+            return selectors.EVENT_WRITE if self.wants_write else selectors.EVENT_READ
         events = 0
         if not (self.paused or self.eof):
             events |= selectors.EVENT_READ
@@ -282,7 +348,9 @@ class Server:
     def __init__(self, listeners, log=None, history=DEFAULT_HISTORY,
                  max_line=MAX_LINE_BYTES, max_backlog=MAX_BACKLOG_BYTES,
                  rate=RATE_LINES_PER_SEC, burst=RATE_BURST_LINES,
-                 max_clients=None, selector_class=selectors.DefaultSelector):
+                 max_clients=None, selector_class=selectors.DefaultSelector,
+                 tls=None, password=None, op_password=None, allow=(), deny=(),
+                 max_per_address=MAX_PER_ADDRESS, console=False):
         self.listeners = listeners
         self.log = log or (lambda message: None)
         self.max_line = max_line
@@ -291,6 +359,13 @@ class Server:
         self.burst = burst
         self.max_clients = max_clients or default_max_clients()
         self.history = collections.deque(maxlen=history)
+        self.tls = tls              # an SSLContext: every peer must speak TLS
+        self.password = password    # the room's, or None
+        self.op_password = op_password
+        self.allow, self.deny = list(allow), list(deny)  # ip_network lists
+        self.max_per_address = max_per_address
+        self.per_address = collections.Counter()  # open connections per IP
+        self.bans = {}              # ip_network -> when it ends (None: at restart)
         self.selector = selector_class()
         self.peers = set()          # open connections, closing ones aside
         self.closing = set()        # connections finishing their output
@@ -301,11 +376,12 @@ class Server:
         self.batch_bytes = 0        # bytes broadcast this turn
         self.dirty = set()          # peers to flush at the end of this turn
         self.held = collections.deque()  # peers with lines held over to next turn
+        self.unread = set()         # TLS peers with decrypted input left to read
         self.doomed = []            # peers leaving the room at the end of this turn
         self.timers = []            # heap of (when, seq, callback, argument)
         self.timer_seq = itertools.count()
         self.guest_numbers = itertools.count(1)  # never reused
-        self.arrivals = []          # peers whose joining is not yet announced
+        self.arrivals = {}          # peers whose joining is not yet announced, in order
         self.departures = []        # (name, reason) not yet announced
         self.notices_due = 0.0      # announce at once if nothing was since then
         self.notice_timer = False   # a timer will announce the pending ones
@@ -321,6 +397,12 @@ class Server:
         for listener in listeners:
             listener.setblocking(False)
         self.resume_accepting()
+        # The server's own terminal takes operator commands, as "server".
+        self.console = None
+        if console:
+            self.console = Peer(None, 'console', burst)
+            self.console.name, self.console.operator = 'server', True
+            self.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, 'console')
 
     # The loop ----------------------------------------------------------------
 
@@ -348,8 +430,14 @@ class Server:
                 self.accept(key.fileobj)
             elif peer == 'wake':
                 drain(self.wake_r)
+            elif peer == 'console':
+                self.on_console()
             elif peer.sock is not None:  # not closed earlier this turn
                 self.guarded(self.on_event, peer, mask)
+        unread, self.unread = self.unread, set()
+        for peer in unread:
+            if peer.sock is not None and not peer.paused:
+                self.guarded(self.on_readable, peer)
         now = time.monotonic()
         while self.timers and self.timers[0][0] <= now:
             _, _, callback, peer = heapq.heappop(self.timers)
@@ -368,6 +456,9 @@ class Server:
             self.lose(peer, 'server error')
 
     def on_event(self, peer, mask):
+        if peer.handshaking:
+            self.shake_hands(peer)
+            return
         if mask & selectors.EVENT_READ:
             self.on_readable(peer)
         if mask & selectors.EVENT_WRITE:
@@ -376,7 +467,7 @@ class Server:
     def next_timeout(self, limit=None):
         """Seconds select() may wait: none while output is queued, else until
         the next timer (or limit)."""
-        if self.batch or self.dirty or self.doomed or self.held:
+        if self.batch or self.dirty or self.doomed or self.held or self.unread:
             return 0
         timeout = limit
         if self.timers:
@@ -441,21 +532,114 @@ class Server:
             self.selector.register(listener, selectors.EVENT_READ, 'accept')
 
     def admit(self, sock, address):
-        """Take a new connection into the room, or refuse it when full."""
+        """Take in a new connection: refuse it at once if its address may not
+        connect, with one line if the server or its address is full; else
+        start its TLS handshake, ask for the password, or let it in."""
+        ip = address_ip(address)
+        refusal = self.refusal(ip)
+        if refusal:
+            self.log('refused %s: %s' % (printable_address(address), refusal))
+            sock.close()  # before reading a byte
+            return
         sock.setblocking(False)
         # Chat lines are small and latency matters: no Nagle delay.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-        peer = Peer(sock, printable_address(address), self.burst)
+        peer = Peer(sock, printable_address(address), self.burst, ip)
         if len(self.peers) >= self.max_clients:
-            self.log('refused %s: server full (%d clients)' % (peer.address, len(self.peers)))
-            peer.outbuf += error_line('server full (%d clients); try again later'
-                                      % len(self.peers))
+            refusal = 'server full (%d clients)' % len(self.peers)
+        elif (self.max_per_address and not ip.is_loopback
+              and self.per_address[ip] >= self.max_per_address):
+            refusal = 'too many connections from %s (%d)' % (ip, self.max_per_address)
+        if refusal:
+            self.log('refused %s: %s' % (peer.address, refusal))
+            peer.outbuf += error_line('%s; try again later' % refusal)
             self.start_closing(peer)
             return
         self.peers.add(peer)
+        self.per_address[ip] += 1
+        peer.authorized = self.password is None
+        if not peer.authorized:
+            self.call_later(PASSWORD_SEC, self.expire_password, peer)
+        if self.tls:
+            peer.handshaking = True
+            self.call_later(TLS_HANDSHAKE_SEC, self.expire_handshake, peer)
+        else:
+            self.open_door(peer)
         self.set_interest(peer)
-        self.enter_room(peer)
+
+    def refusal(self, ip):
+        """Why ip may not connect at all (--deny, --allow, a ban), or None."""
+        if any(ip in network for network in self.deny):
+            return 'denied (--deny)'
+        if self.allow and not any(ip in network for network in self.allow):
+            return 'not allowed (--allow)'
+        now = time.monotonic()
+        for network, until in list(self.bans.items()):
+            if until is not None and until <= now:
+                del self.bans[network]  # it has run out
+            elif ip in network:
+                return 'banned'
+        return None
+
+    def shake_hands(self, peer):
+        """Move a TLS handshake on, inside the loop: it never blocks, and
+        expire_handshake drops a peer that stalls.  The first byte decides:
+        a client that speaks plain text is told so in plain text."""
+        if not isinstance(peer.sock, ssl.SSLSocket):
+            try:
+                first = peer.sock.recv(1, socket.MSG_PEEK)
+            except WOULD_BLOCK:
+                return
+            except OSError:
+                first = b''
+            if first != b'\x16':  # not a TLS handshake record
+                peer.handshaking = False
+                if first:
+                    self.log('refused %s: not TLS' % peer.address)
+                    peer.outbuf += error_line('this server speaks TLS; join with '
+                                              'python chat.py client --tls-fingerprint ...')
+                self.drop(peer, 'not TLS', linger=True)
+                return
+            self.selector.unregister(peer.sock)
+            peer.events = 0
+            peer.sock = self.tls.wrap_socket(peer.sock, server_side=True,
+                                             do_handshake_on_connect=False)
+        try:
+            peer.sock.do_handshake()
+            peer.handshaking = peer.wants_write = False
+        except ssl.SSLWantReadError:
+            peer.wants_write = False
+        except ssl.SSLWantWriteError:
+            peer.wants_write = True
+        except OSError as exc:  # ssl.SSLError among them
+            self.log('TLS handshake with %s failed: %s'
+                     % (peer.address, getattr(exc, 'reason', None) or exc))
+            self.lose(peer, 'TLS handshake failed')
+            return
+        if not peer.handshaking:
+            self.unread.add(peer)  # input may have come with the handshake
+            self.open_door(peer)
+        self.set_interest(peer)
+
+    def open_door(self, peer):
+        """A connection is ready to talk: let it in, or ask for the password
+        (and show it nothing of the room until then)."""
+        if peer.authorized:
+            self.enter_room(peer)
+        else:
+            self.queue(peer, notice_line(PASSWORD_PROMPT))
+
+    def expire_handshake(self, peer):
+        if peer.handshaking and peer.sock is not None:
+            self.log('dropped %s: no TLS handshake in %d s' % (peer.address, TLS_HANDSHAKE_SEC))
+            self.lose(peer, 'TLS handshake too slow')
+
+    def expire_password(self, peer):
+        if not peer.authorized and peer.sock is not None and peer.close_reason is None:
+            self.log('dropped %s: no password in %d s' % (peer.address, PASSWORD_SEC))
+            self.queue(peer, error_line('no password in %d s: goodbye' % PASSWORD_SEC))
+            self.drop(peer, 'no password', linger=True)
 
     def enter_room(self, peer):
         """Give peer a guest name, greet it and tell the others."""
@@ -472,7 +656,7 @@ class Server:
         if self.history:
             self.queue(peer, notice_line('Last %s:' % plural(len(self.history), 'message')))
             self.queue(peer, b''.join(self.history))
-        self.arrivals.append(peer)
+        self.arrivals[peer] = None
         self.announce_soon()
 
     def drop(self, peer, reason, linger=False):
@@ -497,8 +681,11 @@ class Server:
                 del self.room[peer.key]
                 self.roster = None
                 self.log('%s left (%s)' % (peer.name, peer.close_reason))
-                self.departures.append((peer.name, peer.close_reason))
-                self.announce_soon()
+                if peer in self.arrivals:  # came and went before anyone was told
+                    del self.arrivals[peer]
+                else:
+                    self.departures.append((peer.name, peer.close_reason))
+                    self.announce_soon()
             if peer.sock is not None:
                 if peer.lingering:
                     self.start_closing(peer)
@@ -518,7 +705,7 @@ class Server:
     def announce(self, _=None):
         """Broadcast the joins and leaves not yet announced: one line for
         each kind, naming the first NOTICE_NAMES and counting the rest."""
-        arrivals, self.arrivals = self.arrivals, []
+        arrivals, self.arrivals = list(self.arrivals), {}
         departures, self.departures = self.departures, []
         self.notice_timer = False
         self.notices_due = time.monotonic() + max(
@@ -538,7 +725,7 @@ class Server:
         """Let peer read what is queued for it, then close.  Its input is read
         and thrown away meanwhile: closing a socket with unread input sends a
         reset, which can destroy output the peer has not read yet."""
-        self.peers.discard(peer)
+        self.forget(peer)
         self.closing.add(peer)
         peer.lingering = True
         peer.paused = False
@@ -557,9 +744,17 @@ class Server:
         peer.sock = None
         peer.events = 0
         peer.inbuf = peer.outbuf = bytearray()
-        self.peers.discard(peer)
+        self.forget(peer)
         self.closing.discard(peer)
         self.dirty.discard(peer)
+
+    def forget(self, peer):
+        """peer no longer counts against --max-clients and --max-per-address."""
+        if peer in self.peers:
+            self.peers.remove(peer)
+            self.per_address[peer.ip] -= 1
+            if not self.per_address[peer.ip]:
+                del self.per_address[peer.ip]
 
     # Input ---------------------------------------------------------------------
 
@@ -569,7 +764,7 @@ class Server:
             return  # this turn's share is used up; the selector will ask again
         try:
             data = peer.sock.recv(READ_CHUNK_BYTES)
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
             return
         except OSError:
             self.lose(peer, 'connection lost')
@@ -583,6 +778,8 @@ class Server:
         if not data:
             peer.eof = True  # what is already here is still handled
             self.set_interest(peer)
+        elif self.tls is not None and peer.sock.pending():
+            self.unread.add(peer)  # decrypted, but no socket event will say so
         peer.inbuf += data
         self.handle_input(peer)
 
@@ -622,8 +819,8 @@ class Server:
         encode them in one go.  How many lines it said (0: none, go line by
         line)."""
         end = peer.inbuf.rfind(b'\n')
-        if end < 0 or peer.skipping:
-            return 0
+        if end < 0 or peer.skipping or not peer.lines or peer.name is None:
+            return 0  # a first line, or one before the password, goes line by line
         raw = bytes(peer.inbuf[:end])
         count = raw.count(b'\n') + 1
         if allowed is not None and count > allowed:
@@ -642,6 +839,7 @@ class Server:
             recent = lines.rsplit(b'\n', self.history.maxlen + 1)[-self.history.maxlen - 1:-1]
             self.history.extend(line + b'\n' for line in recent)
         self.broadcast(lines, sender=peer)
+        peer.lines += count
         return count
 
     def refuse_long_line(self, peer):
@@ -689,19 +887,38 @@ class Server:
     def handle_line(self, peer, raw):
         """One line from peer: a command, or a public message."""
         text = decode(raw)
+        peer.lines += 1
+        if peer.lines == 1 and HTTP_REQUEST.match(text) and peer is not self.console:
+            self.log('refused %s: an HTTP request (%s)' % (peer.address, text[:60]))
+            self.lose(peer, 'HTTP request')  # a web page's doing: none of it is said
+            return
         if not text.strip():
             return  # empty lines, and lines of nothing but control characters
         if text.startswith('/') and not text.startswith('//'):
             word, _, argument = text[1:].partition(' ')
-            handler = getattr(self, 'cmd_' + word.lower(), None)
-            if handler is None:
-                self.queue(peer, error_line('unknown command /%s (try /help)' % word))
-            else:
-                handler(peer, argument.strip())
+            self.run_command(peer, word, argument.strip())
+        elif not peer.authorized:
+            self.queue(peer, error_line('send /pass PASSWORD first'))
+        elif peer is self.console:
+            self.broadcast(notice_line('server: %s' % text))
+        else:
+            self.say(peer, public_line(peer.name, text[1:] if text.startswith('//') else text))
+
+    def run_command(self, peer, word, argument):
+        """Dispatch /WORD to cmd_WORD, if this peer may use it now."""
+        handler = getattr(self, 'cmd_' + word.lower(), None)
+        if handler is None:
+            refusal = 'unknown command /%s (try /help)' % word
+        elif not peer.authorized and word.lower() not in ('pass', 'quit'):
+            refusal = 'send /pass PASSWORD first'
+        elif peer is self.console and word.lower() not in CONSOLE_COMMANDS:
+            refusal = '/%s is not for the console' % word
+        elif word.lower() in OPERATOR_COMMANDS and not peer.operator:
+            refusal = '/%s is for operators (/op PASSWORD)' % word
+        else:
+            handler(peer, argument)
             return
-        if text.startswith('//'):
-            text = text[1:]
-        self.say(peer, public_line(peer.name, text))
+        self.queue(peer, error_line(refusal))
 
     def say(self, peer, line):
         """A public line from peer: remember it and send it to the others."""
@@ -718,6 +935,9 @@ class Server:
         '  /msg NAME TEXT   send a private message',
         '  /quit [REASON]   leave',
         '  /help            show this',
+        '  /pass PASSWORD   enter a room that has a password',
+        '  /op PASSWORD     become an operator, who may use:',
+        '  /kick NAME [REASON], /ban NAME|ADDRESS [MINUTES], /unban ADDRESS, /bans',
         'Lines starting with / are commands; start a line with // to say "/...".',
     )
 
@@ -801,7 +1021,113 @@ class Server:
         self.queue(recipient, private_line(peer.name, text))
         self.queue(peer, sent_line(recipient.name, text))
 
+    def cmd_pass(self, peer, secret):
+        if peer.authorized:
+            self.queue(peer, error_line('you are already in'))
+        elif same_secret(secret, self.password):
+            peer.authorized = True
+            self.log('%s gave the room password' % peer.address)
+            self.queue(peer, notice_line(PASSWORD_ACCEPTED))
+            self.enter_room(peer)
+        else:
+            self.strike(peer, 'wrong password')
+
+    def cmd_op(self, peer, secret):
+        if self.op_password is None:
+            self.queue(peer, error_line('this server has no operators'))
+        elif peer.operator:
+            self.queue(peer, error_line('you are already an operator'))
+        elif same_secret(secret, self.op_password):
+            peer.operator = True
+            self.log('%s is now an operator' % peer.name)
+            self.broadcast(notice_line('%s is now an operator' % peer.name))
+        else:
+            self.strike(peer, 'wrong operator password')
+
+    def strike(self, peer, what):
+        """A wrong password: say so; the third closes the connection."""
+        peer.strikes += 1
+        left = PASSWORD_TRIES - peer.strikes
+        self.log('%s from %s (%d tries left)' % (what, peer.address, left))
+        if left > 0:
+            self.queue(peer, error_line('%s (%d tries left)' % (what, left)))
+        else:
+            self.queue(peer, error_line('%s: goodbye' % what))
+            self.drop(peer, 'too many wrong passwords', linger=True)
+
+    def cmd_kick(self, peer, argument):
+        name, _, reason = argument.partition(' ')
+        target = self.room.get(name_key(name)) if name else None
+        if target is None:
+            self.queue(peer, error_line('no one called %s is online' % name if name
+                                        else 'usage: /kick NAME [REASON]'))
+            return
+        why = 'kicked by %s%s' % (peer.name, ': ' + reason.strip() if reason.strip() else '')
+        self.log('%s was %s' % (target.name, why))
+        self.queue(target, error_line('you were ' + why))
+        self.drop(target, why, linger=True)  # everyone sees it leave, and why
+
+    def cmd_ban(self, peer, argument):
+        """/ban NAME|ADDRESS [MINUTES]: refuse an address (or network) until
+        the ban ends or the server restarts, and close its connections."""
+        words = argument.split()
+        if not 1 <= len(words) <= 2 or not all(w.isdigit() for w in words[1:]):
+            self.queue(peer, error_line('usage: /ban NAME|ADDRESS [MINUTES]'))
+            return
+        target = self.room.get(name_key(words[0]))
+        network = ipaddress.ip_network(target.ip) if target else parse_network(words[0])
+        if network is None:
+            self.queue(peer, error_line('%s is neither online nor an address' % words[0]))
+            return
+        minutes = int(words[1]) if len(words) == 2 else 0
+        self.bans[network] = time.monotonic() + 60 * minutes if minutes else None
+        what = '%s banned %s%s %s' % (peer.name, network, ' (%s)' % target.name if target else '',
+                                       'for ' + plural(minutes, 'minute') if minutes
+                                       else 'until the server restarts')
+        self.log(what)
+        self.broadcast(notice_line(what))
+        for other in list(self.peers):
+            if other.ip in network:
+                self.queue(other, error_line('you were banned by %s' % peer.name))
+                self.drop(other, 'banned by %s' % peer.name, linger=True)
+
+    def cmd_unban(self, peer, argument):
+        network = parse_network(argument)
+        if network not in self.bans:
+            self.queue(peer, error_line('%s is not banned (see /bans)' % argument))
+            return
+        del self.bans[network]
+        self.log('%s lifted the ban on %s' % (peer.name, network))
+        self.queue(peer, notice_line('%s is no longer banned' % network))
+
+    def cmd_bans(self, peer, argument):
+        self.refusal(ipaddress.ip_address('::'))  # forget the bans that ran out
+        now = time.monotonic()
+        bans = ['%s (%s)' % (network, 'until restart' if until is None else
+                             plural(int((until - now) // 60) + 1, 'minute') + ' left')
+                for network, until in sorted(self.bans.items(), key=str)]
+        self.queue(peer, notice_line('bans: %s' % (', '.join(bans) or 'none')))
+
+    def on_console(self):
+        """Lines typed at the server's terminal: commands run as an operator
+        called "server"; other text is announced to the room."""
+        try:
+            data = os.read(sys.stdin.fileno(), 4096)
+        except OSError:
+            data = b''
+        if not data:
+            self.selector.unregister(sys.stdin.fileno())
+            return
+        self.console.inbuf += data
+        while True:
+            raw = self.console.next_line(self.max_line)
+            if raw is None:
+                break
+            if raw is not TOO_LONG:
+                self.handle_line(self.console, raw)
+
     def cmd_quit(self, peer, reason):
+        self.queue(peer, notice_line(GOODBYE))
         self.drop(peer, 'quit: %s' % reason if reason else 'quit', linger=True)
 
     # Output --------------------------------------------------------------------
@@ -821,12 +1147,20 @@ class Server:
     def queue(self, peer, data):
         """Queue data for one peer, after the broadcasts it has not yet been
         given, so that everything reaches it in the order it happened."""
+        if peer is self.console:
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+            return
         self.catch_up(peer)
         peer.outbuf += data
         self.dirty.add(peer)
 
     def catch_up(self, peer):
-        """Copy this turn's broadcasts that peer has not had into its outbuf."""
+        """Copy this turn's broadcasts that peer has not had into its outbuf:
+        only for a peer in the room (one still at the password prompt, or
+        refused, must never be handed the room's lines)."""
+        if peer.key is None or self.room.get(peer.key) is not peer:
+            return
         if peer.turn != self.turn:
             peer.turn, peer.batch_pos = self.turn, 0
         for sender, line in self.batch[peer.batch_pos:]:
@@ -864,7 +1198,7 @@ class Server:
         copies nothing unless the socket takes only part of it."""
         try:
             sent = peer.sock.send(data)
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
             sent = 0
         except OSError:
             self.lose(peer, 'connection lost')
@@ -876,8 +1210,10 @@ class Server:
     def flush(self, peer):
         """Try once to send peer's outbuf; keep the unsent tail."""
         try:
-            sent = peer.sock.send(peer.outbuf)
-        except (BlockingIOError, InterruptedError):
+            # Never an empty send: before 3.10, ssl called SSL_write, which
+            # fails on zero bytes (SSLEOFError) and would drop the peer.
+            sent = peer.sock.send(peer.outbuf) if peer.outbuf else 0
+        except WOULD_BLOCK:
             sent = 0
         except OSError:
             self.lose(peer, 'connection lost')
@@ -1050,19 +1386,27 @@ def lan_addresses():
     return found
 
 
-def server_banner(listeners):
-    """What the server prints on start: where it listens, how to join."""
+def server_banner(listeners, fingerprint=None):
+    """What the server prints on start: where it listens, how to join (and,
+    with TLS, the certificate's fingerprint for clients to pin)."""
     bound = [sock.getsockname() for sock in listeners]
     lines = ['chat.py %s listening on %s%s' % (
         __version__, ', '.join(printable_address(a) for a in bound),
         ' (IPv4 and IPv6)' if any(dual_stack(s) for s in listeners) else '')]
+    if fingerprint:
+        lines.append('TLS certificate SHA-256 fingerprint: %s' % fingerprint)
     port = bound[0][1]
     hosts = [a[0] for a in bound if a[0] not in ('::', '0.0.0.0')]
     if not hosts:
         hosts = lan_addresses() or ['localhost']
     for host in hosts:
-        lines.append('join with: python chat.py client %s %d   (or: nc %s %d)'
-                     % (host, port, host, port))
+        if fingerprint:
+            lines.append('join with: python chat.py client %s %d --tls-fingerprint %s   '
+                         '(or: openssl s_client -quiet -connect %s:%d)'
+                         % (host, port, fingerprint, '[%s]' % host if ':' in host else host, port))
+        else:
+            lines.append('join with: python chat.py client %s %d   (or: nc %s %d)'
+                         % (host, port, host, port))
     return '\n'.join(lines)
 
 
@@ -1086,16 +1430,17 @@ class Client:
     What the user sees and types goes through a screen: PlainScreen for
     pipes and files, TerminalScreen (a line editor) for a terminal."""
 
-    def __init__(self, sock, screen, name=None, stdin_fd=0):
+    def __init__(self, sock, screen, name=None, stdin_fd=0, received=b''):
         self.sock = sock
         self.screen = screen
         self.name = name              # asked for on connect
         self.selector = selectors.DefaultSelector()
         self.input, self.read_input = watchable_input(stdin_fd)
-        self.inbuf = bytearray()      # from the server, not yet a whole line
+        self.inbuf = bytearray(received)  # from the server, not yet shown
         self.outbuf = bytearray()     # to the server, not yet sent
         self.lines_sent = 0
         self.quit_deadline = None     # set once we have said /quit
+        self.dismissed = False        # the server has answered it
         self.reading_input = False
 
     def run(self):
@@ -1107,6 +1452,7 @@ class Client:
         if self.name:
             self.send_line('/nick ' + self.name)
         self.watch_input(True)
+        self.show_lines(b'')  # what authenticate() read past the password
         while True:
             timeout = self.screen.timeout()
             if self.quit_deadline is not None:
@@ -1130,14 +1476,21 @@ class Client:
 
     def read_server(self):
         """Show the lines the server sent; an exit status once it is gone."""
-        try:
-            data = self.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError as exc:
-            return self.lost('connection lost: %s' % (exc.strerror or exc))
-        if not data:
-            return self.lost('the server closed the connection')
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except WOULD_BLOCK:
+                return None
+            except OSError as exc:
+                return self.lost('connection lost: %s' % (exc.strerror or exc))
+            if not data:
+                return self.lost('the server closed the connection')
+            self.show_lines(data)
+            if not getattr(self.sock, 'pending', lambda: 0)():
+                return None  # TLS: nothing more already decrypted
+
+    def show_lines(self, data):
+        """Show the complete lines that data completes."""
         self.inbuf += data
         end = self.inbuf.rfind(b'\n')
         lines = []
@@ -1149,7 +1502,6 @@ class Client:
             del self.inbuf[:]
         if lines:
             self.show([decode(line) for line in lines])  # cleaned: the server is not trusted
-        return None
 
     def show(self, texts):
         """Display lines from the server, noting our own name as it changes."""
@@ -1159,14 +1511,16 @@ class Client:
                 self.screen.name = welcome.group(1)
             elif renamed and renamed.group(1) == self.screen.name:
                 self.screen.name = renamed.group(2)
+            elif text == '-!- ' + GOODBYE:
+                self.dismissed = True
         self.screen.show(texts)
 
     def lost(self, why):
         """The connection is over: show what is left; the exit status (0 if
-        we asked to leave)."""
+        we asked to leave and the server said goodbye)."""
         if self.inbuf:
             self.show([decode(bytes(self.inbuf))])
-        if self.quit_deadline is not None:
+        if self.dismissed:
             return 0
         self.screen.error('chat.py: %s' % why)
         return 1
@@ -1204,8 +1558,8 @@ class Client:
         """Send what the socket takes now; watch for writability only while
         something is left, and read no more input while a lot is."""
         try:
-            sent = self.sock.send(self.outbuf)
-        except (BlockingIOError, InterruptedError):
+            sent = self.sock.send(self.outbuf) if self.outbuf else 0  # see Server.flush
+        except WOULD_BLOCK:
             sent = 0
         except OSError:
             sent = len(self.outbuf)  # the read side reports the loss
@@ -1319,11 +1673,12 @@ def watchable_input(fd):
     return ours, lambda: ours.recv(65536)
 
 
-def connect(host, port):
-    """A connected socket to host:port, or a UserError saying why not."""
+def connect(host, port, tls=False, cafile=None, pinned=None):
+    """A connected socket to host:port (in TLS if asked: never falling back
+    to plain text), or a UserError saying why not."""
     host = host.strip('[]')  # accept [::1] as well as ::1
     try:
-        return socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SEC)
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SEC)
     except socket.gaierror as exc:
         raise UserError('cannot find host %s: %s' % (host, exc.strerror))
     except ConnectionRefusedError:
@@ -1333,6 +1688,13 @@ def connect(host, port):
         raise UserError('cannot connect to %s port %d: timed out' % (host, port))
     except OSError as exc:
         raise UserError('cannot connect to %s port %d: %s' % (host, port, exc.strerror))
+    if tls or cafile or pinned:
+        try:
+            return client_tls(sock, host, cafile, pinned)
+        except UserError:
+            sock.close()
+            raise
+    return sock
 
 
 def default_name():
@@ -1690,6 +2052,131 @@ class TerminalScreen:
         column = text_width(prompt) + sum(widths[self.scroll:cursor])
         return ('\r' + self.paint(STYLES['prompt'], prompt) + ''.join(chars[self.scroll:end])
                 + '\x1b[K\r' + ('\x1b[%dC' % column if column else ''))
+
+
+# --- Security: TLS and passwords ------------------------------------------------
+
+def fingerprint(der):
+    """A certificate's SHA-256 fingerprint as openssl prints it: AB:CD:..."""
+    digest = hashlib.sha256(der).hexdigest().upper()
+    return ':'.join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def fingerprint_arg(text):
+    """An argparse type: a SHA-256 fingerprint, with or without colons, or as
+    openssl prints it ("sha256 Fingerprint=AB:CD:...")."""
+    digits = text.split('=')[-1].replace(':', '').strip().upper()
+    if not re.match(r'^[0-9A-F]{64}$', digits):
+        raise argparse.ArgumentTypeError('not a SHA-256 fingerprint: %r' % text)
+    return ':'.join(digits[i:i + 2] for i in range(0, 64, 2))
+
+
+def server_tls(cert, key):
+    """The server's TLS context, and its certificate's fingerprint."""
+    if ssl is None:
+        raise UserError('this Python has no ssl module')
+    context = tls_context(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+        with open(cert) as pem:
+            der = ssl.PEM_cert_to_DER_cert(re.search(
+                r'-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----', pem.read(),
+                re.DOTALL).group(0))
+    except (OSError, ValueError, AttributeError, ssl.SSLError) as exc:
+        raise UserError('cannot use TLS certificate %s and key %s: %s'
+                        % (cert, key, getattr(exc, 'strerror', None) or exc))
+    return context, fingerprint(der)
+
+
+def client_tls(sock, host, cafile=None, pinned=None):
+    """Wrap a connected socket in TLS: verify the server against the system's
+    CAs (or cafile) and its host name, or else against a pinned fingerprint.
+    Nothing has been sent when this refuses the server."""
+    if ssl is None:
+        raise UserError('this Python has no ssl module')
+    context = tls_context(ssl.PROTOCOL_TLS_CLIENT)
+    if pinned:  # a self-signed certificate: the fingerprint is the trust
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        try:
+            context.load_verify_locations(cafile) if cafile else context.load_default_certs()
+        except (OSError, ssl.SSLError) as exc:
+            raise UserError('cannot read CA file %s: %s' % (cafile, exc))
+    try:
+        tls = context.wrap_socket(sock, server_hostname=host)
+    except (OSError, ValueError) as exc:  # 3.6: a wrong host name is a ValueError
+        raise UserError('TLS with %s failed: %s' % (host, getattr(exc, 'verify_message', None)
+                                                   or getattr(exc, 'reason', None) or exc))
+    actual = fingerprint(tls.getpeercert(binary_form=True))
+    if pinned and actual != pinned:
+        tls.close()
+        raise UserError('the server\'s certificate is %s, not the %s given: refusing to '
+                        'talk to it' % (actual, pinned))
+    return tls
+
+
+def read_secret(path, variable):
+    """A password from the first line of a file, or an environment variable
+    (never the command line, which ps shows to everyone); None if neither."""
+    if path is None:
+        return os.environ.get(variable) or None
+    try:
+        with open(path, encoding='utf-8') as handle:
+            secret = handle.readline().rstrip('\r\n')
+    except OSError as exc:
+        raise UserError('cannot read password file %s: %s' % (path, exc.strerror))
+    if not secret:
+        raise UserError('password file %s is empty' % path)
+    return secret
+
+
+def authenticate(sock):
+    """If the server asks for the room password, give it: from CHAT_PASSWORD,
+    or asked for on the terminal without echo.  The bytes read past it,
+    which are the client's to show."""
+    received = bytearray()
+
+    def next_line():
+        while b'\n' not in received:
+            data = sock.recv(4096)
+            if not data:
+                raise UserError('the server closed the connection')
+            received.extend(data)
+        end = received.index(b'\n')
+        line = decode(bytes(received[:end]))
+        del received[:end + 1]
+        return line
+    sock.settimeout(FIRST_LINE_WAIT_SEC)
+    try:
+        while b'\n' not in received:  # the server's first line: a welcome, or not
+            data = sock.recv(4096)
+            if not data:
+                break
+            received.extend(data)
+    except socket.timeout:
+        pass
+    sock.settimeout(CONNECT_TIMEOUT_SEC)
+    prompt = ('-!- %s\n' % PASSWORD_PROMPT).encode()
+    if not received.startswith(prompt):
+        return bytes(received)
+    del received[:len(prompt)]
+    secret = os.environ.get('CHAT_PASSWORD')
+    from_environment = secret is not None
+    for _ in range(PASSWORD_TRIES):
+        if secret is None:
+            if not os.isatty(0):
+                raise UserError('this room needs a password: set CHAT_PASSWORD')
+            secret = getpass.getpass('Password for the room: ')
+        sock.sendall(('/pass %s\n' % secret).encode('utf-8'))
+        reply = next_line()
+        if reply == '-!- ' + PASSWORD_ACCEPTED:
+            return bytes(received)
+        if from_environment:
+            raise UserError('CHAT_PASSWORD is not the room\'s password')
+        print('chat.py: %s' % reply.lstrip('!- '), file=sys.stderr)
+        secret = None
+    raise UserError('wrong password')
 
 
 # --- Bench -------------------------------------------------------------------
@@ -2074,6 +2561,14 @@ def at_least(minimum, kind=int):
     return parse
 
 
+def network_arg(text):
+    """An argparse type: an IPv4 or IPv6 address or CIDR network."""
+    network = parse_network(text)
+    if network is None:
+        raise argparse.ArgumentTypeError('not an address or network: %r' % text)
+    return network
+
+
 def byte_size(text):
     """An argparse type: bytes, with an optional K or M suffix (KiB, MiB)."""
     scale = {'K': 1024, 'M': 1024 * 1024}.get(text[-1:].upper(), 1)
@@ -2110,6 +2605,20 @@ def build_parser():
     server.add_argument('--max-clients', type=at_least(1), metavar='N',
                         help='connections at once (default: what the open-files limit allows)')
     server.add_argument('--quiet', action='store_true', help='log nothing')
+    server.add_argument('--tls-cert', metavar='FILE', help='speak TLS with this certificate '
+                        '(PEM), and --tls-key')
+    server.add_argument('--tls-key', metavar='FILE', help='the private key (PEM)')
+    server.add_argument('--password-file', metavar='FILE', help='the room password, from '
+                        'the first line of FILE (or set CHAT_PASSWORD)')
+    server.add_argument('--op-password-file', metavar='FILE', help='the operator password '
+                        '(or set CHAT_OP_PASSWORD)')
+    server.add_argument('--allow', action='append', type=network_arg, default=[],
+                        metavar='CIDR', help='accept only addresses in CIDR (repeatable)')
+    server.add_argument('--deny', action='append', type=network_arg, default=[],
+                        metavar='CIDR', help='refuse addresses in CIDR (repeatable; wins)')
+    server.add_argument('--max-per-address', type=at_least(0), default=MAX_PER_ADDRESS,
+                        metavar='N', help='connections at once from one address, loopback '
+                        'aside (default %(default)s; 0: no limit)')
 
     client = commands.add_parser('client', help='join a chat server',
                                  description='Join a chat server. Lines you type are sent; '
@@ -2122,6 +2631,12 @@ def build_parser():
     client.add_argument('--name', help='the name to ask for (default: your login name)')
     client.add_argument('--no-color', action='store_true',
                         help='no colours on a terminal (as does setting NO_COLOR)')
+    client.add_argument('--tls', action='store_true', help='speak TLS, and verify the '
+                        'server against the system CAs and its host name')
+    client.add_argument('--cafile', metavar='FILE', help='with TLS, trust these CAs instead')
+    client.add_argument('--tls-fingerprint', type=fingerprint_arg, metavar='SHA256',
+                        help='speak TLS and trust the certificate with this fingerprint '
+                        '(as the server prints it)')
 
     bench = commands.add_parser(
         'bench', help='measure a server under load',
@@ -2154,25 +2669,33 @@ def build_parser():
 
 
 def run_server(args):
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UserError('--tls-cert and --tls-key go together')
+    tls, print_fingerprint = server_tls(args.tls_cert, args.tls_key) if args.tls_cert else (None, None)
     raise_open_files_limit()
     listeners = open_listeners(args.host, args.port)
     server = Server(listeners, log=make_log(args.quiet), history=args.history,
                     max_line=args.max_line, max_backlog=args.max_backlog,
-                    rate=args.rate, burst=args.burst, max_clients=args.max_clients)
+                    rate=args.rate, burst=args.burst, max_clients=args.max_clients, tls=tls,
+                    password=read_secret(args.password_file, 'CHAT_PASSWORD'),
+                    op_password=read_secret(args.op_password_file, 'CHAT_OP_PASSWORD'),
+                    allow=args.allow, deny=args.deny, max_per_address=args.max_per_address,
+                    console=os.name == 'posix' and sys.stdin.isatty())
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
-    print(server_banner(listeners), flush=True)
+    print(server_banner(listeners, print_fingerprint), flush=True)
     server.serve_forever()
     return 0
 
 
 def run_client(args):
     name = args.name if args.name is not None else default_name()
-    sock = connect(args.host, args.port)
+    sock = connect(args.host, args.port, args.tls, args.cafile, args.tls_fingerprint)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds: the terminal is restored
     try:
+        received = authenticate(sock)
         with open_screen(args.no_color) as screen:
-            return Client(sock, screen, name=name).run()
+            return Client(sock, screen, name=name, received=received).run()
     finally:
         sock.close()
 

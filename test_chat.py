@@ -78,6 +78,7 @@ class Conn:
         self.sock = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
         if rcvbuf:  # set before connect so the window starts small
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # like nc: no delay
         self.sock.settimeout(TIMEOUT)
         self.sock.connect((host, port))
         self.buf = bytearray()
@@ -194,9 +195,10 @@ class ServerProcess:
         command = [sys.executable, CHAT, 'server', '0'] + list(args)
         if host:
             command += ['--host', host]
+        popen_kw.setdefault('stdin', subprocess.DEVNULL)
         self.proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, universal_newlines=True, **popen_kw)
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, **popen_kw)
         self.banner = self.proc.stdout.readline()
         match = re.search(r'listening on \S+:(\d+)', self.banner)
         if not match:
@@ -324,7 +326,7 @@ class ProtocolTests:
     def test_guest_numbers_are_never_reused(self):
         first = self.connect()
         first.send('/quit\n')
-        first.expect_closed()
+        self.assertEqual(first.expect_closed(), ['-!- Goodbye'])
         self.conns.remove(first)
         self.assertEqual(self.connect().name, 'guest-2')
 
@@ -350,11 +352,13 @@ class ProtocolTests:
 
     def test_each_line_gets_its_own_prefix_however_it_is_split(self):
         alice, bob = self.connect('alice'), self.connect('bob')
+        seen = []
         for piece in (b'hel', b'lo\nsec', b'ond\nthi', b'rd', b'\n'):
             alice.send(piece)
-            self.sync(bob)  # the server has surely read the piece by now
-        self.assertEqual([bob.line() for _ in range(3)],
-                         ['<alice> hello', '<alice> second', '<alice> third'])
+            seen += self.sync(bob)  # most likely in a read of its own by now
+        while len(seen) < 3:
+            seen.append(bob.line())
+        self.assertEqual(seen, ['<alice> hello', '<alice> second', '<alice> third'])
 
     def test_invalid_utf8_is_replaced_not_fatal(self):
         alice, bob = self.connect('alice'), self.connect('bob')
@@ -441,7 +445,7 @@ class ProtocolTests:
     def test_quit_with_reason_is_announced_and_closes(self):
         alice, bob = self.connect('alice'), self.connect('bob')
         alice.send('/quit see you later\nnot sent\n')
-        self.assertEqual(alice.expect_closed(), [])
+        self.assertEqual(alice.expect_closed(), ['-!- Goodbye'])
         before, _ = bob.expect(r'^-!- alice left \(quit: see you later\)$')
         self.assertEqual(before, [])
         self.srv.wait_log(r'alice left \(quit: see you later\)')
@@ -467,6 +471,15 @@ class ProtocolTests:
         lines, _ = conn.expect(r'^\* alice waves$')
         self.assertEqual(lines[-4:], ['-!- Last 4 messages:', '<alice> message 0',
                                       '<alice> message 1', '<alice> message 2'])
+
+    def test_an_http_request_never_reaches_the_room(self):
+        alice = self.connect('alice')
+        probe = Conn(self.srv.port)  # what a web page can make a browser send
+        self.addCleanup(probe.close)
+        probe.send('POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nhello\n')
+        self.assertNotIn('<', ''.join(probe.expect_closed()[2:]))
+        self.assertFalse([line for line in self.sync(alice) if line.startswith('<')])
+        self.srv.wait_log(r'refused 127\.0\.0\.1:\d+: an HTTP request \(POST / HTTP/1\.1\)')
 
     def test_leaving_is_announced_with_its_reason(self):
         alice, bob, carol = self.connect('alice'), self.connect('bob'), self.connect('carol')
@@ -656,6 +669,7 @@ class TestFastPath(unittest.TestCase):
             raw = '\n'.join(lines).encode() + b'\n' + rng.choice([b'', b'\xff\n', b'tail'])
             peer = chat.Peer(None, 'test', burst=5)
             peer.name, peer.inbuf = 'alice', bytearray(raw)
+            peer.lines = 1  # past its first line, which is always checked alone
             server.batch, server.batch_bytes = [], 0
             server.history.clear()
             count = server.say_all(peer, None)
@@ -1238,10 +1252,11 @@ class TestClientAgainstABadServer(unittest.TestCase):
         self.fake = FakeServer()
         self.addCleanup(self.fake.close)
 
-    def accept(self):
-        """Accept the client and read its /nick, so that closing later
-        sends a FIN rather than a reset."""
+    def accept(self, first_line):
+        """Accept the client, send it its first line, and read its /nick, so
+        that closing later sends a FIN rather than a reset."""
         sock = self.fake.accept()
+        sock.sendall(first_line)
         received = b''
         while not received.endswith(b'/nick x\n'):
             received += sock.recv(100)
@@ -1249,8 +1264,7 @@ class TestClientAgainstABadServer(unittest.TestCase):
 
     def test_server_gone_is_a_clear_line_and_a_failure(self):
         client = ClientProcess(self.fake.port, '--name', 'x')
-        sock = self.accept()
-        sock.sendall(b'-!- Welcome, guest-1!\n')
+        sock = self.accept(b'-!- Welcome, guest-1!\n')
         client.expect(r'^-!- Welcome, guest-1!$')
         sock.close()
         status, err = client.finish()
@@ -1258,9 +1272,9 @@ class TestClientAgainstABadServer(unittest.TestCase):
 
     def test_escape_sequences_from_the_server_never_reach_the_output(self):
         client = ClientProcess(self.fake.port, '--name', 'x')
-        sock = self.accept()
-        sock.sendall('\x1b[31mred\x1b[0m\x07 \r<bob> forged\x9b2J\u202eevil\x1b]0;t\x07\n'
-                     'unfinished \x1b[1m'.encode())
+        sock = self.accept('\x1b[31mred\x1b[0m\x07 \r<bob> forged\x9b2J\u202eevil\x1b]0;t\x07\n'
+                           .encode())
+        sock.sendall('unfinished \x1b[1m'.encode())
         sock.close()
         client.proc.wait(TIMEOUT)
         out = b''.join(iter(client.lines.get, None))
@@ -1431,9 +1445,8 @@ def set_window_size(fd, rows, columns):
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack('HHHH', rows, columns, 0, 0))
 
 
-@unittest.skipIf(sys.platform == 'win32', 'pseudo-terminals are POSIX')
-class TestTerminalClient(ServerTestCase):
-    SERVER_OPTIONS = {'rate': 0}
+class PtySession:
+    """Runs the client under a new pseudo-terminal and reads its screen."""
     COLUMNS = 60
 
     def spawn(self, *args, env=None, command=None):
@@ -1446,8 +1459,11 @@ class TestTerminalClient(ServerTestCase):
         self.before = termios.tcgetattr(slave)
         self.slave = slave
         self.addCleanup(os.close, slave)
-        environment = dict(os.environ, **(env or {}))
-        environment.pop('NO_COLOR', None) if 'NO_COLOR' not in (env or {}) else None
+        environment = dict(os.environ)
+        environment.pop('NO_COLOR', None)
+        environment.update(env or {})
+        for name in [name for name, value in environment.items() if value is None]:
+            del environment[name]  # env={'NAME': None} unsets NAME
         self.proc = subprocess.Popen(
             command or [sys.executable, '-c', TTY_WRAPPER, CHAT, 'client', '127.0.0.1',
                         str(self.srv.port)] + list(args),
@@ -1479,14 +1495,6 @@ class TestTerminalClient(ServerTestCase):
     def type(self, keys):
         os.write(self.master, keys.encode() if isinstance(keys, str) else keys)
 
-    def join(self, name='tty', *args, **kw):
-        """Start the client as name and wait for its prompt; a peer watching."""
-        watcher = self.connect('watcher')
-        self.spawn('--name', name, *args, **kw)
-        self.read_until(lambda s: s.line().startswith(name + '>'), 'the prompt')
-        watcher.expect(r'is now known as %s$' % name)
-        return watcher
-
     def prompt_line(self):
         return self.screen.line()
 
@@ -1496,6 +1504,19 @@ class TestTerminalClient(ServerTestCase):
         self.assertEqual(termios.tcgetattr(self.slave), self.before,
                          'the terminal was not restored')
         return self.proc.returncode
+
+
+@unittest.skipIf(sys.platform == 'win32', 'pseudo-terminals are POSIX')
+class TestTerminalClient(PtySession, ServerTestCase):
+    SERVER_OPTIONS = {'rate': 0}
+
+    def join(self, name='tty', *args, **kw):
+        """Start the client as name and wait for its prompt; a peer watching."""
+        watcher = self.connect('watcher')
+        self.spawn('--name', name, *args, **kw)
+        self.read_until(lambda s: s.line().startswith(name + '>'), 'the prompt')
+        watcher.expect(r'is now known as %s$' % name)
+        return watcher
 
     def test_typed_text_stays_intact_while_messages_arrive(self):
         watcher = self.join()
@@ -1661,3 +1682,520 @@ class TestTerminalClient(ServerTestCase):
         watcher.expect(r'^-!- tty left \(quit\)$')
         self.type('exit\n')
         self.proc.wait(TIMEOUT)
+
+
+# --- Who gets in: TLS, passwords, address rules, operators ----------------------
+
+CERTS = {}
+
+
+def certificate():
+    """(cert, key, fingerprint) of a self-signed certificate for "localhost"
+    (and not for 127.0.0.1), made once by the openssl command."""
+    if not CERTS:
+        if shutil.which('openssl') is None:
+            raise unittest.SkipTest('needs the openssl command (.ci/run installs it)')
+        folder = tempfile.mkdtemp(prefix='chat-test-')
+        cert, key = os.path.join(folder, 'cert.pem'), os.path.join(folder, 'key.pem')
+        subprocess.run(['openssl', 'req', '-x509', '-newkey', 'ec', '-pkeyopt',
+                        'ec_paramgen_curve:prime256v1', '-nodes', '-days', '2', '-subj',
+                        '/CN=localhost', '-addext', 'subjectAltName=DNS:localhost',
+                        '-keyout', key, '-out', cert], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        printed = subprocess.run(['openssl', 'x509', '-in', cert, '-noout', '-fingerprint',
+                                  '-sha256'], stdout=subprocess.PIPE, check=True,
+                                 universal_newlines=True).stdout
+        CERTS.update(cert=cert, key=key, fingerprint=printed.strip().split('=')[1])
+    return CERTS['cert'], CERTS['key'], CERTS['fingerprint']
+
+
+class TlsConn(Conn):
+    """A raw TLS peer (like openssl s_client), trusting any certificate."""
+
+    def __init__(self, port, rcvbuf=None):
+        Conn.__init__(self, port, rcvbuf=rcvbuf)
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        self.sock = context.wrap_socket(self.sock)
+
+
+def patch_constant(test, name, value):
+    original = getattr(chat, name)
+    setattr(chat, name, value)
+    test.addCleanup(setattr, chat, name, original)
+
+
+class TestTls(ServerTestCase):
+    SERVER_OPTIONS = {'rate': 0}
+
+    def setUp(self):
+        cert, key, self.fingerprint = certificate()
+        self.SERVER_OPTIONS = dict(self.SERVER_OPTIONS, tls=chat.server_tls(cert, key)[0])
+        ServerTestCase.setUp(self)
+
+    def tls_peer(self, name, **kw):
+        conn = TlsConn(self.srv.port, **kw)
+        self.addCleanup(conn.close)
+        conn.expect(r'^-!- Welcome, ')
+        conn.send('/nick %s\n' % name)
+        conn.expect(r'is now known as %s$' % name)
+        return conn
+
+    def client(self, *args, **kw):
+        return run_chat('client', kw.pop('host', '127.0.0.1'), str(self.srv.port), *args, **kw)
+
+    def test_the_fingerprint_printed_is_what_openssl_prints(self):
+        cert, key, printed = certificate()
+        self.assertEqual(chat.server_tls(cert, key)[1], printed)
+        self.assertEqual(chat.fingerprint_arg('sha256 Fingerprint=' + printed), printed)
+        self.assertEqual(chat.fingerprint_arg(printed.replace(':', '').lower()), printed)
+
+    def test_a_plain_text_client_is_told_and_closed(self):
+        watcher = self.tls_peer('watcher')
+        plain = Conn(self.srv.port)
+        self.addCleanup(plain.close)
+        plain.send('hello\n')
+        self.assertEqual(plain.expect_closed(), ['!!! this server speaks TLS; join with '
+                                                 'python chat.py client --tls-fingerprint ...'])
+        self.srv.wait_log(r'refused 127\.0\.0\.1:\d+: not TLS')
+        self.assertEqual(self.sync(watcher), [])  # the room saw nothing of it
+
+    def test_the_right_fingerprint_chats(self):
+        bob = self.tls_peer('bob')
+        result = self.client('--name', 'pinned', '--tls-fingerprint', self.fingerprint,
+                             stdin_data='over TLS\n')
+        self.assertEqual((result.returncode, result.stderr), (0, ''))
+        bob.expect(r'^<pinned> over TLS$')
+
+    def test_a_wrong_fingerprint_is_refused_before_anything_is_sent(self):
+        wrong = 'FF' + self.fingerprint[2:] if not self.fingerprint.startswith('FF') else \
+            '00' + self.fingerprint[2:]
+        result = self.client('--name', 'fooled', '--tls-fingerprint', wrong,
+                             stdin_data='secret\n')
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stderr, r"^chat\.py: error: the server's certificate is "
+                         r"[0-9A-F:]{95}, not the %s given: refusing to talk to it\n$" % wrong)
+        watcher = self.tls_peer('watcher')
+        self.sync(watcher)
+        self.assertFalse([l for l in self.srv.logs if 'fooled' in l])
+
+    def test_a_ca_file_verifies_the_host_name(self):
+        cert, _, _ = certificate()
+        bob = self.tls_peer('bob')
+        result = self.client('--cafile', cert, '--name', 'verified', stdin_data='hi\n',
+                             host='localhost')
+        self.assertEqual((result.returncode, result.stderr), (0, ''))
+        bob.expect(r'^<verified> hi$')
+        result = self.client('--cafile', cert, stdin_data='hi\n')  # 127.0.0.1: not its name
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stderr, r'^chat\.py: error: TLS with 127\.0\.0\.1 failed: .*'
+                         r'(IP address mismatch|match)')
+
+    def test_system_cas_refuse_a_self_signed_certificate(self):
+        result = self.client('--tls', stdin_data='hi\n', host='localhost')
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stderr, r'^chat\.py: error: TLS with localhost failed: ')
+
+    def test_a_stalled_handshake_blocks_no_one_and_is_dropped(self):
+        patch_constant(self, 'TLS_HANDSHAKE_SEC', 0.5)
+        staller = Conn(self.srv.port)
+        self.addCleanup(staller.close)
+        staller.send(b'\x16\x03\x01')  # the start of a ClientHello, then nothing
+        alice, bob = self.tls_peer('alice'), self.tls_peer('bob')
+        alice.send('while it stalls\n')
+        bob.expect(r'^<alice> while it stalls$')
+        self.assertEqual(staller.expect_closed(), [])
+        self.srv.wait_log(r'dropped 127\.0\.0\.1:\d+: no TLS handshake in 0 s')
+
+    def test_input_left_inside_tls_is_still_read(self):
+        # Reads smaller than a TLS record leave decrypted bytes in the SSL
+        # object, where no socket event announces them.
+        patch_constant(self, 'READ_CHUNK_BYTES', 1000)
+        alice, bob = self.tls_peer('alice'), self.tls_peer('bob')
+        alice.send('%s\n' % ('z' * 4000))
+        self.assertEqual(bob.line(), '<alice> ' + 'z' * 4000)
+
+    def test_large_and_many_small_messages(self):
+        alice, bob = self.tls_peer('alice'), self.tls_peer('bob')
+        big = ['%04d %s' % (i, '한' * 1300) for i in range(50)]  # 3.9 KB each
+        small = ['s%d' % i for i in range(5000)]
+        sender = threading.Thread(target=alice.send,
+                                  args=(''.join(l + '\n' for l in big + small),))
+        sender.start()
+        for line in big + small:
+            self.assertEqual(bob.line(), '<alice> ' + line)
+        sender.join(TIMEOUT)
+
+    def test_a_slow_tls_consumer_is_still_capped(self):
+        cert, key, _ = certificate()  # a process of its own: the reader must keep up
+        self.srv = ServerProcess('--rate=0', '--max-backlog=32K', '--tls-cert', cert,
+                                 '--tls-key', key)
+        self.addCleanup(self.srv.stop)
+        alice, bob = self.tls_peer('alice'), self.tls_peer('bob')
+        self.tls_peer('slow', rcvbuf=4096)
+        lines = ['%05d %s' % (i, 'x' * 300) for i in range(1500)]
+        sender = threading.Thread(target=alice.send, args=(''.join(l + '\n' for l in lines),))
+        sender.start()
+        got = []
+        while len(got) < len(lines):
+            line = bob.line()
+            if line.startswith('<alice> '):
+                got.append(line[len('<alice> '):])
+        sender.join(TIMEOUT)
+        self.assertEqual(got, lines)
+        self.srv.wait_log(r'slow left \(too slow\)')
+
+    @unittest.skipIf(shutil.which('openssl') is None, 'needs openssl (.ci/run installs it)')
+    def test_openssl_s_client_joins(self):
+        bob = self.tls_peer('bob')
+        result = subprocess.run(
+            ['openssl', 's_client', '-quiet', '-connect', '127.0.0.1:%d' % self.srv.port],
+            input=b'/nick ossl\nhi from openssl\n/quit\n', stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, timeout=TIMEOUT)
+        bob.expect(r'^<ossl> hi from openssl$')
+        self.assertIn(b'-!- Welcome, ', result.stdout)
+
+
+class TestPassword(PtySession, ServerTestCase):
+    SERVER_OPTIONS = {'password': 'sesame', 'rate': 0}
+
+    def newcomer(self):
+        conn = Conn(self.srv.port)
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.line(), '-!- ' + chat.PASSWORD_PROMPT)
+        return conn
+
+    def member(self, name):
+        conn = self.newcomer()
+        conn.send('/pass sesame\n')
+        conn.expect(r'^-!- %s$' % chat.PASSWORD_ACCEPTED)
+        conn.expect(r'^-!- \d+ online')
+        conn.send('/nick %s\n' % name)
+        conn.expect(r'is now known as %s$' % name)
+        return conn
+
+    def test_nothing_of_the_room_before_the_password(self):
+        alice = self.member('alice')
+        door = self.newcomer()
+        alice.send('private chatter\n')
+        door.send('hello?\n/who\n/nick spy\n/pass wrong\n')
+        self.assertEqual([door.line() for _ in range(4)],
+                         ['!!! send /pass PASSWORD first'] * 3 +
+                         ['!!! wrong password (2 tries left)'])
+        self.assertEqual(self.sync(alice), [])  # no join, no "hello?"
+        door.send('/pass sesame\n')
+        self.assertEqual(door.line(), '-!- ' + chat.PASSWORD_ACCEPTED)
+        door.expect(r'^<alice> private chatter$')  # only now: the history
+        alice.expect(r'^-!- guest-2 joined$')
+
+    def test_no_room_line_leaks_to_the_door_in_the_same_turn(self):
+        # Stepped by hand, so that a member's message and a reply to a peer
+        # at the password prompt are handled in one loop turn, in both
+        # orders (the loop rotates the order of events each turn).
+        listener = socket.socket()
+        listener.bind(('127.0.0.1', 0))
+        listener.listen(8)
+        server = chat.Server([listener], password='pw', rate=0)
+        self.addCleanup(server.close_all)
+        member, door = (socket.create_connection(listener.getsockname()) for _ in range(2))
+        for sock in (member, door):
+            self.addCleanup(sock.close)
+            sock.settimeout(TIMEOUT)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        member.sendall(b'/pass pw\n')
+        while len(server.room) < 1 or len(server.peers) < 2:
+            server.run_once(timeout=0.1)
+        waiting = [p for p in server.peers if p.key is None][0]
+        ends = [p.sock for p in server.peers]
+        import select
+        for round in range(1, 5):
+            for _ in range(round):  # idle turns: the next one's parity varies
+                server.run_once(timeout=0)
+            member.sendall(b'secret chatter\n')
+            door.sendall(b'hello?\n')
+            wait_until(lambda: len(select.select(ends, [], [], 0)[0]) == 2, 'both lines in')
+            server.run_once(timeout=0)  # one turn handles both
+            self.assertEqual(waiting.lines, round)
+        received = b''
+        while received.count(b'first') < 4:
+            received += door.recv(4096)
+        self.assertEqual(received.decode(), '-!- %s\n' % chat.PASSWORD_PROMPT
+                         + '!!! send /pass PASSWORD first\n' * 4)
+
+    def test_three_wrong_passwords_close_the_connection(self):
+        door = self.newcomer()
+        door.send('/pass a\n/pass b\n/pass c\n/pass sesame\n')
+        self.assertEqual(door.expect_closed(), ['!!! wrong password (2 tries left)',
+                                                '!!! wrong password (1 tries left)',
+                                                '!!! wrong password: goodbye'])
+        self.srv.wait_log(r'wrong password from 127\.0\.0\.1:\d+ \(0 tries left\)')
+        self.assertFalse([l for l in self.srv.logs if 'sesame' in l or ' a ' in l])
+
+    def test_no_password_in_time_closes_and_frees_the_slot(self):
+        patch_constant(self, 'PASSWORD_SEC', 0.5)
+        self.srv.server.max_clients = 1
+        door = self.newcomer()
+        refused = Conn(self.srv.port)
+        self.addCleanup(refused.close)
+        self.assertEqual(refused.expect_closed(), ['!!! server full (1 clients); try again later'])
+        self.assertEqual(door.expect_closed(), ['!!! no password in 0 s: goodbye'])
+        self.member('late')  # its slot is free again
+
+    def test_the_client_gives_chat_password(self):
+        alice = self.member('alice')
+        env = dict(os.environ, CHAT_PASSWORD='sesame')
+        result = run_chat('client', '127.0.0.1', str(self.srv.port), '--name', 'piped',
+                          stdin_data='with the password\n', env=env)
+        self.assertEqual((result.returncode, result.stderr), (0, ''))
+        alice.expect(r'^<piped> with the password$')
+        self.assertNotIn(chat.PASSWORD_PROMPT, result.stdout)
+
+    def test_the_client_without_the_password_says_why(self):
+        env = dict(os.environ, CHAT_PASSWORD='wrong')
+        result = run_chat('client', '127.0.0.1', str(self.srv.port), stdin_data='', env=env)
+        self.assertEqual((result.returncode, result.stderr),
+                         (1, "chat.py: error: CHAT_PASSWORD is not the room's password\n"))
+        env.pop('CHAT_PASSWORD')
+        result = run_chat('client', '127.0.0.1', str(self.srv.port), stdin_data='', env=env)
+        self.assertEqual((result.returncode, result.stderr), (1, 'chat.py: error: this room '
+                                                             'needs a password: set CHAT_PASSWORD\n'))
+
+    @unittest.skipIf(sys.platform == 'win32', 'pseudo-terminals are POSIX')
+    def test_the_client_asks_on_a_terminal_without_echo(self):
+        alice = self.member('alice')
+        self.spawn('--name', 'asked', env={'CHAT_PASSWORD': None})
+        self.read_until(lambda s: 'Password for the room:' in s.text(), 'the prompt')
+        self.type('sesame\n')
+        self.read_until(lambda s: s.line().startswith('asked>'), 'the line editor')
+        self.assertNotIn('sesame', self.screen.text())
+        self.type('typed after\r')
+        alice.expect(r'^<asked> typed after$')
+
+    def test_a_password_file_or_chat_password(self):
+        with tempfile.NamedTemporaryFile('w', suffix='.pw') as handle:
+            handle.write('from a file\r\nsecond line\n')
+            handle.flush()
+            self.assertEqual(chat.read_secret(handle.name, 'CHAT_PASSWORD'), 'from a file')
+            server = ServerProcess('--password-file', handle.name)
+            self.addCleanup(server.stop)
+            conn = Conn(server.port)
+            self.addCleanup(conn.close)
+            self.assertEqual(conn.line(), '-!- ' + chat.PASSWORD_PROMPT)
+            conn.send('/pass from a file\n')
+            self.assertEqual(conn.line(), '-!- ' + chat.PASSWORD_ACCEPTED)
+        os.environ['CHAT_PASSWORD'] = 'from the environment'
+        self.addCleanup(os.environ.pop, 'CHAT_PASSWORD')
+        self.assertEqual(chat.read_secret(None, 'CHAT_PASSWORD'), 'from the environment')
+        with tempfile.NamedTemporaryFile('w') as empty:
+            result = run_chat('server', '0', '--password-file', empty.name)
+        self.assertEqual((result.returncode, result.stderr.endswith('is empty\n')), (1, True))
+        result = run_chat('server', '0', '--password-file', '/nonexistent/pw')
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stderr, r'^chat\.py: error: cannot read password file '
+                         r'/nonexistent/pw: No such file or directory\n$')
+
+    def test_an_http_request_is_closed_before_reaching_the_room(self):
+        alice = self.member('alice')
+        for request in ('GET / HTTP/1.1\r\nHost: x\r\n\r\n',
+                        'POST /submit HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n/pass sesame\n'):
+            conn = self.newcomer()
+            conn.send(request)
+            self.assertEqual(conn.expect_closed(), [])
+        self.srv.wait_log(r'refused 127\.0\.0\.1:\d+: an HTTP request \(POST /submit HTTP/1\.1\)')
+        self.assertEqual(self.sync(alice), [])
+
+
+class DualStackServer(ServerThread):
+    """A ServerThread on all interfaces, IPv4 and IPv6: so that 127.0.0.1,
+    ::1 and the machine's LAN address are three different peers."""
+
+    def __init__(self, **options):
+        listeners = chat.open_listeners(None, 0)
+        self.port = listeners[0].getsockname()[1]
+        self.logs = []
+        self.server = chat.Server(listeners, log=self.logs.append, **options)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+
+def is_closed_at_once(test, port, host):
+    """Connect from host; the server must close without sending a byte."""
+    conn = Conn(port, host=host)
+    test.addCleanup(conn.close)
+    test.assertEqual(conn.expect_closed(), [])
+
+
+class TestAddressRules(unittest.TestCase):
+
+    def start(self, **options):
+        server = DualStackServer(**options)
+        self.addCleanup(server.stop)
+        return server
+
+    def test_deny_ipv4_and_allow_ipv6(self):
+        server = self.start(deny=[chat.parse_network('127.0.0.0/8')])
+        is_closed_at_once(self, server.port, '127.0.0.1')
+        server.wait_log(r'refused 127\.0\.0\.1:\d+: denied \(--deny\)')
+        Conn(server.port, host='::1').expect(r'^-!- Welcome')
+
+    def test_allow_only_ipv6_loopback(self):
+        server = self.start(allow=[chat.parse_network('::1')])
+        is_closed_at_once(self, server.port, '127.0.0.1')
+        server.wait_log(r'refused 127\.0\.0\.1:\d+: not allowed \(--allow\)')
+        Conn(server.port, host='::1').expect(r'^-!- Welcome')
+
+    def test_deny_wins_over_allow_for_ipv6(self):
+        server = self.start(allow=[chat.parse_network('::/0')], deny=[chat.parse_network('::1')])
+        is_closed_at_once(self, server.port, '::1')
+        server.wait_log(r'refused \[::1\]:\d+: denied')
+
+    def test_the_flags(self):
+        parser = chat.build_parser()
+        args = parser.parse_args(['server', '--allow', '10.0.0.0/8', '--allow', '::1',
+                                  '--deny', '10.1.2.3'])
+        self.assertEqual([str(n) for n in args.allow], ['10.0.0.0/8', '::1/128'])
+        self.assertEqual(run_chat('server', '--deny', 'nonsense').returncode, 2)
+
+    def test_connections_per_address_are_capped_but_not_for_loopback(self):
+        lan = chat.lan_addresses()
+        if not lan:
+            self.skipTest('no non-loopback address on this machine')
+        server = self.start(max_per_address=2)
+        for _ in range(3):  # loopback: not counted
+            conn = Conn(server.port)
+            self.addCleanup(conn.close)
+            conn.expect(r'^-!- Welcome')
+        first, second = Conn(server.port, host=lan[0]), Conn(server.port, host=lan[0])
+        for conn in (first, second):
+            self.addCleanup(conn.close)
+            conn.expect(r'^-!- Welcome')
+        third = Conn(server.port, host=lan[0])
+        self.addCleanup(third.close)
+        self.assertEqual(third.expect_closed(), ['!!! too many connections from %s (2); '
+                                                 'try again later' % lan[0]])
+        first.send('/quit\n')
+        first.expect_closed()
+        Conn(server.port, host=lan[0]).expect(r'^-!- Welcome')  # a slot again
+
+
+class TestOperators(ServerTestCase):
+    SERVER_OPTIONS = {'op_password': 'opsecret', 'rate': 0}
+
+    def setUp(self):
+        self.srv = DualStackServer(**self.SERVER_OPTIONS)
+        self.addCleanup(self.srv.stop)
+        self.conns = []
+
+    def operator(self, name='alice'):
+        conn = self.connect(name, host='::1')
+        conn.send('/op opsecret\n')
+        conn.expect(r'^-!- %s is now an operator$' % name)
+        return conn
+
+    def test_only_operators_may_kick_and_ban(self):
+        bob = self.connect('bob')
+        for command in ('/kick alice', '/ban alice', '/unban 1.2.3.4', '/bans'):
+            bob.send(command + '\n')
+            bob.expect(r'^!!! /%s is for operators \(/op PASSWORD\)$' % command[1:].split()[0])
+        bob.send('/op wrong\n')
+        bob.expect(r'^!!! wrong operator password \(2 tries left\)$')
+
+    def test_kick_is_announced_with_its_reason(self):
+        alice, bob, carol = self.operator(), self.connect('bob'), self.connect('carol')
+        alice.send('/kick bob flooding the room\n')
+        self.assertEqual(bob.expect_closed()[-1], '!!! you were kicked by alice: flooding the room')
+        carol.expect(r'^-!- bob left \(kicked by alice: flooding the room\)$')
+        self.srv.wait_log(r'bob was kicked by alice: flooding the room')
+
+    def test_a_ban_closes_and_refuses_the_address_until_unbanned(self):
+        alice = self.operator()  # on ::1
+        bob = self.connect('bob')  # on 127.0.0.1
+        alice.send('/ban bob 5\n')
+        alice.expect(r'^-!- alice banned 127\.0\.0\.1/32 \(bob\) for 5 minutes$')
+        self.assertEqual(bob.expect_closed()[-1], '!!! you were banned by alice')
+        self.conns.remove(bob)
+        alice.expect(r'^-!- bob left \(banned by alice\)$')
+        is_closed_at_once(self, self.srv.port, '127.0.0.1')
+        self.srv.wait_log(r'refused 127\.0\.0\.1:\d+: banned')
+        alice.send('/bans\n')
+        alice.expect(r'^-!- bans: 127\.0\.0\.1/32 \(5 minutes left\)$')
+        alice.send('/unban 127.0.0.1\n')
+        alice.expect(r'^-!- 127\.0\.0\.1/32 is no longer banned$')
+        self.connect('back')
+
+    def test_a_ban_by_address_until_restart(self):
+        alice = self.operator()
+        alice.send('/ban 127.0.0.0/8\n/bans\n/ban nobody.here\n/unban 10.0.0.1\n')
+        alice.expect(r'^-!- alice banned 127\.0\.0\.0/8 until the server restarts$')
+        alice.expect(r'^-!- bans: 127\.0\.0\.0/8 \(until restart\)$')
+        alice.expect(r'^!!! nobody\.here is neither online nor an address$')
+        alice.expect(r'^!!! 10\.0\.0\.1 is not banned \(see /bans\)$')
+        is_closed_at_once(self, self.srv.port, '127.0.0.1')
+
+    def test_no_operator_password_means_no_operators(self):
+        self.srv.server.op_password = None
+        bob = self.connect('bob')
+        bob.send('/op anything\n')
+        bob.expect(r'^!!! this server has no operators$')
+
+    @unittest.skipIf(sys.platform == 'win32', 'pseudo-terminals are POSIX')
+    def test_the_servers_own_terminal_takes_operator_commands(self):
+        import pty
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        server = ServerProcess(stdin=slave)
+        os.close(slave)
+        self.addCleanup(server.stop)
+        bob, carol = Conn(server.port), Conn(server.port)
+        for conn in (bob, carol):
+            self.addCleanup(conn.close)
+            conn.expect(r'^-!- \d online')
+        bob.send('/nick bob\n')
+        carol.expect(r'is now known as bob$')
+        os.write(master, b'maintenance at noon\n/nick evil\n/kick bob bye\n')
+        carol.expect(r'^-!- server: maintenance at noon$')
+        carol.expect(r'^-!- bob left \(kicked by server: bye\)$')
+        server.wait_log(r'bob was kicked by server: bye')
+
+
+class TestTlsCommandLine(unittest.TestCase):
+
+    def test_tls_flag_errors_are_one_line(self):
+        cert, key, printed = certificate()
+        result = run_chat('server', '0', '--tls-cert', cert)
+        self.assertEqual((result.returncode, result.stderr),
+                         (1, 'chat.py: error: --tls-cert and --tls-key go together\n'))
+        result = run_chat('server', '0', '--tls-cert', key, '--tls-key', key)
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stderr, r'^chat\.py: error: cannot use TLS certificate ')
+
+    def test_the_banner_says_how_to_pin(self):
+        cert, key, printed = certificate()
+        server = ServerProcess('--tls-cert', cert, '--tls-key', key)
+        self.addCleanup(server.stop)
+        self.assertEqual(server.proc.stdout.readline(),
+                         'TLS certificate SHA-256 fingerprint: %s\n' % printed)
+        self.assertEqual(server.proc.stdout.readline(),
+                         'join with: python chat.py client 127.0.0.1 %d --tls-fingerprint %s   '
+                         '(or: openssl s_client -quiet -connect 127.0.0.1:%d)\n'
+                         % (server.port, printed, server.port))
+
+    def test_tls_password_and_pinning_together(self):
+        cert, key, printed = certificate()
+        env = dict(os.environ, CHAT_PASSWORD='both')
+        server = ServerProcess('--tls-cert', cert, '--tls-key', key, env=env)
+        self.addCleanup(server.stop)
+        port = str(server.port)
+        right = run_chat('client', '127.0.0.1', port, '--tls-fingerprint', printed,
+                         '--name', 'ok', stdin_data='hi\n', env=env)
+        self.assertEqual((right.returncode, right.stderr), (0, ''))
+        server.wait_log(r'ok left \(quit\)')
+        for args, environment in (([], env),  # plain text
+                                  (['--tls-fingerprint', 'AB' * 32], env),  # wrong pin
+                                  (['--tls-fingerprint', printed],  # wrong password
+                                   dict(env, CHAT_PASSWORD='nope'))):
+            wrong = run_chat('client', '127.0.0.1', port, '--name', 'no', *args,
+                             stdin_data='hi\n', env=environment)
+            self.assertEqual(wrong.returncode, 1, args)
+        self.assertFalse([l for l in server.logs if ' no ' in l or 'known as no' in l])
