@@ -74,9 +74,21 @@ WOULD_BLOCK = (BlockingIOError, InterruptedError) + (
     (ssl.SSLWantReadError, ssl.SSLWantWriteError) if ssl else ())
 
 
-def tls_context(protocol):
-    """An SSLContext that speaks TLS 1.2 or newer."""
-    context = ssl.SSLContext(protocol)
+def send_some(sock, data):
+    """Send what a nonblocking socket takes now; how much (0 if it would
+    block).  A broken connection raises OSError.  Never an empty send:
+    before 3.10, ssl called SSL_write, which fails on zero bytes."""
+    try:
+        return sock.send(data) if data else 0
+    except WOULD_BLOCK:
+        return 0
+
+
+def tls_context(server_side):
+    """An SSLContext for a server or a client that speaks TLS 1.2 or newer."""
+    if ssl is None:
+        raise UserError('this Python has no ssl module')
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
     if hasattr(context, 'minimum_version'):  # 3.7+
         context.minimum_version = ssl.TLSVersion.TLSv1_2
     else:
@@ -88,38 +100,50 @@ def tls_context(protocol):
 
 DEFAULT_PORT = 9090
 DEFAULT_HISTORY = 20           # public messages replayed to a newcomer
+MAX_NAME_CHARS = 24
 MAX_LINE_BYTES = 4096          # longest line a peer may send (IRC allows 512)
 MAX_BACKLOG_BYTES = 256 * 1024  # unsent output before a peer counts as too slow
 RATE_BURST_LINES = 20          # lines a peer may send at once ...
 RATE_LINES_PER_SEC = 5.0       # ... and then per second; faster input waits
-MAX_NAME_CHARS = 24
+MAX_PER_ADDRESS = 32           # connections at once from one host, loopback aside
+
+# The event loop.  Left alone, Linux lets a socket's send buffer grow to
+# 4 MiB, which would hide a slow reader from MAX_BACKLOG_BYTES and spend
+# kernel memory no cap accounts for.  A turn sends at most max_backlog /
+# TURN_SHARE, so a reader that keeps up is never cut off by one burst.
 READ_CHUNK_BYTES = 16 * 1024   # one recv() per peer per loop turn
-SEND_BUFFER_BYTES = 64 * 1024  # the kernel's share of a peer's backlog: left
-# alone, Linux lets it grow to 4 MiB per peer, which would hide a slow reader
-# from MAX_BACKLOG_BYTES and spend kernel memory no cap accounts for.
-TURN_SHARE = 4                 # a turn broadcasts at most max_backlog / this,
-# so a reader that keeps up is never cut off by one burst of the room.
+SEND_BUFFER_BYTES = 64 * 1024  # the kernel's share of a peer's backlog
+TURN_SHARE = 4
 ACCEPTS_PER_TURN = 64          # bounded, so a connect storm cannot starve peers
 ACCEPT_PAUSE_SEC = 0.5         # wait this long when out of file descriptors
+RESERVED_FDS = 32              # files the server keeps for itself (logs, listeners)
+FDS_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 LINGER_SEC = 2.0               # a closing peer gets this long to read its last lines
 SHUTDOWN_FLUSH_SEC = 1.0       # output flushed for at most this long on exit
-RESERVED_FDS = 32              # files the server keeps for itself (logs, listeners)
-NOTICE_INTERVAL_SEC = 0.25     # joins and leaves this close are announced together,
-NOTICE_NAMES = 10              # naming this many, and at most this many notice
-NOTICE_DELIVERIES_PER_SEC = 20000  # deliveries a second (a big room waits longer):
-# a storm of N joins costs O(N) bytes, not one notice per join to everyone
+
+# Joins and leaves this close together are announced in one line that names
+# NOTICE_NAMES and counts the rest, and a big room hears at most
+# NOTICE_DELIVERIES_PER_SEC of them: a storm of N joins costs O(N) bytes,
+# not one notice per join to everyone.
+NOTICE_INTERVAL_SEC = 0.25
+NOTICE_NAMES = 10
+NOTICE_DELIVERIES_PER_SEC = 20000
 WELCOME_NAMES = 20             # names in a newcomer's list of who is online
 WHO_PAGE_NAMES = 200           # names per page of /who
-CONNECT_TIMEOUT_SEC = 10.0
-FIRST_LINE_WAIT_SEC = 2.0      # for a server that never speaks first (not chat.py)
+
+# Who gets in.
 TLS_HANDSHAKE_SEC = 10.0       # a TLS handshake not done by then is dropped (slowloris)
 PASSWORD_SEC = 30.0            # the room password must come this soon after connecting
 PASSWORD_TRIES = 3             # wrong passwords (room or operator) before the door shuts
-MAX_PER_ADDRESS = 32           # connections at once from one address, loopback aside
-QUIT_WAIT_SEC = 5.0            # piped client: wait this long after /quit, plus
-# the time the server's default flood budget needs to take the lines sent
+GUESSES_PER_HOST = 10          # wrong passwords from one host, across connections,
+GUESS_BAN_SEC = 600            # before it is refused for this long (loopback aside)
+
+# The client.  Piped, it waits QUIT_WAIT_SEC after /quit, plus the time the
+# server's default flood budget needs to take the lines it sent.
+CONNECT_TIMEOUT_SEC = 10.0
+FIRST_LINE_WAIT_SEC = 2.0      # for a server that never speaks first (not chat.py)
+QUIT_WAIT_SEC = 5.0
 CLIENT_MAX_LINE_BYTES = 64 * 1024  # a longer line from the server is cut
-FDS_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 # --- Text protocol -----------------------------------------------------------
@@ -183,15 +207,19 @@ PASSWORD_ACCEPTED = 'Password accepted'
 GOODBYE = 'Goodbye'            # the answer to /quit: a client that sees it left cleanly
 # The first line of a browser tricked into talking to the port (cross-protocol).
 HTTP_REQUEST = re.compile(r'^[A-Z]+ \S+ HTTP/\d')
+NUMBER = re.compile(r'^[0-9]{1,6}$')  # str.isdigit() also takes '²', which int() refuses
 
 NAME_PUNCTUATION = '_-.'
+INVISIBLE_LETTERS = '\u115f\u1160\u3164\uffa0'  # Hangul fillers: letters that show nothing
+SERVER_NAME = 'server'         # who the server's console speaks as; no one else may
 CONFUSABLE_SCRIPTS = ('LATIN', 'GREEK', 'CYRILLIC')
 GUEST_PREFIX = 'guest-'
 
 
 def name_key(name):
     """The form names are compared in: NFKC, case-folded, so that 'Alice',
-    'ALICE' and the fullwidth 'Ａｌｉｃｅ' are all the same name."""
+    'ALICE' and the fullwidth 'Ａｌｉｃｅ' are all the same name.  NFKC again
+    after folding, as Unicode's NFKC_Casefold does: folding can undo it."""
     return unicodedata.normalize('NFKC', unicodedata.normalize('NFKC', name).casefold())
 
 
@@ -214,14 +242,18 @@ def name_problem(name):
             scripts.add(script)
     if len(scripts) > 1:
         return 'a name may not mix Latin, Greek and Cyrillic letters'
+    if any(ch in INVISIBLE_LETTERS for ch in name):
+        return 'a name may not hold invisible letters'
     return None
 
 
-def name_list(names, limit):
-    """'a, b, c', or 'a, b and 5 others' when there are more than limit."""
-    if len(names) <= limit:
+def name_list(names, limit, total=None):
+    """'a, b, c', or 'a, b and 5 others' when there are more than limit
+    (of total, if names holds only the first few)."""
+    total = len(names) if total is None else total
+    if total <= limit:
         return ', '.join(names)
-    return '%s and %d others' % (', '.join(names[:limit]), len(names) - limit)
+    return '%s and %d others' % (', '.join(names[:limit]), total - limit)
 
 
 def plural(count, noun):
@@ -233,16 +265,30 @@ OPERATOR_COMMANDS = ('kick', 'ban', 'unban', 'bans')
 
 
 def same_secret(given, secret):
-    """Compare a password in constant time, so timing tells nothing."""
-    return hmac.compare_digest(given.encode('utf-8'), secret.encode('utf-8'))
+    """Compare a password in constant time (digests, so even its length
+    stays secret)."""
+    digest = lambda text: hashlib.sha256(text.encode('utf-8', 'replace')).digest()
+    return hmac.compare_digest(digest(given), digest(secret))
 
 
 def parse_network(text):
-    """An IP address or CIDR network, or None."""
+    """An IP address or CIDR network, or None.  IPv4-mapped IPv6 networks
+    (::ffff:10.0.0.0/104) become IPv4, as the peers they must match do."""
     try:
-        return ipaddress.ip_network(text.strip(), strict=False)
+        network = ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
         return None
+    mapped = getattr(network.network_address, 'ipv4_mapped', None)
+    if mapped is not None and network.prefixlen >= 96:
+        network = ipaddress.ip_network('%s/%d' % (mapped, network.prefixlen - 96))
+    return network
+
+
+def host_of(ip):
+    """The network that is one host, for caps, guesses and bans: an IPv4
+    address, or the /64 an IPv6 host is given (it can pick any address in
+    it, so counting single addresses would count nothing)."""
+    return ipaddress.ip_network((ip, 64 if ip.version == 6 else 32), strict=False)
 
 
 def address_ip(address):
@@ -286,7 +332,7 @@ class Peer:
         self.paused = False         # over budget: not read until it refills
         self.eof = False            # it will send nothing more
         self.close_reason = None    # set when it is on its way out
-        self.lingering = False      # out of the room, finishing its output
+        self.lingering = False      # leaving: input ignored, output flushed, then closed
         self.events = 0             # what the selector watches it for now
         self.turn = -1              # last loop turn it was given broadcasts in,
         self.batch_pos = 0          # and how many of that turn's it has had
@@ -364,7 +410,8 @@ class Server:
         self.op_password = op_password
         self.allow, self.deny = list(allow), list(deny)  # ip_network lists
         self.max_per_address = max_per_address
-        self.per_address = collections.Counter()  # open connections per IP
+        self.per_address = collections.Counter()  # open connections per host_of(ip)
+        self.guesses = collections.Counter()  # wrong passwords per host_of(ip)
         self.bans = {}              # ip_network -> when it ends (None: at restart)
         self.selector = selector_class()
         self.peers = set()          # open connections, closing ones aside
@@ -372,8 +419,8 @@ class Server:
         self.room = {}              # name_key -> Peer, for peers with a name
         self.batch = []             # (sender, line) broadcast this turn
         self.turn = 0
-        self.turn_budget = max_backlog // TURN_SHARE
-        self.batch_bytes = 0        # bytes broadcast this turn
+        self.turn_budget = max(1, max_backlog // TURN_SHARE)
+        self.batch_bytes = 0        # bytes for others this turn: broadcasts and /msg
         self.dirty = set()          # peers to flush at the end of this turn
         self.held = collections.deque()  # peers with lines held over to next turn
         self.unread = set()         # TLS peers with decrypted input left to read
@@ -387,6 +434,7 @@ class Server:
         self.notice_timer = False   # a timer will announce the pending ones
         self.roster = None          # sorted (key, peer) of the room, or None when stale
         self.fds_exhausted = False
+        self.accepting = False      # the listeners are in the selector
         self.stopping = False
         # stop() may be called from a signal handler or another thread; a byte
         # on this socket pair wakes select() so the loop notices.
@@ -401,7 +449,7 @@ class Server:
         self.console = None
         if console:
             self.console = Peer(None, 'console', burst)
-            self.console.name, self.console.operator = 'server', True
+            self.console.name, self.console.operator = SERVER_NAME, True
             self.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, 'console')
 
     # The loop ----------------------------------------------------------------
@@ -431,7 +479,7 @@ class Server:
             elif peer == 'wake':
                 drain(self.wake_r)
             elif peer == 'console':
-                self.on_console()
+                self.guarded(self.on_console, self.console)
             elif peer.sock is not None:  # not closed earlier this turn
                 self.guarded(self.on_event, peer, mask)
         unread, self.unread = self.unread, set()
@@ -523,13 +571,21 @@ class Server:
         if not self.fds_exhausted:
             self.log('out of file descriptors (%s): pausing new connections' % exc.strerror)
             self.fds_exhausted = True
-        for listener in self.listeners:
-            self.selector.unregister(listener)
-        self.call_later(ACCEPT_PAUSE_SEC, self.resume_accepting)
+        if self.accepting:  # both listeners may run out in one turn
+            self.stop_accepting()
+            self.call_later(ACCEPT_PAUSE_SEC, self.resume_accepting)
+
+    def stop_accepting(self):
+        if self.accepting:
+            self.accepting = False
+            for listener in self.listeners:
+                self.selector.unregister(listener)
 
     def resume_accepting(self, _=None):
-        for listener in self.listeners:
-            self.selector.register(listener, selectors.EVENT_READ, 'accept')
+        if not self.accepting and not self.stopping:
+            self.accepting = True
+            for listener in self.listeners:
+                self.selector.register(listener, selectors.EVENT_READ, 'accept')
 
     def admit(self, sock, address):
         """Take in a new connection: refuse it at once if its address may not
@@ -549,15 +605,16 @@ class Server:
         if len(self.peers) >= self.max_clients:
             refusal = 'server full (%d clients)' % len(self.peers)
         elif (self.max_per_address and not ip.is_loopback
-              and self.per_address[ip] >= self.max_per_address):
-            refusal = 'too many connections from %s (%d)' % (ip, self.max_per_address)
+              and self.per_address[host_of(ip)] >= self.max_per_address):
+            refusal = 'too many connections from %s (%d)' % (
+                ip if ip.version == 4 else host_of(ip), self.max_per_address)
         if refusal:
             self.log('refused %s: %s' % (peer.address, refusal))
             peer.outbuf += error_line('%s; try again later' % refusal)
             self.start_closing(peer)
             return
         self.peers.add(peer)
-        self.per_address[ip] += 1
+        self.per_address[host_of(ip)] += 1
         peer.authorized = self.password is None
         if not peer.authorized:
             self.call_later(PASSWORD_SEC, self.expire_password, peer)
@@ -574,13 +631,25 @@ class Server:
             return 'denied (--deny)'
         if self.allow and not any(ip in network for network in self.allow):
             return 'not allowed (--allow)'
+        self.expire_bans()
+        if any(ip in network for network in self.bans):
+            return 'banned'
+        return None
+
+    def expire_bans(self):
         now = time.monotonic()
         for network, until in list(self.bans.items()):
             if until is not None and until <= now:
-                del self.bans[network]  # it has run out
-            elif ip in network:
-                return 'banned'
-        return None
+                del self.bans[network]
+
+    def ban(self, network, seconds, by):
+        """Refuse network for seconds (None: until restart) and close its
+        connections, telling the room."""
+        self.bans[network] = None if seconds is None else time.monotonic() + seconds
+        for peer in list(self.peers):
+            if peer.ip in network:
+                self.queue(peer, error_line('you were banned by %s' % by))
+                self.drop(peer, 'banned by %s' % by, linger=True)
 
     def shake_hands(self, peer):
         """Move a TLS handshake on, inside the loop: it never blocks, and
@@ -625,6 +694,8 @@ class Server:
     def open_door(self, peer):
         """A connection is ready to talk: let it in, or ask for the password
         (and show it nothing of the room until then)."""
+        if peer.close_reason is not None:
+            return  # dropped (banned, say) while its handshake was under way
         if peer.authorized:
             self.enter_room(peer)
         else:
@@ -653,11 +724,23 @@ class Server:
         self.queue(peer, notice_line('Welcome, %s! Type /help for commands, '
                                      '/nick NAME to choose a name.' % name))
         self.queue(peer, self.welcome_list())
-        if self.history:
-            self.queue(peer, notice_line('Last %s:' % plural(len(self.history), 'message')))
-            self.queue(peer, b''.join(self.history))
+        replay = self.recent_history()
+        if replay:
+            self.queue(peer, notice_line('Last %s:' % plural(len(replay), 'message')))
+            self.queue(peer, b''.join(replay))
         self.arrivals[peer] = None
         self.announce_soon()
+
+    def recent_history(self):
+        """The newest history lines that fit one turn's share: a newcomer must
+        not start life over its backlog cap (--history 100 of 4 KiB lines)."""
+        replay, size = [], 0
+        for line in reversed(self.history):
+            size += len(line)
+            if size > self.turn_budget:
+                break
+            replay.append(line)
+        return replay[::-1]
 
     def drop(self, peer, reason, linger=False):
         """Take peer out of the room at the end of this turn; the first reason
@@ -728,7 +811,7 @@ class Server:
         self.forget(peer)
         self.closing.add(peer)
         peer.lingering = True
-        peer.paused = False
+        peer.paused = peer.handshaking = False
         del peer.inbuf[:]
         self.set_interest(peer)
         self.dirty.add(peer)
@@ -743,7 +826,7 @@ class Server:
         peer.sock.close()
         peer.sock = None
         peer.events = 0
-        peer.inbuf = peer.outbuf = bytearray()
+        peer.inbuf, peer.outbuf = bytearray(), bytearray()
         self.forget(peer)
         self.closing.discard(peer)
         self.dirty.discard(peer)
@@ -752,9 +835,10 @@ class Server:
         """peer no longer counts against --max-clients and --max-per-address."""
         if peer in self.peers:
             self.peers.remove(peer)
-            self.per_address[peer.ip] -= 1
-            if not self.per_address[peer.ip]:
-                del self.per_address[peer.ip]
+            host = host_of(peer.ip)
+            self.per_address[host] -= 1
+            if not self.per_address[host]:
+                del self.per_address[host]
 
     # Input ---------------------------------------------------------------------
 
@@ -789,11 +873,10 @@ class Server:
         read again until they are handled."""
         allowed = self.lines_allowed(peer)
         handled = self.say_all(peer, allowed)
+        share_used = False
         while allowed is None or handled < allowed:
-            if self.batch_bytes >= self.turn_budget:
-                self.hold(peer)
-                return
-            raw = peer.next_line(self.max_line)
+            share_used = self.batch_bytes >= self.turn_budget
+            raw = None if share_used else peer.next_line(self.max_line)
             if raw is None:
                 break
             handled += 1
@@ -805,6 +888,9 @@ class Server:
                 return
         if allowed is not None:
             peer.tokens -= handled
+        if share_used:
+            self.hold(peer)
+            return
         if peer.trim_unfinished_line(self.max_line):
             self.refuse_long_line(peer)
         if b'\n' in peer.inbuf:
@@ -927,29 +1013,29 @@ class Server:
 
     # Commands ------------------------------------------------------------------
 
-    HELP = (
-        'Commands:',
-        '  /nick NAME       choose your name',
-        '  /who             list who is online',
-        '  /me ACTION       say what you are doing',
-        '  /msg NAME TEXT   send a private message',
-        '  /quit [REASON]   leave',
-        '  /help            show this',
-        '  /pass PASSWORD   enter a room that has a password',
-        '  /op PASSWORD     become an operator, who may use:',
-        '  /kick NAME [REASON], /ban NAME|ADDRESS [MINUTES], /unban ADDRESS, /bans',
-        'Lines starting with / are commands; start a line with // to say "/...".',
-    )
+    # Each command's docstring starts "USAGE: what it does": /help lists
+    # them, and a command used wrongly answers with its usage.
 
     def cmd_help(self, peer, argument):
-        self.queue(peer, b''.join(notice_line(line) for line in self.HELP))
+        """/help: list the commands"""
+        lines = ['Commands:']
+        for name, handler in vars(Server).items():
+            if name.startswith('cmd_'):
+                usage, _, what = handler.__doc__.partition(': ')
+                lines.append('  %-28s %s' % (usage, what.split('\n')[0]))
+        lines.append('Lines starting with / are commands; start a line with // to say "/...".')
+        self.queue(peer, b''.join(notice_line(line) for line in lines))
+
+    def usage(self, peer, handler):
+        self.queue(peer, error_line('usage: ' + handler.__doc__.partition(': ')[0]))
 
     def cmd_who(self, peer, argument):
-        """/who [TEXT] [+PAGE]: who is online, in pages, or those whose
-        names contain TEXT.  ('+' is never part of a name.)"""
+        """/who [TEXT] [+PAGE]: list who is online, or whose names hold TEXT
+
+        A page at a time (WHO_PAGE_NAMES); '+' is never part of a name."""
         page, pattern = 1, ''
         for word in argument.split():
-            if word.startswith('+') and word[1:].isdigit():
+            if word.startswith('+') and NUMBER.match(word[1:]):
                 page = max(1, int(word[1:]))
             else:
                 pattern = name_key(word)
@@ -967,25 +1053,26 @@ class Server:
         self.queue(peer, notice_line('%s: %s' % (what, ', '.join(shown))))
 
     def welcome_list(self):
-        """Who is online, for a newcomer: everyone in a small room; in a big
-        one a few names and a count, so a join costs O(1), not O(room)."""
-        if len(self.room) <= WELCOME_NAMES:
-            names = ', '.join(p.name for _, p in sorted(self.room.items()))
-            return notice_line('%d online: %s' % (len(self.room), names))
-        names = ', '.join(p.name for p in itertools.islice(self.room.values(), WELCOME_NAMES))
-        return notice_line('%d online: %s and %d others (/who lists them)'
-                           % (len(self.room), names, len(self.room) - WELCOME_NAMES))
+        """Who is online, for a newcomer, in the order they came: everyone in
+        a small room; in a big one a few names and a count, so that a join
+        costs O(1), not O(room)."""
+        names = [p.name for p in itertools.islice(self.room.values(), WELCOME_NAMES)]
+        more = ' (/who lists them)' if len(self.room) > WELCOME_NAMES else ''
+        return notice_line('%d online: %s%s' % (
+            len(self.room), name_list(names, WELCOME_NAMES, len(self.room)), more))
 
     def cmd_nick(self, peer, name):
+        """/nick NAME: choose your name"""
         if not name:
-            self.queue(peer, error_line('usage: /nick NAME'))
+            self.usage(peer, self.cmd_nick)
             return
         name = unicodedata.normalize('NFC', name)
         key = name_key(name)
         holder = self.room.get(key)
         problem = name_problem(name)
-        if problem is None and key.startswith(GUEST_PREFIX):
-            problem = 'names starting with "%s" are given out by the server' % GUEST_PREFIX
+        if problem is None and (key.startswith(GUEST_PREFIX) or key == SERVER_NAME):
+            problem = 'the server keeps "%s" and names starting with "%s"' % (
+                SERVER_NAME, GUEST_PREFIX)
         if problem is None and holder not in (None, peer):
             problem = 'the name is taken by %s' % holder.name
         if problem is None and name == peer.name:
@@ -1003,25 +1090,30 @@ class Server:
         self.broadcast(notice_line('%s is now known as %s' % (old, name)))
 
     def cmd_me(self, peer, action):
+        """/me ACTION: say what you are doing"""
         if not action:
-            self.queue(peer, error_line('usage: /me ACTION'))
+            self.usage(peer, self.cmd_me)
             return
         self.say(peer, action_line(peer.name, action))
 
     def cmd_msg(self, peer, argument):
+        """/msg NAME TEXT: send a private message"""
         name, _, text = argument.partition(' ')
         text = text.strip()
         if not name or not text:
-            self.queue(peer, error_line('usage: /msg NAME TEXT'))
+            self.usage(peer, self.cmd_msg)
             return
         recipient = self.room.get(name_key(name))
         if recipient is None:
             self.queue(peer, error_line('no one called %s is online' % name))
             return
-        self.queue(recipient, private_line(peer.name, text))
+        line = private_line(peer.name, text)
+        self.queue(recipient, line)
+        self.batch_bytes += len(line)  # another's output: it counts against this turn's share
         self.queue(peer, sent_line(recipient.name, text))
 
     def cmd_pass(self, peer, secret):
+        """/pass PASSWORD: enter a room that has a password"""
         if peer.authorized:
             self.queue(peer, error_line('you are already in'))
         elif same_secret(secret, self.password):
@@ -1033,6 +1125,7 @@ class Server:
             self.strike(peer, 'wrong password')
 
     def cmd_op(self, peer, secret):
+        """/op PASSWORD: become an operator"""
         if self.op_password is None:
             self.queue(peer, error_line('this server has no operators'))
         elif peer.operator:
@@ -1054,13 +1147,23 @@ class Server:
         else:
             self.queue(peer, error_line('%s: goodbye' % what))
             self.drop(peer, 'too many wrong passwords', linger=True)
+        host = host_of(peer.ip)  # reconnecting must not buy more guesses
+        self.guesses[host] += not peer.ip.is_loopback
+        if self.guesses[host] >= GUESSES_PER_HOST:
+            del self.guesses[host]
+            self.log('banned %s for %d s after %d wrong passwords'
+                     % (host, GUESS_BAN_SEC, GUESSES_PER_HOST))
+            self.ban(host, GUESS_BAN_SEC, 'the server')
 
     def cmd_kick(self, peer, argument):
+        """/kick NAME [REASON]: close NAME's connection (operators)"""
         name, _, reason = argument.partition(' ')
         target = self.room.get(name_key(name)) if name else None
+        if not name:
+            self.usage(peer, self.cmd_kick)
+            return
         if target is None:
-            self.queue(peer, error_line('no one called %s is online' % name if name
-                                        else 'usage: /kick NAME [REASON]'))
+            self.queue(peer, error_line('no one called %s is online' % name))
             return
         why = 'kicked by %s%s' % (peer.name, ': ' + reason.strip() if reason.strip() else '')
         self.log('%s was %s' % (target.name, why))
@@ -1068,30 +1171,29 @@ class Server:
         self.drop(target, why, linger=True)  # everyone sees it leave, and why
 
     def cmd_ban(self, peer, argument):
-        """/ban NAME|ADDRESS [MINUTES]: refuse an address (or network) until
-        the ban ends or the server restarts, and close its connections."""
+        """/ban NAME|ADDRESS [MINUTES]: refuse an address (operators)
+
+        Or a CIDR network; until the ban ends or the server restarts.  Its
+        connections are closed."""
         words = argument.split()
-        if not 1 <= len(words) <= 2 or not all(w.isdigit() for w in words[1:]):
-            self.queue(peer, error_line('usage: /ban NAME|ADDRESS [MINUTES]'))
+        if not 1 <= len(words) <= 2 or not all(NUMBER.match(w) for w in words[1:]):
+            self.usage(peer, self.cmd_ban)
             return
         target = self.room.get(name_key(words[0]))
-        network = ipaddress.ip_network(target.ip) if target else parse_network(words[0])
+        network = host_of(target.ip) if target else parse_network(words[0])
         if network is None:
             self.queue(peer, error_line('%s is neither online nor an address' % words[0]))
             return
         minutes = int(words[1]) if len(words) == 2 else 0
-        self.bans[network] = time.monotonic() + 60 * minutes if minutes else None
         what = '%s banned %s%s %s' % (peer.name, network, ' (%s)' % target.name if target else '',
                                        'for ' + plural(minutes, 'minute') if minutes
                                        else 'until the server restarts')
         self.log(what)
         self.broadcast(notice_line(what))
-        for other in list(self.peers):
-            if other.ip in network:
-                self.queue(other, error_line('you were banned by %s' % peer.name))
-                self.drop(other, 'banned by %s' % peer.name, linger=True)
+        self.ban(network, 60 * minutes if minutes else None, peer.name)
 
     def cmd_unban(self, peer, argument):
+        """/unban ADDRESS: lift a ban (operators)"""
         network = parse_network(argument)
         if network not in self.bans:
             self.queue(peer, error_line('%s is not banned (see /bans)' % argument))
@@ -1101,21 +1203,23 @@ class Server:
         self.queue(peer, notice_line('%s is no longer banned' % network))
 
     def cmd_bans(self, peer, argument):
-        self.refusal(ipaddress.ip_address('::'))  # forget the bans that ran out
+        """/bans: list the bans (operators)"""
+        self.expire_bans()
         now = time.monotonic()
         bans = ['%s (%s)' % (network, 'until restart' if until is None else
                              plural(int((until - now) // 60) + 1, 'minute') + ' left')
                 for network, until in sorted(self.bans.items(), key=str)]
         self.queue(peer, notice_line('bans: %s' % (', '.join(bans) or 'none')))
 
-    def on_console(self):
+    def on_console(self, console):
         """Lines typed at the server's terminal: commands run as an operator
         called "server"; other text is announced to the room."""
         try:
             data = os.read(sys.stdin.fileno(), 4096)
-        except OSError:
+        except OSError:  # EIO: the server was put in the background
             data = b''
         if not data:
+            self.log('the console is closed')
             self.selector.unregister(sys.stdin.fileno())
             return
         self.console.inbuf += data
@@ -1127,6 +1231,7 @@ class Server:
                 self.handle_line(self.console, raw)
 
     def cmd_quit(self, peer, reason):
+        """/quit [REASON]: leave"""
         self.queue(peer, notice_line(GOODBYE))
         self.drop(peer, 'quit: %s' % reason if reason else 'quit', linger=True)
 
@@ -1185,7 +1290,7 @@ class Server:
                 else:
                     self.send_fresh(peer, everything)
             self.batch = []
-            self.batch_bytes = 0
+        self.batch_bytes = 0  # private messages count too, without a batch
         self.turn += 1
         dirty, self.dirty = self.dirty, set()
         for peer in dirty:
@@ -1197,9 +1302,7 @@ class Server:
         """Send data to a peer with nothing queued: the common case, which
         copies nothing unless the socket takes only part of it."""
         try:
-            sent = peer.sock.send(data)
-        except WOULD_BLOCK:
-            sent = 0
+            sent = send_some(peer.sock, data)
         except OSError:
             self.lose(peer, 'connection lost')
             return
@@ -1210,11 +1313,7 @@ class Server:
     def flush(self, peer):
         """Try once to send peer's outbuf; keep the unsent tail."""
         try:
-            # Never an empty send: before 3.10, ssl called SSL_write, which
-            # fails on zero bytes (SSLEOFError) and would drop the peer.
-            sent = peer.sock.send(peer.outbuf) if peer.outbuf else 0
-        except WOULD_BLOCK:
-            sent = 0
+            sent = send_some(peer.sock, peer.outbuf)
         except OSError:
             self.lose(peer, 'connection lost')
             return
@@ -1250,6 +1349,7 @@ class Server:
     def say_goodbye(self):
         """Tell every peer the server is going, and flush for about a second."""
         self.log('shutting down')
+        self.stop_accepting()
         for peer in list(self.peers):
             if peer.name is not None:
                 self.queue(peer, notice_line('server shutting down'))
@@ -1433,7 +1533,7 @@ class Client:
     def __init__(self, sock, screen, name=None, stdin_fd=0, received=b''):
         self.sock = sock
         self.screen = screen
-        self.name = name              # asked for on connect
+        self.wanted_name = name       # asked for on connect
         self.selector = selectors.DefaultSelector()
         self.input, self.read_input = watchable_input(stdin_fd)
         self.inbuf = bytearray(received)  # from the server, not yet shown
@@ -1449,8 +1549,8 @@ class Client:
         self.selector.register(self.sock, selectors.EVENT_READ)
         if self.screen.wakeup is not None:  # signals the screen must see
             self.selector.register(self.screen.wakeup, selectors.EVENT_READ)
-        if self.name:
-            self.send_line('/nick ' + self.name)
+        if self.wanted_name:
+            self.send_line('/nick ' + self.wanted_name)
         self.watch_input(True)
         self.show_lines(b'')  # what authenticate() read past the password
         while True:
@@ -1558,9 +1658,7 @@ class Client:
         """Send what the socket takes now; watch for writability only while
         something is left, and read no more input while a lot is."""
         try:
-            sent = self.sock.send(self.outbuf) if self.outbuf else 0  # see Server.flush
-        except WOULD_BLOCK:
-            sent = 0
+            sent = send_some(self.sock, self.outbuf)
         except OSError:
             sent = len(self.outbuf)  # the read side reports the loss
         del self.outbuf[:sent]
@@ -1709,6 +1807,7 @@ def default_name():
 # --- Terminal line editor ------------------------------------------------------
 
 ESCAPE_WAIT_SEC = 0.05     # a lone ESC is a key, not a sequence, after this
+LEAVE = object()           # what the line editor returns for Ctrl-D on an empty line
 NAME_COLOURS = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)  # SGR foregrounds
 STYLES = {'time': '2', 'notice': '2', 'error': '1;31', 'private': '1;35',
           'own': '1', 'mention': '1;7', 'prompt': '1'}
@@ -1802,46 +1901,42 @@ class LineEditor:
         self.draft = []          # the unsent line, kept while browsing
 
     def press(self, key):
-        """Apply one key; the line, when Enter sends it (None: input ends)."""
+        """Apply one key: the line if Enter sends one, LEAVE for Ctrl-D on
+        an empty line, else None."""
         if len(key) == 1:
             self.chars[self.cursor:self.cursor] = [key]
             self.cursor += 1
-            return False
+            return None
         return getattr(self, 'key_' + key)()
 
     def key_enter(self):
         line = ''.join(self.chars)
+        self.chars, self.cursor = [], 0
         if line.strip():
             self.history.append(line)
-        self.recalled = len(self.history)
-        self.chars, self.cursor = [], 0
-        return line if line.strip() else False
+        self.recalled = len(self.history)  # browsing starts again from the end
+        return line if line.strip() else None
 
     def key_eof(self):
-        if not self.chars:
-            return None  # Ctrl-D on an empty line: leave
-        return self.key_delete()
+        return self.key_delete() if self.chars else LEAVE
 
     def key_left(self):
         while self.cursor > 0:
             self.cursor -= 1
             if char_width(self.chars[self.cursor]):  # skip combining marks
                 break
-        return False
 
     def key_right(self):
         if self.cursor < len(self.chars):
             self.cursor += 1
             while self.cursor < len(self.chars) and not char_width(self.chars[self.cursor]):
                 self.cursor += 1
-        return False
 
     def key_backspace(self):
         if self.cursor > 0:
             end = self.cursor
             self.key_left()
             del self.chars[self.cursor:end]
-        return False
 
     def key_delete(self):
         if self.cursor < len(self.chars):
@@ -1849,24 +1944,19 @@ class LineEditor:
             self.key_right()
             del self.chars[start:self.cursor]
             self.cursor = start
-        return False
 
     def key_home(self):
         self.cursor = 0
-        return False
 
     def key_end(self):
         self.cursor = len(self.chars)
-        return False
 
     def key_kill_end(self):
         del self.chars[self.cursor:]
-        return False
 
     def key_kill_start(self):
         del self.chars[:self.cursor]
         self.cursor = 0
-        return False
 
     def key_kill_word(self):
         start = self.cursor
@@ -1876,7 +1966,6 @@ class LineEditor:
             start -= 1
         del self.chars[start:self.cursor]
         self.cursor = start
-        return False
 
     def key_up(self):
         if self.recalled > 0:
@@ -1885,7 +1974,6 @@ class LineEditor:
             self.recalled -= 1
             self.chars = list(self.history[self.recalled])
             self.cursor = len(self.chars)
-        return False
 
     def key_down(self):
         if self.recalled < len(self.history):
@@ -1893,10 +1981,9 @@ class LineEditor:
             self.chars = (list(self.history[self.recalled]) if self.recalled < len(self.history)
                           else self.draft)
             self.cursor = len(self.chars)
-        return False
 
     def key_redraw(self):
-        return False  # every key redraws the line
+        pass  # every key redraws the line
 
 
 class TerminalScreen:
@@ -2027,10 +2114,11 @@ class TerminalScreen:
         lines = []
         for key in self.keys.feed(data):
             line = self.editor.press(key)
-            if line is not False:
+            if line is LEAVE:
+                lines.append(None)
+                break
+            if line is not None:
                 lines.append(line)
-                if line is None:
-                    break
         self.write(self.input_line())
         return lines
 
@@ -2043,13 +2131,15 @@ class TerminalScreen:
         chars, cursor = self.editor.chars, self.editor.cursor
         widths = [char_width(ch) for ch in chars]
         self.scroll = min(self.scroll, cursor)
-        while sum(widths[self.scroll:cursor]) > room - 1:
+        before_cursor = sum(widths[self.scroll:cursor])
+        while before_cursor > room - 1:
+            before_cursor -= widths[self.scroll]
             self.scroll += 1
         end, used = self.scroll, 0
         while end < len(chars) and used + widths[end] <= room:
             used += widths[end]
             end += 1
-        column = text_width(prompt) + sum(widths[self.scroll:cursor])
+        column = text_width(prompt) + before_cursor
         return ('\r' + self.paint(STYLES['prompt'], prompt) + ''.join(chars[self.scroll:end])
                 + '\x1b[K\r' + ('\x1b[%dC' % column if column else ''))
 
@@ -2058,24 +2148,26 @@ class TerminalScreen:
 
 def fingerprint(der):
     """A certificate's SHA-256 fingerprint as openssl prints it: AB:CD:..."""
-    digest = hashlib.sha256(der).hexdigest().upper()
-    return ':'.join(digest[i:i + 2] for i in range(0, len(digest), 2))
+    return colon_hex(hashlib.sha256(der).hexdigest())
+
+
+def colon_hex(digits):
+    digits = digits.upper()
+    return ':'.join(digits[i:i + 2] for i in range(0, len(digits), 2))
 
 
 def fingerprint_arg(text):
     """An argparse type: a SHA-256 fingerprint, with or without colons, or as
     openssl prints it ("sha256 Fingerprint=AB:CD:...")."""
-    digits = text.split('=')[-1].replace(':', '').strip().upper()
-    if not re.match(r'^[0-9A-F]{64}$', digits):
+    digits = text.split('=')[-1].replace(':', '').strip()
+    if not re.match(r'^[0-9A-Fa-f]{64}$', digits):
         raise argparse.ArgumentTypeError('not a SHA-256 fingerprint: %r' % text)
-    return ':'.join(digits[i:i + 2] for i in range(0, 64, 2))
+    return colon_hex(digits)
 
 
 def server_tls(cert, key):
     """The server's TLS context, and its certificate's fingerprint."""
-    if ssl is None:
-        raise UserError('this Python has no ssl module')
-    context = tls_context(ssl.PROTOCOL_TLS_SERVER)
+    context = tls_context(server_side=True)
     try:
         context.load_cert_chain(cert, key)
         with open(cert) as pem:
@@ -2092,9 +2184,7 @@ def client_tls(sock, host, cafile=None, pinned=None):
     """Wrap a connected socket in TLS: verify the server against the system's
     CAs (or cafile) and its host name, or else against a pinned fingerprint.
     Nothing has been sent when this refuses the server."""
-    if ssl is None:
-        raise UserError('this Python has no ssl module')
-    context = tls_context(ssl.PROTOCOL_TLS_CLIENT)
+    context = tls_context(server_side=False)
     if pinned:  # a self-signed certificate: the fingerprint is the trust
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -2128,6 +2218,20 @@ def read_secret(path, variable):
         raise UserError('cannot read password file %s: %s' % (path, exc.strerror))
     if not secret:
         raise UserError('password file %s is empty' % path)
+    return secret
+
+
+def usable_secret(secret, where):
+    """secret, if /pass can carry it: no spaces at its ends (commands are
+    trimmed), no control characters (lines are cleaned), valid UTF-8."""
+    if secret is not None:
+        try:
+            secret.encode('utf-8')
+        except UnicodeEncodeError:
+            raise UserError('the password in %s is not valid UTF-8' % where)
+        if secret != secret.strip() or clean(secret) != secret:
+            raise UserError('the password in %s has spaces at its ends or control '
+                            'characters, which /pass cannot carry' % where)
     return secret
 
 
@@ -2174,6 +2278,8 @@ def authenticate(sock):
             return bytes(received)
         if from_environment:
             raise UserError('CHAT_PASSWORD is not the room\'s password')
+        if reply.endswith('goodbye'):
+            raise UserError(reply.lstrip('!- '))
         print('chat.py: %s' % reply.lstrip('!- '), file=sys.stderr)
         secret = None
     raise UserError('wrong password')
@@ -2197,14 +2303,12 @@ BENCH_WINDOW_BYTES = MAX_BACKLOG_BYTES // 2  # in flight to each receiver: the
 class BenchConn:
     """One load-generator connection: what it has to send, what it got."""
 
-    __slots__ = ('sock', 'index', 'connected', 'greeted', 'got', 'bytes',
-                 'outbuf', 'seq', 'closed')
+    __slots__ = ('sock', 'index', 'connected', 'greeted', 'bytes', 'outbuf', 'seq', 'closed')
 
     def __init__(self, sock, index):
         self.sock = sock
         self.index = index
         self.connected = self.greeted = self.closed = False
-        self.got = 0              # bench messages received
         self.bytes = 0            # bytes received in all
         self.outbuf = bytearray()
         self.seq = 0              # messages it has sent
@@ -2222,7 +2326,7 @@ class Bench:
         self.selector = selectors.DefaultSelector()
         self.conns = []
         self.latencies = []           # seconds, sampled
-        self.total_got = 0            # bench messages received by all
+        self.delivered = 0            # bench messages received, by all clients
         self.buffer = bytearray(BENCH_READ_BYTES)  # every read lands here
         self.last_progress = time.monotonic()
 
@@ -2232,7 +2336,6 @@ class Bench:
         """Connect, load, report; the exit status (1 if anything was lost)."""
         args = self.args
         baseline = proc_memory(self.server_pid)
-        cpu_start = proc_cpu_seconds(self.server_pid)
         connect_time, greet_lag, join_bytes = self.connect_all(args.clients)
         idle_memory = proc_memory(self.server_pid)
         slow = [self.open_slow() for _ in range(args.slow)]
@@ -2245,16 +2348,15 @@ class Bench:
                      '(%+.2f KiB each)' % (human_bytes(baseline[0]), human_bytes(idle_memory[0]),
                                            args.clients,
                                            (idle_memory[0] - baseline[0]) / 1024 / args.clients))
+        cpu_start = proc_cpu_seconds(self.server_pid)
         if args.idle:
             lost = self.broadcast_once()
         else:
-            cpu_start = proc_cpu_seconds(self.server_pid)
             lost = self.load(args.senders, args.messages, args.size, args.rate)
-        cpu = proc_cpu_seconds(self.server_pid)
-        if cpu is not None and cpu_start is not None and not args.idle:
-            delivered = self.delivered()
-            self.say('server CPU: %.2f s, %.3f s per million deliveries'
-                     % (cpu - cpu_start, (cpu - cpu_start) / max(delivered, 1) * 1e6))
+            cpu = proc_cpu_seconds(self.server_pid)
+            if cpu is not None:
+                self.say('server CPU: %.2f s, %.3f s per million deliveries' % (
+                    cpu - cpu_start, (cpu - cpu_start) / max(self.delivered, 1) * 1e6))
         peak = proc_memory(self.server_pid)
         if peak:
             self.say('server mem: %s now, %s peak' % (human_bytes(peak[0]), human_bytes(peak[1])))
@@ -2304,9 +2406,7 @@ class Bench:
         deadline = time.monotonic() + self.args.timeout
         while time.monotonic() < deadline and self.pump(BENCH_SETTLE_SEC):
             pass
-        for conn in self.conns:
-            conn.got = 0
-        self.total_got = 0
+        self.delivered = 0
 
     def open_slow(self):
         """A client that connects and never reads a byte."""
@@ -2324,12 +2424,12 @@ class Bench:
         self.send(first)
         expected = len(self.conns) - 1
         deadline = started + self.args.timeout
-        while self.delivered() < expected and time.monotonic() < deadline:
+        while self.delivered < expected and time.monotonic() < deadline:
             self.pump(deadline - time.monotonic())
         elapsed = time.monotonic() - started
-        lost = expected - self.delivered()
+        lost = expected - self.delivered
         self.say('broadcast:  1 message reached %d clients in %.1f ms (lost %d)'
-                 % (self.delivered(), elapsed * 1000, lost))
+                 % (self.delivered, elapsed * 1000, lost))
         return lost
 
     def load(self, senders, per_sender, size, rate):
@@ -2346,7 +2446,7 @@ class Bench:
         while time.monotonic() < deadline and time.monotonic() - last_delivery < BENCH_STALL_SEC:
             now = time.monotonic()
             sent = sum(conn.seq for conn in senders)
-            room = window - (sent - self.delivered() // receivers)
+            room = window - (sent - self.delivered // receivers)
             for conn in senders:
                 due = min(per_sender - conn.seq, room)
                 if rate:
@@ -2356,14 +2456,14 @@ class Bench:
                     conn.outbuf += self.messages(conn, batch, size, now)
                     room -= batch
                     self.send(conn)
-            before = self.delivered()
+            before = self.delivered
             self.pump(min(1.0 / rate, 0.05) if rate else 0.05)
-            if self.delivered() > before:
+            if self.delivered > before:
                 last_delivery = time.monotonic()
-            if self.delivered() >= expected:
+            if self.delivered >= expected:
                 break
-            self.progress('load: %d of %d deliveries' % (self.delivered(), expected))
-        delivered = self.delivered()
+            self.progress('load: %d of %d deliveries' % (self.delivered, expected))
+        delivered = self.delivered
         elapsed = last_delivery - started
         self.say('load:       %d senders x %d messages of %d bytes to %d clients%s'
                  % (len(senders), per_sender, size, len(self.conns),
@@ -2393,9 +2493,7 @@ class Bench:
 
     def send(self, conn):
         try:
-            sent = conn.sock.send(conn.outbuf)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
+            sent = send_some(conn.sock, conn.outbuf)
         except OSError:
             conn.closed = True
             return
@@ -2441,17 +2539,12 @@ class Bench:
             return False
         conn.bytes += size
         conn.greeted = conn.greeted or data.find(b'\n', 0, size) >= 0
-        count = data.count(BENCH_MARK, 0, size)
-        conn.got += count
-        self.total_got += count
+        self.delivered += data.count(BENCH_MARK, 0, size)
         start = data.find(BENCH_TIMED, 0, size)
         end = data.find(b'\n', start, size) if start >= 0 else -1
         if end >= 0:  # else the line goes on in the next read: skip it
             self.latencies.append(now - int(data[start:end].split(b' ', 4)[3]) / 1e6)
         return True
-
-    def delivered(self):
-        return self.total_got
 
     # Reporting -----------------------------------------------------------------
 
@@ -2523,7 +2616,8 @@ def start_local_server():
     control off, for the bench to measure.  (process, port)"""
     server = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), 'server', '0', '--host', '127.0.0.1',
-         '--rate', '0', '--quiet'], stdout=subprocess.PIPE, universal_newlines=True)
+         '--rate', '0', '--quiet'], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        universal_newlines=True)
     banner = server.stdout.readline()
     port = banner.split('listening on 127.0.0.1:')[-1].split()[0] if 'listening' in banner else ''
     if not port.isdigit():
@@ -2555,7 +2649,7 @@ def at_least(minimum, kind=int):
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
+        if value is None or not minimum <= value < float('inf'):  # NaN fails both
             raise argparse.ArgumentTypeError('expected a number >= %s, got %r' % (minimum, text))
         return value
     return parse
@@ -2671,21 +2765,39 @@ def build_parser():
 def run_server(args):
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UserError('--tls-cert and --tls-key go together')
-    tls, print_fingerprint = server_tls(args.tls_cert, args.tls_key) if args.tls_cert else (None, None)
+    tls, cert_fingerprint = server_tls(args.tls_cert, args.tls_key) if args.tls_cert else (None, None)
     raise_open_files_limit()
     listeners = open_listeners(args.host, args.port)
     server = Server(listeners, log=make_log(args.quiet), history=args.history,
                     max_line=args.max_line, max_backlog=args.max_backlog,
                     rate=args.rate, burst=args.burst, max_clients=args.max_clients, tls=tls,
-                    password=read_secret(args.password_file, 'CHAT_PASSWORD'),
-                    op_password=read_secret(args.op_password_file, 'CHAT_OP_PASSWORD'),
+                    password=usable_secret(read_secret(args.password_file, 'CHAT_PASSWORD'),
+                                           args.password_file or 'CHAT_PASSWORD'),
+                    op_password=usable_secret(read_secret(args.op_password_file,
+                                                          'CHAT_OP_PASSWORD'),
+                                              args.op_password_file or 'CHAT_OP_PASSWORD'),
                     allow=args.allow, deny=args.deny, max_per_address=args.max_per_address,
-                    console=os.name == 'posix' and sys.stdin.isatty())
+                    console=console_in_foreground())
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
-    print(server_banner(listeners, print_fingerprint), flush=True)
+    print(server_banner(listeners, cert_fingerprint), flush=True)
     server.serve_forever()
     return 0
+
+
+def console_in_foreground():
+    """True if the server owns its terminal: started in the foreground.  A
+    server put in the background later must not stop on reading it
+    (SIGTTIN): the read then fails instead, and the console closes."""
+    if os.name != 'posix' or not sys.stdin.isatty():
+        return False
+    try:
+        if os.tcgetpgrp(sys.stdin.fileno()) != os.getpgrp():
+            return False
+    except OSError:
+        return False
+    signal.signal(signal.SIGTTIN, signal.SIG_IGN)
+    return True
 
 
 def run_client(args):
@@ -2741,6 +2853,9 @@ def main(argv=None):
         return args.run(args)
     except UserError as exc:
         print('chat.py: error: %s' % exc, file=sys.stderr)
+        return 1
+    except OSError as exc:  # a network or file error the code above did not name
+        print('chat.py: error: %s' % (exc.strerror or exc), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0  # Ctrl-C is how people leave: no traceback

@@ -8,6 +8,7 @@ the command line, signals and the client run as subprocesses.  Every wait
 has a deadline (TIMEOUT) and fails instead of hanging.
 """
 
+import errno
 import os
 import queue
 import re
@@ -69,6 +70,17 @@ class ServerThread:
 def wait_for_log(logs, pattern):
     wait_until(lambda: any(re.search(pattern, line) for line in list(logs)),
                'log line %r in %r' % (pattern, logs))
+
+
+def stepped_server(test, **options):
+    """A chat.Server on loopback that the test steps itself with run_once(),
+    so that what happens within one loop turn is exact; and its address."""
+    listener = socket.socket()
+    listener.bind(('127.0.0.1', 0))
+    listener.listen(64)
+    server = chat.Server([listener], **options)
+    test.addCleanup(server.close_all)
+    return server, listener.getsockname()
 
 
 class Conn:
@@ -134,6 +146,20 @@ class Conn:
         self.sock.close()
 
 
+def flood(sender, name, reader, lines):
+    """sender sends lines at once (from a thread: it may block); what reader
+    got of them, in order, other lines aside."""
+    thread = threading.Thread(target=sender.send, args=(''.join(l + '\n' for l in lines),))
+    thread.start()
+    got, prefix = [], '<%s> ' % name
+    while len(got) < len(lines):
+        line = reader.line()
+        if line.startswith(prefix):
+            got.append(line[len(prefix):])
+    thread.join(TIMEOUT)
+    return got
+
+
 class ServerTestCase(unittest.TestCase):
     """Starts a fresh server per test; options in SERVER_OPTIONS.  With
     IN_PROCESS false it is a subprocess, for tests whose readers must keep
@@ -191,8 +217,8 @@ class ServerProcess:
     """chat.py server as a subprocess on a free port (read from its banner);
     its log lines are collected in self.logs as they come."""
 
-    def __init__(self, *args, host='127.0.0.1', **popen_kw):
-        command = [sys.executable, CHAT, 'server', '0'] + list(args)
+    def __init__(self, *args, host='127.0.0.1', python=(sys.executable,), **popen_kw):
+        command = list(python) + [CHAT, 'server', '0'] + list(args)
         if host:
             command += ['--host', host]
         popen_kw.setdefault('stdin', subprocess.DEVNULL)
@@ -402,7 +428,9 @@ class ProtocolTests:
         cases = [('p\u0430ypal', 'may not mix Latin, Greek and Cyrillic'),
                  ('x' * 25, 'at most 24 characters'),
                  ('a<b>', 'only letters, digits'),
-                 ('guest-99', 'given out by the server'),
+                 ('guest-99', 'the server keeps "server" and names starting with "guest-"'),
+                 ('Server', 'the server keeps "server"'),
+                 ('alice\u3164', 'may not hold invisible letters'),
                  ('bob', 'you are already bob')]
         for name, reason in cases:
             bob.send('/nick %s\n' % name)
@@ -534,17 +562,7 @@ class TestSlowConsumers(ServerTestCase):
         alice, bob = self.connect('alice'), self.connect('bob')
         self.connect('slow', rcvbuf=4096)
         lines = ['line %05d %s' % (i, 'x' * 200) for i in range(2000)]
-        sender = threading.Thread(target=alice.send, args=(''.join(l + '\n' for l in lines),))
-        sender.start()
-        got = []
-        while len(got) < len(lines):
-            line = bob.line()
-            if line.startswith('<alice> '):
-                got.append(line[len('<alice> '):])
-            else:
-                self.assertEqual(line, '-!- slow left (too slow)')
-        sender.join(TIMEOUT)
-        self.assertEqual(got, lines)  # everything, in order, for the reader
+        self.assertEqual(flood(alice, 'alice', bob, lines), lines)  # all, in order, for bob
         self.srv.wait_log(r'slow is too slow: \d+ bytes unsent')
         self.srv.wait_log(r'slow left \(too slow\)')
 
@@ -565,16 +583,12 @@ class TestBurstsAreSpreadOverTurns(unittest.TestCase):
     exact: it reads everything sent to it between two loop turns."""
 
     def test_a_reader_that_keeps_up_is_never_cut_off_however_bursty(self):
-        listener = socket.socket()
-        listener.bind(('127.0.0.1', 0))
-        listener.listen(64)
-        server = chat.Server([listener], rate=0, max_backlog=32 * 1024)
-        self.addCleanup(server.close_all)
+        server, address = stepped_server(self, rate=0, max_backlog=32 * 1024)
         peers = []
         for _ in range(20):
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(listener.getsockname())
+            sock.connect(address)
             self.addCleanup(sock.close)
             peers.append(sock)
         while len(server.room) < len(peers):
@@ -658,10 +672,7 @@ class TestFastPath(unittest.TestCase):
         rng = random.Random(1234)
         pieces = ['hello', ' ', '한글', '😀', '\x1b[31m', '\r', '\t', '\x07', '\x9b',
                   '\u202e', 'é', '/', '//', '<bob>', 'x' * 30]
-        listener = socket.socket()
-        self.addCleanup(listener.close)
-        server = chat.Server([listener], history=3, rate=0, max_line=200)
-        self.addCleanup(server.close_all)
+        server, _ = stepped_server(self, history=3, rate=0, max_line=200)
         said = declined = 0
         for _ in range(500):
             lines = [''.join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
@@ -1270,6 +1281,20 @@ class TestClientAgainstABadServer(unittest.TestCase):
         status, err = client.finish()
         self.assertEqual((status, err), (1, 'chat.py: the server closed the connection\n'))
 
+    def test_a_reset_during_the_password_exchange_is_one_line(self):
+        client = ClientProcess(self.fake.port, env=dict(os.environ, CHAT_PASSWORD='pw'))
+        sock = self.fake.accept()
+        sock.sendall(('-!- %s\n' % chat.PASSWORD_PROMPT).encode())
+        sock.recv(100)  # its /pass
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\1\0\0\0\0\0\0\0')
+        sock.close()  # a reset
+        client.proc.stdin.close()
+        self.assertEqual(client.proc.wait(TIMEOUT), 1)
+        error = client.proc.stderr.read().decode()
+        self.assertRegex(error, r'^chat\.py: error: [^\n]+\n$')
+        for pipe in (client.proc.stdout, client.proc.stderr):
+            pipe.close()
+
     def test_escape_sequences_from_the_server_never_reach_the_output(self):
         client = ClientProcess(self.fake.port, '--name', 'x')
         sock = self.accept('\x1b[31mred\x1b[0m\x07 \r<bob> forged\x9b2J\u202eevil\x1b]0;t\x07\n'
@@ -1835,15 +1860,7 @@ class TestTls(ServerTestCase):
         alice, bob = self.tls_peer('alice'), self.tls_peer('bob')
         self.tls_peer('slow', rcvbuf=4096)
         lines = ['%05d %s' % (i, 'x' * 300) for i in range(1500)]
-        sender = threading.Thread(target=alice.send, args=(''.join(l + '\n' for l in lines),))
-        sender.start()
-        got = []
-        while len(got) < len(lines):
-            line = bob.line()
-            if line.startswith('<alice> '):
-                got.append(line[len('<alice> '):])
-        sender.join(TIMEOUT)
-        self.assertEqual(got, lines)
+        self.assertEqual(flood(alice, 'alice', bob, lines), lines)
         self.srv.wait_log(r'slow left \(too slow\)')
 
     @unittest.skipIf(shutil.which('openssl') is None, 'needs openssl (.ci/run installs it)')
@@ -1893,12 +1910,8 @@ class TestPassword(PtySession, ServerTestCase):
         # Stepped by hand, so that a member's message and a reply to a peer
         # at the password prompt are handled in one loop turn, in both
         # orders (the loop rotates the order of events each turn).
-        listener = socket.socket()
-        listener.bind(('127.0.0.1', 0))
-        listener.listen(8)
-        server = chat.Server([listener], password='pw', rate=0)
-        self.addCleanup(server.close_all)
-        member, door = (socket.create_connection(listener.getsockname()) for _ in range(2))
+        server, address = stepped_server(self, password='pw', rate=0)
+        member, door = (socket.create_connection(address) for _ in range(2))
         for sock in (member, door):
             self.addCleanup(sock.close)
             sock.settimeout(TIMEOUT)
@@ -1971,6 +1984,18 @@ class TestPassword(PtySession, ServerTestCase):
         self.assertNotIn('sesame', self.screen.text())
         self.type('typed after\r')
         alice.expect(r'^<asked> typed after$')
+
+    @unittest.skipIf(sys.platform == 'win32', 'pseudo-terminals are POSIX')
+    def test_the_client_stops_asking_once_the_server_says_goodbye(self):
+        patch_constant(self, 'PASSWORD_SEC', 0.5)
+        self.spawn(env={'CHAT_PASSWORD': None})
+        self.read_until(lambda s: 'Password for the room:' in s.text(), 'the prompt')
+        self.srv.wait_log(r'no password in 0 s')  # the server has given up
+        self.type('too late\n')
+        self.read_until(lambda s: 'goodbye' in s.text(), 'the reason')
+        self.assertEqual(self.proc.wait(TIMEOUT), 1)
+        self.assertEqual(self.screen.text().count('Password for the room:'), 1)
+        self.assertIn('chat.py: error: no password in 0 s: goodbye', self.screen.text())
 
     def test_a_password_file_or_chat_password(self):
         with tempfile.NamedTemporaryFile('w', suffix='.pw') as handle:
@@ -2144,7 +2169,9 @@ class TestOperators(ServerTestCase):
         import pty
         master, slave = pty.openpty()
         self.addCleanup(os.close, master)
-        server = ServerProcess(stdin=slave)
+        # In the foreground of a terminal of its own, as when started by hand.
+        server = ServerProcess(stdin=slave, python=(sys.executable, '-c', TTY_WRAPPER),
+                               start_new_session=True)
         os.close(slave)
         self.addCleanup(server.stop)
         bob, carol = Conn(server.port), Conn(server.port)
@@ -2157,6 +2184,27 @@ class TestOperators(ServerTestCase):
         carol.expect(r'^-!- server: maintenance at noon$')
         carol.expect(r'^-!- bob left \(kicked by server: bye\)$')
         server.wait_log(r'bob was kicked by server: bye')
+
+
+@unittest.skipIf(shutil.which('bash') is None, 'needs bash for job control')
+class TestBackgroundServer(PtySession, unittest.TestCase):
+
+    def test_a_server_in_the_background_ignores_the_terminal(self):
+        self.spawn(command=['bash', '--norc', '--noprofile', '--noediting', '-i'],
+                   env={'PS1': '$ ', 'TERM': 'dumb'})
+        self.type('%s %s server 0 --host 127.0.0.1 --quiet &\n' % (sys.executable, CHAT))
+        self.read_until(lambda s: 'join with:' in s.text(), 'the banner')
+        port = int(re.search(r'listening on 127\.0\.0\.1:(\d+)', self.screen.text()).group(1))
+        # Keys typed while a foreground command runs wait in the terminal's
+        # queue, readable to all: a background server reading them would stop.
+        self.type('sleep 1; echo slept\ntyped ahead')
+        self.read_until(lambda s: 'slept' in s.text().replace('echo slept', ''), 'sleep to end')
+        self.type('\n')
+        conn = Conn(port)
+        self.addCleanup(conn.close)
+        conn.expect(r'^-!- Welcome')  # still serving
+        self.type('kill %1; exit\n')
+        self.proc.wait(TIMEOUT)
 
 
 class TestTlsCommandLine(unittest.TestCase):
@@ -2199,3 +2247,204 @@ class TestTlsCommandLine(unittest.TestCase):
                              stdin_data='hi\n', env=environment)
             self.assertEqual(wrong.returncode, 1, args)
         self.assertFalse([l for l in server.logs if ' no ' in l or 'known as no' in l])
+
+
+# --- What a review found -------------------------------------------------------
+
+class TestReviewFindings(unittest.TestCase):
+    """Each of these was a real bug once."""
+
+    def test_a_peer_banned_mid_handshake_never_enters_the_room(self):
+        import ssl
+        cert, key, _ = certificate()
+        server, address = stepped_server(self, tls=chat.server_tls(cert, key)[0])
+        raw = socket.create_connection(address, TIMEOUT)
+        self.addCleanup(raw.close)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing)
+
+        def shake():  # one step of the client's handshake; True when done
+            try:
+                tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            raw.sendall(outgoing.read())
+            return done
+        shake()  # the ClientHello
+        while not any(isinstance(p.sock, ssl.SSLSocket) for p in server.peers):
+            server.run_once(timeout=0.1)
+        server.run_once(timeout=0.1)  # the server has answered: half way
+        operator = chat.Peer(None, 'console', burst=1)
+        operator.name = 'op'
+        server.cmd_ban(operator, '127.0.0.0/8')
+        raw.settimeout(0.2)
+        for _ in range(20):  # the client finishes its side, if the server lets it
+            server.run_once(timeout=0.05)
+            try:
+                incoming.write(raw.recv(65536))
+                shake()
+            except (socket.timeout, ssl.SSLError, OSError):
+                pass
+        self.assertEqual(server.room, {})
+
+    def test_private_messages_count_against_the_turns_share(self):
+        server, address = stepped_server(self, max_backlog=32 * 1024)
+        victim = socket.socket()
+        victim.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        victim.connect(address)
+        senders = [socket.create_connection(address) for _ in range(30)]
+        for sock in senders + [victim]:
+            self.addCleanup(sock.close)
+            sock.setblocking(False)
+        while len(server.room) < 31:
+            server.run_once(timeout=0.1)
+        victim_peer = server.room[chat.name_key('guest-1')]
+
+        def drain_victim():
+            got = b''
+            while True:
+                try:
+                    data = victim.recv(65536)
+                except BlockingIOError:
+                    return got
+                self.assertTrue(data, 'the victim was cut off')
+                got += data
+        drain_victim()
+        for sock in senders:  # within each one's burst, 117 KB for the victim in all
+            sock.sendall(('/msg guest-1 %s\n' % ('p' * 3900)).encode() * 3)
+        received = 0
+        deadline = time.monotonic() + TIMEOUT
+        while received < 90 and time.monotonic() < deadline:
+            server.run_once(timeout=0.1)
+            received += drain_victim().count(b'[PM from ')  # it keeps up
+        self.assertEqual(received, 90)
+        self.assertIs(server.room.get(chat.name_key('guest-1')), victim_peer)
+
+    def test_numbers_must_be_plain_digits(self):
+        server, address = stepped_server(self, op_password='op')
+        sock = socket.create_connection(address, TIMEOUT)
+        self.addCleanup(sock.close)
+        sock.sendall(('/op op\n/who +²\n/ban 10.0.0.1 ²\n/ban 10.0.0.1 %s\n/who\n'
+                      % ('9' * 400)).encode())
+        received = b''
+        sock.setblocking(False)
+        while received.count(b'1 online: guest-1\n') < 2:  # the welcome's, then /who's
+            server.run_once(timeout=0.1)
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            self.assertTrue(data, 'dropped; it said: %r' % received)
+            received += data
+        self.assertEqual(received.decode().count('!!! usage: /ban NAME|ADDRESS [MINUTES]'), 2)
+        self.assertIn('-!- 1 online: guest-1\n', received.decode())  # "+²" is just text
+
+    def test_two_listeners_out_of_descriptors_in_one_turn(self):
+        server, _ = stepped_server(self)
+        exhausted = OSError(errno.EMFILE, 'Too many open files')
+        server.pause_accepting(exhausted)
+        server.pause_accepting(exhausted)  # the second listener: no KeyError
+        self.assertFalse(server.accepting)
+        server.resume_accepting()
+        self.assertTrue(server.accepting)
+
+    def test_a_held_turn_still_costs_flood_budget(self):
+        # A tiny backlog makes every turn's share one line; the budget is 5.
+        server, address = stepped_server(self, rate=0.001, burst=5, max_backlog=40)
+        talker, reader = (socket.create_connection(address, TIMEOUT) for _ in range(2))
+        for sock in (talker, reader):
+            self.addCleanup(sock.close)
+        while len(server.room) < 2:
+            server.run_once(timeout=0.1)
+        talker.sendall(b''.join(b'line %d\n' % i for i in range(20)))
+        for _ in range(40):
+            server.run_once(timeout=0.01)
+        said = [line for line in server.history]
+        self.assertEqual(len(said), 5)
+
+    def test_the_history_replayed_fits_the_newcomers_cap(self):
+        server, address = stepped_server(self, rate=0, history=100, max_backlog=64 * 1024)
+        talker = socket.create_connection(address, TIMEOUT)
+        self.addCleanup(talker.close)
+        talker.sendall(b''.join(b'%03d %s\n' % (i, b'h' * 3990) for i in range(100)))
+        while len(server.history) < 100:
+            server.run_once(timeout=0.1)
+        replay = server.recent_history()
+        self.assertLessEqual(sum(map(len, replay)), server.turn_budget)
+        self.assertEqual(replay, list(server.history)[-len(replay):])
+        self.assertGreater(len(replay), 0)
+
+    def test_the_turns_share_is_never_zero(self):
+        server, _ = stepped_server(self, max_backlog=2)
+        self.assertEqual(server.turn_budget, 1)
+
+    def test_numbers_on_the_command_line_are_finite(self):
+        for value in ('nan', 'inf', '-1'):
+            self.assertEqual(run_chat('server', '--rate', value).returncode, 2, value)
+
+    def test_passwords_that_pass_cannot_carry_are_refused_at_start(self):
+        for secret, why in (('pw ', 'spaces at its ends'), ('p\x07w', 'control characters')):
+            result = run_chat('server', '0', env=dict(os.environ, CHAT_PASSWORD=secret))
+            self.assertEqual(result.returncode, 1)
+            self.assertIn(why, result.stderr)
+        if os.name == 'posix':
+            env = {k.encode(): v.encode() for k, v in os.environ.items()}
+            env[b'CHAT_PASSWORD'] = b'\xff\xfe'
+            result = subprocess.run([sys.executable, CHAT, 'server', '0'], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    timeout=TIMEOUT)
+            self.assertIn(b'is not valid UTF-8', result.stderr)
+        self.assertTrue(chat.same_secret('pw', 'pw'))
+        self.assertFalse(chat.same_secret('pw', 'pw2'))
+
+    def test_ipv4_mapped_networks_match_ipv4_peers(self):
+        self.assertEqual(chat.parse_network('::ffff:10.0.0.0/104'),
+                         chat.parse_network('10.0.0.0/8'))
+        self.assertEqual(str(chat.host_of(chat.address_ip(('2001:db8::5', 1)))),
+                         '2001:db8::/64')
+
+    def test_guessing_across_connections_is_limited_per_host(self):
+        lan = chat.lan_addresses()
+        if not lan:
+            self.skipTest('no non-loopback address on this machine')
+        server = DualStackServer(password='right')
+        self.addCleanup(server.stop)
+        for _ in range(4):  # 3 wrong each; the 10th wrong one bans the host
+            conn = Conn(server.port, host=lan[0])
+            self.addCleanup(conn.close)
+            conn.send('/pass a\n/pass b\n/pass c\n')
+            conn.expect_closed()
+        server.wait_log(r'banned %s/32 for 600 s after 10 wrong passwords' % re.escape(lan[0]))
+        is_closed_at_once(self, server.port, lan[0])
+        for _ in range(4):  # loopback is not counted
+            conn = Conn(server.port)
+            self.addCleanup(conn.close)
+            conn.send('/pass a\n/pass b\n/pass c\n')
+            conn.expect_closed()
+        Conn(server.port).expect(r'needs a password')
+
+    def test_connections_during_shutdown_are_not_let_in(self):
+        server = ServerProcess('--rate=0', '--max-backlog=100M')
+        self.addCleanup(server.stop)
+        stuck = Conn(server.port, rcvbuf=4096)  # keeps the server flushing
+        talker = Conn(server.port)
+        for conn in (stuck, talker):
+            self.addCleanup(conn.close)
+        talker.expect(r'^-!- 2 online')
+        talker.send(('z' * 1000 + '\n') * 2000)
+        server.wait_log(r'guest-2 joined')
+        talker.send('/who\n')
+        talker.expect(r'^-!- 2 online')
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_log(r'shutting down')
+        late = Conn(server.port)
+        self.addCleanup(late.close)
+        try:
+            lines = late.expect_closed()
+        except ConnectionError:
+            lines = []
+        self.assertEqual(lines, [])
+        self.assertEqual(server.proc.wait(TIMEOUT), 0)
