@@ -606,19 +606,20 @@ class Server:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         peer = Peer(sock, printable_address(address), self.burst, ip)
+        host = host_of(ip)
         if len(self.peers) >= self.max_clients:
             refusal = 'server full (%d clients)' % len(self.peers)
         elif (self.max_per_address and not ip.is_loopback
-              and self.per_address[host_of(ip)] >= self.max_per_address):
+              and self.per_address[host] >= self.max_per_address):
             refusal = 'too many connections from %s (%d)' % (
-                ip if ip.version == 4 else host_of(ip), self.max_per_address)
+                ip if ip.version == 4 else host, self.max_per_address)
         if refusal:
             self.log('refused %s: %s' % (peer.address, refusal))
             peer.outbuf += error_line('%s; try again later' % refusal)
             self.start_closing(peer)
             return
         self.peers.add(peer)
-        self.per_address[host_of(ip)] += 1
+        self.per_address[host] += 1
         peer.authorized = self.password is None
         if not peer.authorized:
             self.call_later(PASSWORD_SEC, self.expire_password, peer)
@@ -648,7 +649,7 @@ class Server:
 
     def ban(self, network, seconds, by):
         """Refuse network for seconds (None: until restart) and close its
-        connections, telling the room."""
+        connections, telling each why."""
         self.bans[network] = None if seconds is None else time.monotonic() + seconds
         for peer in list(self.peers):
             if peer.ip in network:
@@ -958,6 +959,8 @@ class Server:
         if peer.sock is not None and peer.close_reason is None:
             peer.paused = False
             self.set_interest(peer)
+            if self.tls is not None and peer.sock.pending():
+                self.unread.add(peer)  # TLS kept it while paused; no event will say so
             self.handle_input(peer)
 
     def hold(self, peer):

@@ -1354,6 +1354,7 @@ class TestBench(unittest.TestCase):
                             '1', '--messages', '1000', '--timeout', '2')
         self.assertEqual(result.returncode, 1)
         self.assertRegex(result.stdout, r'\(lost [1-9]\d*\)')
+        self.assertRegex(result.stderr, r'\.\.\. load: \d+ of 2000 deliveries')  # progress
 
 
 # --- Other clients: nc and socat ---------------------------------------------
@@ -1608,6 +1609,14 @@ class TestTerminalClient(PtySession, ServerTestCase):
         self.type('\r')
         watcher.expect(r'^<tty> %s$' % text)
 
+    def test_ctrl_l_redraws(self):
+        self.join()
+        self.type('abc')
+        self.read_until(lambda s: s.line() == 'tty> abc', 'the typed text')
+        self.screen.feed(b'\r\x1b[K')  # forget it, so only a redraw brings it back
+        self.type('\x0c')
+        self.read_until(lambda s: s.line() == 'tty> abc', 'the line redrawn')
+
     def test_a_resize_redraws(self):
         self.join()
         self.type('abc')
@@ -1840,6 +1849,16 @@ class TestTls(ServerTestCase):
         alice, bob = self.tls_peer('alice'), self.tls_peer('bob')
         alice.send('%s\n' % ('z' * 4000))
         self.assertEqual(bob.line(), '<alice> ' + 'z' * 4000)
+
+    def test_input_left_inside_tls_while_paused_is_still_read(self):
+        # Flood control pauses alice with most of one TLS record still in
+        # her SSL object: when she resumes, no socket event will say so.
+        patch_constant(self, 'READ_CHUNK_BYTES', 1000)
+        self.srv.server.rate, self.srv.server.burst = 2000, 5
+        alice, bob = self.tls_peer('alice'), self.tls_peer('bob')
+        lines = ['%03d' % i for i in range(750)]  # 3 KB in one write: one record
+        alice.send(''.join(l + '\n' for l in lines))
+        self.assertEqual([bob.line() for _ in lines], ['<alice> ' + l for l in lines])
 
     def test_large_and_many_small_messages(self):
         alice, bob = self.tls_peer('alice'), self.tls_peer('bob')
