@@ -263,10 +263,6 @@ def plural(count, noun):
     return '%d %s%s' % (count, noun, '' if count == 1 else 's')
 
 
-CONSOLE_COMMANDS = ('help', 'who', 'kick', 'ban', 'unban', 'bans')
-OPERATOR_COMMANDS = ('kick', 'ban', 'unban', 'bans')
-
-
 def same_secret(given, secret):
     """Compare a password in constant time (digests, so even its length
     stays secret)."""
@@ -317,7 +313,7 @@ TOO_LONG = object()  # what Peer.next_line returns for an overlong line
 class Peer:
     """One connection to the server: its socket, buffers, name and flood budget."""
 
-    __slots__ = ('sock', 'address', 'ip', 'inbuf', 'outbuf', 'name', 'key', 'skipping',
+    __slots__ = ('sock', 'address', 'ip', 'inbuf', 'outbuf', 'name', 'key', 'room', 'skipping',
                  'tokens', 'tokens_at', 'paused', 'eof', 'close_reason', 'lingering',
                  'events', 'turn', 'batch_pos', 'handshaking', 'wants_write',
                  'authorized', 'operator', 'strikes', 'lines')
@@ -328,8 +324,9 @@ class Peer:
         self.ip = ip                # for address rules, caps and bans
         self.inbuf = bytearray()    # received bytes not yet handled as lines
         self.outbuf = bytearray()   # bytes queued for it that send() has not taken
-        self.name = None            # set once it is in the room
+        self.name = None            # set once it is let in
         self.key = None             # name_key(name)
+        self.room = None            # the Room it is in, once let in
         self.skipping = False       # discarding the rest of an overlong line
         self.tokens = burst         # lines it may send now (flood budget)
         self.tokens_at = time.monotonic()
@@ -338,7 +335,7 @@ class Peer:
         self.close_reason = None    # set when it is on its way out
         self.lingering = False      # leaving: input ignored, output flushed, then closed
         self.events = 0             # what the selector watches it for now
-        self.turn = -1              # last loop turn it was given broadcasts in,
+        self.turn = -1              # last loop turn it was given its room's lines in,
         self.batch_pos = 0          # and how many of that turn's it has had
         self.handshaking = False    # in its TLS handshake,
         self.wants_write = False    # which waits to write
@@ -384,15 +381,571 @@ class Peer:
         return refused
 
 
-class Server:
-    """The chat room: one selector over the listening sockets and every peer.
+class Room:
+    """A room: who is in it, what was said in it lately, and what is said in
+    it during the current loop turn.
+
+    Lines broadcast in a turn are collected in batch and joined once at the
+    end of the turn (deliver), so a message is encoded once and costs each
+    member a share of one send().  A member that was also queued something
+    of its own this turn (a reply, a private message) is given the batch's
+    lines in its outbuf instead, in order (catch_up).  Joins and leaves are
+    announced together when they come close together (announce_soon)."""
+
+    def __init__(self, server, name, history):
+        self.server = server
+        self.name = name
+        self.members = {}           # name_key -> Peer
+        self.history = collections.deque(maxlen=history)  # public lines, encoded
+        self.batch = []             # (sender, line) broadcast this turn
+        self.batch_bytes = 0
+        self.arrivals = {}          # members whose joining is not yet announced, in order
+        self.departures = []        # (name, reason) not yet announced
+        self.notices_due = 0.0      # announce at once if nothing was since then
+        self.notice_timer = False   # a timer will announce the pending ones
+        self.roster = None          # sorted (key, peer) of the members, or None when stale
+
+    def add(self, peer):
+        """peer comes in; the others hear of it soon."""
+        self.members[peer.key] = peer
+        peer.room = self
+        # It must not be handed the lines broadcast earlier this turn.
+        peer.turn, peer.batch_pos = self.server.turn, len(self.batch)
+        self.roster = None
+        self.arrivals[peer] = None
+        self.announce_soon()
+
+    def remove(self, peer, reason):
+        """peer goes; the others hear why, unless they never heard it came."""
+        del self.members[peer.key]
+        peer.room = None
+        self.roster = None
+        if peer in self.arrivals:
+            del self.arrivals[peer]
+        else:
+            self.departures.append((peer.name, reason))
+            self.announce_soon()
+
+    def rename(self, peer, old_key):
+        del self.members[old_key]
+        self.members[peer.key] = peer
+        self.roster = None
+
+    # What is said ------------------------------------------------------------
+
+    def say(self, peer, line):
+        """A public line from peer: remember it and send it to the others."""
+        self.history.append(line)
+        self.broadcast(line, sender=peer)
+
+    def broadcast(self, line, sender=None):
+        """Queue line for every member but sender, to go at the end of this
+        turn joined with the turn's other lines.  Pending joins and leaves
+        go first: no one hears a newcomer speak before hearing it came."""
+        if self.arrivals or self.departures:
+            self.announce()
+        if not self.batch:
+            self.server.busy_rooms.append(self)
+        self.batch.append((sender, line))
+        self.batch_bytes += len(line)
+        if sender is not None:
+            self.catch_up(sender)  # so deliver knows it must skip this line
+
+    def catch_up(self, peer):
+        """Copy this turn's lines that peer has not had into its outbuf."""
+        if peer.turn != self.server.turn:
+            peer.turn, peer.batch_pos = self.server.turn, 0
+        for sender, line in self.batch[peer.batch_pos:]:
+            if sender is not peer:
+                peer.outbuf += line
+        peer.batch_pos = len(self.batch)
+
+    def deliver(self):
+        """End of turn: join the batch once; a member with nothing else
+        queued gets those same bytes in one send() of its own."""
+        everything = b''.join(line for _, line in self.batch)
+        server = self.server
+        for peer in self.members.values():
+            if peer.sock is None:
+                continue
+            if peer.turn == server.turn:  # it has its own order: use its outbuf
+                self.catch_up(peer)
+                server.dirty.add(peer)
+            elif peer.outbuf:
+                peer.outbuf += everything
+                server.dirty.add(peer)
+            else:
+                server.send_fresh(peer, everything)
+        self.batch = []
+        self.batch_bytes = 0
+
+    # Joins and leaves --------------------------------------------------------
+
+    def announce_soon(self):
+        """Announce pending joins and leaves now if the room has been quiet
+        for NOTICE_INTERVAL_SEC, else at the end of that interval, together."""
+        now = time.monotonic()
+        if now >= self.notices_due:
+            self.announce()
+        elif not self.notice_timer:
+            self.notice_timer = True
+            self.server.call_later(self.notices_due - now, self.announce)
+
+    def announce(self, _=None):
+        """Broadcast the joins and leaves not yet announced: one line for
+        each kind, naming the first NOTICE_NAMES and counting the rest.  A
+        big room hears them less often, so a storm costs O(N) bytes."""
+        arrivals, self.arrivals = list(self.arrivals), {}
+        departures, self.departures = self.departures, []
+        self.notice_timer = False
+        self.notices_due = time.monotonic() + max(
+            NOTICE_INTERVAL_SEC, len(self.members) / NOTICE_DELIVERIES_PER_SEC)
+        if len(arrivals) == 1:  # the newcomer has its welcome instead
+            self.broadcast(notice_line('%s joined' % arrivals[0].name), sender=arrivals[0])
+        elif arrivals:
+            self.broadcast(notice_line('%d people joined: %s' % (
+                len(arrivals), name_list([p.name for p in arrivals], NOTICE_NAMES))))
+        if len(departures) == 1:
+            self.broadcast(notice_line('%s left (%s)' % departures[0]))
+        elif departures:
+            self.broadcast(notice_line('%d people left: %s' % (len(departures), name_list(
+                ['%s (%s)' % departure for departure in departures], NOTICE_NAMES))))
+
+    # What a member is told ---------------------------------------------------
+
+    def welcome_list(self):
+        """Who is here, for a newcomer, in the order they came: everyone in a
+        small room; in a big one a few names and a count, so that a join
+        costs O(1), not O(room)."""
+        names = [p.name for p in itertools.islice(self.members.values(), WELCOME_NAMES)]
+        more = ' (/who lists them)' if len(self.members) > WELCOME_NAMES else ''
+        return notice_line('%d online: %s%s' % (
+            len(self.members), name_list(names, WELCOME_NAMES, len(self.members)), more))
+
+    def recent_history(self, budget):
+        """The newest history lines that fit budget bytes: a newcomer must
+        not start life over its backlog cap (--history 100 of 4 KiB lines)."""
+        replay, size = [], 0
+        for line in reversed(self.history):
+            size += len(line)
+            if size > budget:
+                break
+            replay.append(line)
+        return replay[::-1]
+
+    def names_matching(self, pattern):
+        """The members whose name_key holds pattern, sorted (the sort is
+        kept until the room changes)."""
+        if self.roster is None:
+            self.roster = sorted(self.members.items())
+        return [peer.name for key, peer in self.roster if pattern in key]
+
+
+class Gate:
+    """Who gets in, and when: address rules and bans before a byte is read,
+    the caps on connections, the TLS handshake, the room password, and a
+    deadline on each step.  A connection that passes is let in
+    (Server.let_in); one that does not is closed with its reason logged."""
+
+    def __init__(self, server, tls=None, password=None, op_password=None, allow=(),
+                 deny=(), max_per_address=MAX_PER_ADDRESS, max_clients=None):
+        self.server = server
+        self.tls = tls              # an SSLContext: every peer must speak TLS
+        self.password = password    # the room's, or None
+        self.op_password = op_password
+        self.allow, self.deny = list(allow), list(deny)  # ip_network lists
+        self.max_clients = max_clients or default_max_clients()
+        self.max_per_address = max_per_address
+        self.per_address = collections.Counter()  # open connections per host_of(ip)
+        self.guesses = collections.Counter()  # wrong passwords per host_of(ip)
+        self.bans = {}              # ip_network -> when it ends (None: at restart)
+
+    def admit(self, sock, address):
+        """Take in a new connection: refuse it at once if its address may not
+        connect, with one line if the server or its address is full; else
+        start its TLS handshake, ask for the password, or let it in."""
+        server = self.server
+        ip = address_ip(address)
+        refusal = self.refusal(ip)
+        if refusal:
+            server.log('refused %s: %s' % (printable_address(address), refusal))
+            sock.close()  # before reading a byte
+            return
+        sock.setblocking(False)
+        # Chat lines are small and latency matters: no Nagle delay.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        peer = Peer(sock, printable_address(address), server.burst, ip)
+        host = host_of(ip)
+        if len(server.peers) >= self.max_clients:
+            refusal = 'server full (%d clients)' % len(server.peers)
+        elif (self.max_per_address and not ip.is_loopback
+              and self.per_address[host] >= self.max_per_address):
+            refusal = 'too many connections from %s (%d)' % (
+                ip if ip.version == 4 else host, self.max_per_address)
+        if refusal:
+            server.log('refused %s: %s' % (peer.address, refusal))
+            peer.outbuf += error_line('%s; try again later' % refusal)
+            server.start_closing(peer)
+            return
+        server.peers.add(peer)
+        self.per_address[host] += 1
+        peer.authorized = self.password is None
+        if not peer.authorized:
+            server.call_later(PASSWORD_SEC, self.expire_password, peer)
+        if self.tls:
+            peer.handshaking = True
+            server.call_later(TLS_HANDSHAKE_SEC, self.expire_handshake, peer)
+        else:
+            self.open_door(peer)
+        server.set_interest(peer)
+
+    def refusal(self, ip):
+        """Why ip may not connect at all (--deny, --allow, a ban), or None."""
+        if any(ip in network for network in self.deny):
+            return 'denied (--deny)'
+        if self.allow and not any(ip in network for network in self.allow):
+            return 'not allowed (--allow)'
+        self.expire_bans()
+        if any(ip in network for network in self.bans):
+            return 'banned'
+        return None
+
+    def forget(self, peer):
+        """peer no longer counts against --max-clients and --max-per-address."""
+        peers = self.server.peers
+        if peer in peers:
+            peers.remove(peer)
+            host = host_of(peer.ip)
+            self.per_address[host] -= 1
+            if not self.per_address[host]:
+                del self.per_address[host]
+
+    # TLS and the password ------------------------------------------------------
+
+    def shake_hands(self, peer):
+        """Move a TLS handshake on, inside the loop: it never blocks, and
+        expire_handshake drops a peer that stalls.  The first byte decides:
+        a client that speaks plain text is told so in plain text."""
+        server = self.server
+        if not isinstance(peer.sock, ssl.SSLSocket):
+            try:
+                first = peer.sock.recv(1, socket.MSG_PEEK)
+            except WOULD_BLOCK:
+                return
+            except OSError:
+                first = b''
+            if first != b'\x16':  # not a TLS handshake record
+                peer.handshaking = False
+                if first:
+                    server.log('refused %s: not TLS' % peer.address)
+                    peer.outbuf += error_line('this server speaks TLS; join with '
+                                              'python chat.py client --tls-fingerprint ...')
+                server.drop(peer, 'not TLS', linger=True)
+                return
+            server.selector.unregister(peer.sock)
+            peer.events = 0
+            peer.sock = self.tls.wrap_socket(peer.sock, server_side=True,
+                                             do_handshake_on_connect=False)
+        try:
+            peer.sock.do_handshake()
+            peer.handshaking = peer.wants_write = False
+        except ssl.SSLWantReadError:
+            peer.wants_write = False
+        except ssl.SSLWantWriteError:
+            peer.wants_write = True
+        except OSError as exc:  # ssl.SSLError among them
+            server.log('TLS handshake with %s failed: %s'
+                       % (peer.address, getattr(exc, 'reason', None) or exc))
+            server.lose(peer, 'TLS handshake failed')
+            return
+        if not peer.handshaking:
+            server.unread.add(peer)  # input may have come with the handshake
+            self.open_door(peer)
+        server.set_interest(peer)
+
+    def open_door(self, peer):
+        """A connection is ready to talk: let it in, or ask for the password
+        (and show it nothing of the room until then)."""
+        if peer.close_reason is not None:
+            return  # dropped (banned, say) while its handshake was under way
+        if peer.authorized:
+            self.server.let_in(peer)
+        else:
+            self.server.queue(peer, notice_line(PASSWORD_PROMPT))
+
+    def expire_handshake(self, peer):
+        if peer.handshaking and peer.sock is not None:
+            self.server.log('dropped %s: no TLS handshake in %d s'
+                            % (peer.address, TLS_HANDSHAKE_SEC))
+            self.server.lose(peer, 'TLS handshake too slow')
+
+    def expire_password(self, peer):
+        if not peer.authorized and peer.sock is not None and peer.close_reason is None:
+            self.server.log('dropped %s: no password in %d s' % (peer.address, PASSWORD_SEC))
+            self.server.queue(peer, error_line('no password in %d s: goodbye' % PASSWORD_SEC))
+            self.server.drop(peer, 'no password', linger=True)
+
+    def try_password(self, peer, secret):
+        """/pass: the right room password lets peer in."""
+        if same_secret(secret, self.password):
+            peer.authorized = True
+            self.server.log('%s gave the room password' % peer.address)
+            self.server.queue(peer, notice_line(PASSWORD_ACCEPTED))
+            self.server.let_in(peer)
+        else:
+            self.strike(peer, 'wrong password')
+
+    def strike(self, peer, what):
+        """A wrong password: say so; the third closes the connection, and
+        GUESSES_PER_HOST from one host (over any connections) ban it."""
+        server = self.server
+        peer.strikes += 1
+        left = PASSWORD_TRIES - peer.strikes
+        server.log('%s from %s (%d tries left)' % (what, peer.address, left))
+        if left > 0:
+            server.queue(peer, error_line('%s (%d tries left)' % (what, left)))
+        else:
+            server.queue(peer, error_line('%s: goodbye' % what))
+            server.drop(peer, 'too many wrong passwords', linger=True)
+        host = host_of(peer.ip)  # reconnecting must not buy more guesses
+        self.guesses[host] += not peer.ip.is_loopback
+        if self.guesses[host] >= GUESSES_PER_HOST:
+            del self.guesses[host]
+            server.log('banned %s for %d s after %d wrong passwords'
+                       % (host, GUESS_BAN_SEC, GUESSES_PER_HOST))
+            self.ban(host, GUESS_BAN_SEC, 'the server')
+
+    # Bans ----------------------------------------------------------------------
+
+    def ban(self, network, seconds, by):
+        """Refuse network for seconds (None: until restart) and close its
+        connections, telling each why."""
+        self.bans[network] = None if seconds is None else time.monotonic() + seconds
+        for peer in list(self.server.peers):
+            if peer.ip in network:
+                self.server.queue(peer, error_line('you were banned by %s' % by))
+                self.server.drop(peer, 'banned by %s' % by, linger=True)
+
+    def expire_bans(self):
+        now = time.monotonic()
+        for network, until in list(self.bans.items()):
+            if until is not None and until <= now:
+                del self.bans[network]
+
+
+# Who may use a command: anyone who is in, operators, or also a newcomer
+# still at the password prompt.
+ANYONE, OPERATORS, AT_THE_DOOR = 'anyone', 'operators', 'at the door'
+
+
+def command(usage, what, who=ANYONE, console=False):
+    """Mark a cmd_* method as a command: its usage and one-line help (for
+    /help, and for a command used wrongly), who may use it, and whether the
+    server's console may."""
+    def mark(handler):
+        handler.usage, handler.what, handler.who, handler.console = usage, what, who, console
+        return handler
+    return mark
+
+
+class Commands:
+    """The commands, one handler each, dispatched by name from /WORD to
+    cmd_WORD (as http.server does with do_GET).  Mixed into Server: the
+    handlers queue output and change the rooms; they never touch a socket."""
+
+    def run_command(self, peer, word, argument):
+        """Dispatch /WORD to cmd_WORD, if this peer may use it now."""
+        handler = getattr(self, 'cmd_' + word.lower(), None)
+        if handler is None:
+            refusal = 'unknown command /%s (try /help)' % word
+        elif not peer.authorized and handler.who != AT_THE_DOOR:
+            refusal = 'send /pass PASSWORD first'
+        elif peer is self.console and not handler.console:
+            refusal = '/%s is not for the console' % word
+        elif handler.who == OPERATORS and not peer.operator:
+            refusal = '/%s is for operators (/op PASSWORD)' % word
+        else:
+            handler(peer, argument)
+            return
+        self.queue(peer, error_line(refusal))
+
+    def usage(self, peer, handler):
+        self.queue(peer, error_line('usage: ' + handler.usage))
+
+    @command('/help', 'list the commands', console=True)
+    def cmd_help(self, peer, argument):
+        lines = ['Commands:']
+        for name, handler in vars(Commands).items():
+            if name.startswith('cmd_'):
+                lines.append('  %-28s %s%s' % (handler.usage, handler.what,
+                                               ' (operators)' if handler.who == OPERATORS
+                                               else ''))
+        lines.append('Lines starting with / are commands; start a line with // to say "/...".')
+        self.queue(peer, b''.join(notice_line(line) for line in lines))
+
+    @command('/who [TEXT] [+PAGE]', 'list who is online, or whose names hold TEXT',
+             console=True)
+    def cmd_who(self, peer, argument):
+        """A page at a time (WHO_PAGE_NAMES); '+' is never part of a name."""
+        page, pattern = 1, ''
+        for word in argument.split():
+            if word.startswith('+') and NUMBER.match(word[1:]):
+                page = max(1, int(word[1:]))
+            else:
+                pattern = name_key(word)
+        room = self.lobby
+        names = room.names_matching(pattern)
+        pages = max(1, -(-len(names) // WHO_PAGE_NAMES))
+        shown = names[(page - 1) * WHO_PAGE_NAMES:page * WHO_PAGE_NAMES]
+        what = '%d online' % len(room.members)
+        if pattern:
+            what = '%d of %s match "%s"' % (len(names), what, pattern)
+        if pages > 1:
+            what += ', page %d of %d (/who %s+N for page N)' % (
+                page, pages, pattern + ' ' if pattern else '')
+        self.queue(peer, notice_line('%s: %s' % (what, ', '.join(shown))))
+
+    @command('/nick NAME', 'choose your name')
+    def cmd_nick(self, peer, name):
+        if not name:
+            self.usage(peer, self.cmd_nick)
+            return
+        name = unicodedata.normalize('NFC', name)
+        key = name_key(name)
+        holder = self.names.get(key)
+        problem = name_problem(name)
+        if problem is None and (key.startswith(GUEST_PREFIX) or key == SERVER_NAME):
+            problem = 'the server keeps "%s" and names starting with "%s"' % (
+                SERVER_NAME, GUEST_PREFIX)
+        if problem is None and holder not in (None, peer):
+            problem = 'the name is taken by %s' % holder.name
+        if problem is None and name == peer.name:
+            problem = 'you are already %s' % name
+        if problem is not None:
+            self.log('%s refused the name %s: %s' % (peer.name, name, problem))
+            self.queue(peer, error_line('cannot use the name %s: %s' % (name, problem)))
+            return
+        old, old_key = peer.name, peer.key
+        del self.names[old_key]
+        peer.name, peer.key = name, key
+        self.names[key] = peer
+        peer.room.rename(peer, old_key)
+        self.log('%s is now known as %s' % (old, name))
+        peer.room.broadcast(notice_line('%s is now known as %s' % (old, name)))
+
+    @command('/me ACTION', 'say what you are doing')
+    def cmd_me(self, peer, action):
+        if not action:
+            self.usage(peer, self.cmd_me)
+            return
+        peer.room.say(peer, action_line(peer.name, action))
+
+    @command('/msg NAME TEXT', 'send a private message')
+    def cmd_msg(self, peer, argument):
+        name, _, text = argument.partition(' ')
+        text = text.strip()
+        if not name or not text:
+            self.usage(peer, self.cmd_msg)
+            return
+        recipient = self.names.get(name_key(name))
+        if recipient is None:
+            self.queue(peer, error_line('no one called %s is online' % name))
+            return
+        line = private_line(peer.name, text)
+        self.queue(recipient, line)
+        self.direct_bytes += len(line)  # another's output: it counts against this turn's share
+        self.queue(peer, sent_line(recipient.name, text))
+
+    @command('/quit [REASON]', 'leave', who=AT_THE_DOOR)
+    def cmd_quit(self, peer, reason):
+        self.queue(peer, notice_line(GOODBYE))
+        self.drop(peer, 'quit: %s' % reason if reason else 'quit', linger=True)
+
+    @command('/pass PASSWORD', 'enter a room that has a password', who=AT_THE_DOOR)
+    def cmd_pass(self, peer, secret):
+        if peer.authorized:
+            self.queue(peer, error_line('you are already in'))
+        else:
+            self.gate.try_password(peer, secret)
+
+    @command('/op PASSWORD', 'become an operator')
+    def cmd_op(self, peer, secret):
+        if self.gate.op_password is None:
+            self.queue(peer, error_line('this server has no operators'))
+        elif peer.operator:
+            self.queue(peer, error_line('you are already an operator'))
+        elif same_secret(secret, self.gate.op_password):
+            peer.operator = True
+            self.log('%s is now an operator' % peer.name)
+            peer.room.broadcast(notice_line('%s is now an operator' % peer.name))
+        else:
+            self.gate.strike(peer, 'wrong operator password')
+
+    @command('/kick NAME [REASON]', "close NAME's connection", who=OPERATORS, console=True)
+    def cmd_kick(self, peer, argument):
+        name, _, reason = argument.partition(' ')
+        if not name:
+            self.usage(peer, self.cmd_kick)
+            return
+        target = self.names.get(name_key(name))
+        if target is None:
+            self.queue(peer, error_line('no one called %s is online' % name))
+            return
+        why = 'kicked by %s%s' % (peer.name, ': ' + reason.strip() if reason.strip() else '')
+        self.log('%s was %s' % (target.name, why))
+        self.queue(target, error_line('you were ' + why))
+        self.drop(target, why, linger=True)  # everyone sees it leave, and why
+
+    @command('/ban NAME|ADDRESS [MINUTES]', 'refuse an address', who=OPERATORS, console=True)
+    def cmd_ban(self, peer, argument):
+        """Or a CIDR network; until the ban ends or the server restarts.  Its
+        connections are closed."""
+        words = argument.split()
+        if not 1 <= len(words) <= 2 or not all(NUMBER.match(w) for w in words[1:]):
+            self.usage(peer, self.cmd_ban)
+            return
+        target = self.names.get(name_key(words[0]))
+        network = host_of(target.ip) if target else parse_network(words[0])
+        if network is None:
+            self.queue(peer, error_line('%s is neither online nor an address' % words[0]))
+            return
+        minutes = int(words[1]) if len(words) == 2 else 0
+        what = '%s banned %s%s %s' % (peer.name, network, ' (%s)' % target.name if target else '',
+                                       'for ' + plural(minutes, 'minute') if minutes
+                                       else 'until the server restarts')
+        self.log(what)
+        self.wall(notice_line(what))
+        self.gate.ban(network, 60 * minutes if minutes else None, peer.name)
+
+    @command('/unban ADDRESS', 'lift a ban', who=OPERATORS, console=True)
+    def cmd_unban(self, peer, argument):
+        network = parse_network(argument)
+        if network not in self.gate.bans:
+            self.queue(peer, error_line('%s is not banned (see /bans)' % argument))
+            return
+        del self.gate.bans[network]
+        self.log('%s lifted the ban on %s' % (peer.name, network))
+        self.queue(peer, notice_line('%s is no longer banned' % network))
+
+    @command('/bans', 'list the bans', who=OPERATORS, console=True)
+    def cmd_bans(self, peer, argument):
+        self.gate.expire_bans()
+        now = time.monotonic()
+        bans = ['%s (%s)' % (network, 'until restart' if until is None else
+                             plural(int((until - now) // 60) + 1, 'minute') + ' left')
+                for network, until in sorted(self.gate.bans.items(), key=str)]
+        self.queue(peer, notice_line('bans: %s' % (', '.join(bans) or 'none')))
+
+
+class Server(Commands):
+    """The chat server: one selector over the listening sockets and every
+    peer, the timers, and the end-of-turn output.
 
     Handlers never write to sockets: they queue output, and end_turn() gives
-    each peer everything queued for it in one send() per loop turn.  Lines
-    for the whole room are collected in self.batch and joined once per turn,
-    so a message is encoded once and costs each peer a share of one send().
-    A peer leaves the room only at the end of a turn (reap), never in the
-    middle of a broadcast; a broken socket is closed at once.
+    each peer everything queued for it in one send() per loop turn.  A peer
+    leaves its room only at the end of a turn (reap), never in the middle of
+    a broadcast; a broken socket is closed at once.
     """
 
     def __init__(self, listeners, log=None, history=DEFAULT_HISTORY,
@@ -407,36 +960,24 @@ class Server:
         self.max_backlog = max_backlog
         self.rate = rate
         self.burst = burst
-        self.max_clients = max_clients or default_max_clients()
-        self.history = collections.deque(maxlen=history)
-        self.tls = tls              # an SSLContext: every peer must speak TLS
-        self.password = password    # the room's, or None
-        self.op_password = op_password
-        self.allow, self.deny = list(allow), list(deny)  # ip_network lists
-        self.max_per_address = max_per_address
-        self.per_address = collections.Counter()  # open connections per host_of(ip)
-        self.guesses = collections.Counter()  # wrong passwords per host_of(ip)
-        self.bans = {}              # ip_network -> when it ends (None: at restart)
+        self.gate = Gate(self, tls, password, op_password, allow, deny, max_per_address,
+                         max_clients)
         self.selector = selector_class()
         self.peers = set()          # open connections, closing ones aside
         self.closing = set()        # connections finishing their output
-        self.room = {}              # name_key -> Peer, for peers with a name
-        self.batch = []             # (sender, line) broadcast this turn
+        self.names = {}             # name_key -> Peer, for every peer let in
+        self.lobby = Room(self, 'lobby', history)
+        self.busy_rooms = []        # rooms with lines broadcast this turn
         self.turn = 0
         self.turn_budget = max(1, max_backlog // TURN_SHARE)
-        self.batch_bytes = 0        # bytes for others this turn: broadcasts and /msg
+        self.direct_bytes = 0       # private messages queued this turn
         self.dirty = set()          # peers to flush at the end of this turn
         self.held = collections.deque()  # peers with lines held over to next turn
         self.unread = set()         # TLS peers with decrypted input left to read
-        self.doomed = []            # peers leaving the room at the end of this turn
+        self.doomed = []            # peers leaving at the end of this turn
         self.timers = []            # heap of (when, seq, callback, argument)
         self.timer_seq = itertools.count()
         self.guest_numbers = itertools.count(1)  # never reused
-        self.arrivals = {}          # peers whose joining is not yet announced, in order
-        self.departures = []        # (name, reason) not yet announced
-        self.notices_due = 0.0      # announce at once if nothing was since then
-        self.notice_timer = False   # a timer will announce the pending ones
-        self.roster = None          # sorted (key, peer) of the room, or None when stale
         self.fds_exhausted = False
         self.accepting = False      # the listeners are in the selector
         self.stopping = False
@@ -509,7 +1050,7 @@ class Server:
 
     def on_event(self, peer, mask):
         if peer.handshaking:
-            self.shake_hands(peer)
+            self.gate.shake_hands(peer)
             return
         if mask & selectors.EVENT_READ:
             self.on_readable(peer)
@@ -519,7 +1060,7 @@ class Server:
     def next_timeout(self, limit=None):
         """Seconds select() may wait: none while output is queued, else until
         the next timer (or limit)."""
-        if self.batch or self.dirty or self.doomed or self.held or self.unread:
+        if self.busy_rooms or self.dirty or self.doomed or self.held or self.unread:
             return 0
         timeout = limit
         if self.timers:
@@ -567,7 +1108,7 @@ class Server:
                     return
                 continue  # ECONNABORTED and the like: that one is gone
             self.fds_exhausted = False
-            self.admit(sock, address)
+            self.gate.admit(sock, address)
 
     def pause_accepting(self, exc):
         """Out of file descriptors: stop accepting for a moment instead of
@@ -591,166 +1132,31 @@ class Server:
             for listener in self.listeners:
                 self.selector.register(listener, selectors.EVENT_READ, 'accept')
 
-    def admit(self, sock, address):
-        """Take in a new connection: refuse it at once if its address may not
-        connect, with one line if the server or its address is full; else
-        start its TLS handshake, ask for the password, or let it in."""
-        ip = address_ip(address)
-        refusal = self.refusal(ip)
-        if refusal:
-            self.log('refused %s: %s' % (printable_address(address), refusal))
-            sock.close()  # before reading a byte
-            return
-        sock.setblocking(False)
-        # Chat lines are small and latency matters: no Nagle delay.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-        peer = Peer(sock, printable_address(address), self.burst, ip)
-        host = host_of(ip)
-        if len(self.peers) >= self.max_clients:
-            refusal = 'server full (%d clients)' % len(self.peers)
-        elif (self.max_per_address and not ip.is_loopback
-              and self.per_address[host] >= self.max_per_address):
-            refusal = 'too many connections from %s (%d)' % (
-                ip if ip.version == 4 else host, self.max_per_address)
-        if refusal:
-            self.log('refused %s: %s' % (peer.address, refusal))
-            peer.outbuf += error_line('%s; try again later' % refusal)
-            self.start_closing(peer)
-            return
-        self.peers.add(peer)
-        self.per_address[host] += 1
-        peer.authorized = self.password is None
-        if not peer.authorized:
-            self.call_later(PASSWORD_SEC, self.expire_password, peer)
-        if self.tls:
-            peer.handshaking = True
-            self.call_later(TLS_HANDSHAKE_SEC, self.expire_handshake, peer)
-        else:
-            self.open_door(peer)
-        self.set_interest(peer)
-
-    def refusal(self, ip):
-        """Why ip may not connect at all (--deny, --allow, a ban), or None."""
-        if any(ip in network for network in self.deny):
-            return 'denied (--deny)'
-        if self.allow and not any(ip in network for network in self.allow):
-            return 'not allowed (--allow)'
-        self.expire_bans()
-        if any(ip in network for network in self.bans):
-            return 'banned'
-        return None
-
-    def expire_bans(self):
-        now = time.monotonic()
-        for network, until in list(self.bans.items()):
-            if until is not None and until <= now:
-                del self.bans[network]
-
-    def ban(self, network, seconds, by):
-        """Refuse network for seconds (None: until restart) and close its
-        connections, telling each why."""
-        self.bans[network] = None if seconds is None else time.monotonic() + seconds
-        for peer in list(self.peers):
-            if peer.ip in network:
-                self.queue(peer, error_line('you were banned by %s' % by))
-                self.drop(peer, 'banned by %s' % by, linger=True)
-
-    def shake_hands(self, peer):
-        """Move a TLS handshake on, inside the loop: it never blocks, and
-        expire_handshake drops a peer that stalls.  The first byte decides:
-        a client that speaks plain text is told so in plain text."""
-        if not isinstance(peer.sock, ssl.SSLSocket):
-            try:
-                first = peer.sock.recv(1, socket.MSG_PEEK)
-            except WOULD_BLOCK:
-                return
-            except OSError:
-                first = b''
-            if first != b'\x16':  # not a TLS handshake record
-                peer.handshaking = False
-                if first:
-                    self.log('refused %s: not TLS' % peer.address)
-                    peer.outbuf += error_line('this server speaks TLS; join with '
-                                              'python chat.py client --tls-fingerprint ...')
-                self.drop(peer, 'not TLS', linger=True)
-                return
-            self.selector.unregister(peer.sock)
-            peer.events = 0
-            peer.sock = self.tls.wrap_socket(peer.sock, server_side=True,
-                                             do_handshake_on_connect=False)
-        try:
-            peer.sock.do_handshake()
-            peer.handshaking = peer.wants_write = False
-        except ssl.SSLWantReadError:
-            peer.wants_write = False
-        except ssl.SSLWantWriteError:
-            peer.wants_write = True
-        except OSError as exc:  # ssl.SSLError among them
-            self.log('TLS handshake with %s failed: %s'
-                     % (peer.address, getattr(exc, 'reason', None) or exc))
-            self.lose(peer, 'TLS handshake failed')
-            return
-        if not peer.handshaking:
-            self.unread.add(peer)  # input may have come with the handshake
-            self.open_door(peer)
-        self.set_interest(peer)
-
-    def open_door(self, peer):
-        """A connection is ready to talk: let it in, or ask for the password
-        (and show it nothing of the room until then)."""
-        if peer.close_reason is not None:
-            return  # dropped (banned, say) while its handshake was under way
-        if peer.authorized:
-            self.enter_room(peer)
-        else:
-            self.queue(peer, notice_line(PASSWORD_PROMPT))
-
-    def expire_handshake(self, peer):
-        if peer.handshaking and peer.sock is not None:
-            self.log('dropped %s: no TLS handshake in %d s' % (peer.address, TLS_HANDSHAKE_SEC))
-            self.lose(peer, 'TLS handshake too slow')
-
-    def expire_password(self, peer):
-        if not peer.authorized and peer.sock is not None and peer.close_reason is None:
-            self.log('dropped %s: no password in %d s' % (peer.address, PASSWORD_SEC))
-            self.queue(peer, error_line('no password in %d s: goodbye' % PASSWORD_SEC))
-            self.drop(peer, 'no password', linger=True)
-
-    def enter_room(self, peer):
-        """Give peer a guest name, greet it and tell the others."""
+    def let_in(self, peer):
+        """peer has passed the gate: give it a guest name, welcome it into
+        the lobby and tell the others."""
         name = GUEST_PREFIX + str(next(self.guest_numbers))
         peer.name, peer.key = name, name_key(name)
-        # It must not be handed the broadcasts queued earlier this turn.
-        peer.turn, peer.batch_pos = self.turn, len(self.batch)
-        self.room[peer.key] = peer
-        self.roster = None
+        self.names[peer.key] = peer
         self.log('%s joined from %s' % (name, peer.address))
         self.queue(peer, notice_line('Welcome, %s! Type /help for commands, '
                                      '/nick NAME to choose a name.' % name))
-        self.queue(peer, self.welcome_list())
-        replay = self.recent_history()
+        self.join(peer, self.lobby)
+
+    def join(self, peer, room):
+        """Put peer in room and tell it what a newcomer is told: who is
+        there and the room's recent lines."""
+        room.add(peer)
+        self.queue(peer, room.welcome_list())
+        replay = room.recent_history(self.turn_budget)
         if replay:
             self.queue(peer, notice_line('Last %s:' % plural(len(replay), 'message')))
             self.queue(peer, b''.join(replay))
-        self.arrivals[peer] = None
-        self.announce_soon()
-
-    def recent_history(self):
-        """The newest history lines that fit one turn's share: a newcomer must
-        not start life over its backlog cap (--history 100 of 4 KiB lines)."""
-        replay, size = [], 0
-        for line in reversed(self.history):
-            size += len(line)
-            if size > self.turn_budget:
-                break
-            replay.append(line)
-        return replay[::-1]
 
     def drop(self, peer, reason, linger=False):
-        """Take peer out of the room at the end of this turn; the first reason
-        given is the one announced.  With linger, it gets its queued output
-        before the connection closes."""
+        """Take peer out at the end of this turn; the first reason given is
+        the one announced.  With linger, it gets its queued output before
+        the connection closes."""
         if peer.close_reason is None:
             peer.close_reason = reason
             peer.lingering = linger
@@ -762,58 +1168,24 @@ class Server:
         self.close(peer)
 
     def reap(self):
-        """Take the peers dropped this turn out of the room; tell the others."""
+        """Take the peers dropped this turn out of their rooms; tell the others."""
         doomed, self.doomed = self.doomed, []
         for peer in doomed:
-            if peer.key is not None and self.room.get(peer.key) is peer:
-                del self.room[peer.key]
-                self.roster = None
+            if peer.key is not None and self.names.get(peer.key) is peer:
+                del self.names[peer.key]
                 self.log('%s left (%s)' % (peer.name, peer.close_reason))
-                if peer in self.arrivals:  # came and went before anyone was told
-                    del self.arrivals[peer]
-                else:
-                    self.departures.append((peer.name, peer.close_reason))
-                    self.announce_soon()
+                peer.room.remove(peer, peer.close_reason)
             if peer.sock is not None:
                 if peer.lingering:
                     self.start_closing(peer)
                 else:
                     self.close(peer)
 
-    def announce_soon(self):
-        """Announce pending joins and leaves now if the room has been quiet
-        for NOTICE_INTERVAL_SEC, else at the end of that interval, together."""
-        now = time.monotonic()
-        if now >= self.notices_due:
-            self.announce()
-        elif not self.notice_timer:
-            self.notice_timer = True
-            self.call_later(self.notices_due - now, self.announce)
-
-    def announce(self, _=None):
-        """Broadcast the joins and leaves not yet announced: one line for
-        each kind, naming the first NOTICE_NAMES and counting the rest."""
-        arrivals, self.arrivals = list(self.arrivals), {}
-        departures, self.departures = self.departures, []
-        self.notice_timer = False
-        self.notices_due = time.monotonic() + max(
-            NOTICE_INTERVAL_SEC, len(self.room) / NOTICE_DELIVERIES_PER_SEC)
-        if len(arrivals) == 1:  # the newcomer has its welcome instead
-            self.broadcast(notice_line('%s joined' % arrivals[0].name), sender=arrivals[0])
-        elif arrivals:
-            self.broadcast(notice_line('%d people joined: %s' % (
-                len(arrivals), name_list([p.name for p in arrivals], NOTICE_NAMES))))
-        if len(departures) == 1:
-            self.broadcast(notice_line('%s left (%s)' % departures[0]))
-        elif departures:
-            self.broadcast(notice_line('%d people left: %s' % (len(departures), name_list(
-                ['%s (%s)' % departure for departure in departures], NOTICE_NAMES))))
-
     def start_closing(self, peer):
         """Let peer read what is queued for it, then close.  Its input is read
         and thrown away meanwhile: closing a socket with unread input sends a
         reset, which can destroy output the peer has not read yet."""
-        self.forget(peer)
+        self.gate.forget(peer)
         self.closing.add(peer)
         peer.lingering = True
         peer.paused = peer.handshaking = False
@@ -832,24 +1204,21 @@ class Server:
         peer.sock = None
         peer.events = 0
         peer.inbuf, peer.outbuf = bytearray(), bytearray()
-        self.forget(peer)
+        self.gate.forget(peer)
         self.closing.discard(peer)
         self.dirty.discard(peer)
 
-    def forget(self, peer):
-        """peer no longer counts against --max-clients and --max-per-address."""
-        if peer in self.peers:
-            self.peers.remove(peer)
-            host = host_of(peer.ip)
-            self.per_address[host] -= 1
-            if not self.per_address[host]:
-                del self.per_address[host]
-
     # Input ---------------------------------------------------------------------
+
+    def share_used(self, peer):
+        """True once this turn has queued a share of output (TURN_SHARE of
+        max_backlog) for the others that peer's lines would reach."""
+        said = peer.room.batch_bytes if peer.room is not None else 0
+        return said + self.direct_bytes >= self.turn_budget
 
     def on_readable(self, peer):
         """Read one chunk from peer and handle the lines it completes."""
-        if self.batch_bytes >= self.turn_budget and not peer.lingering:
+        if self.share_used(peer) and not peer.lingering:
             return  # this turn's share is used up; the selector will ask again
         try:
             data = peer.sock.recv(READ_CHUNK_BYTES)
@@ -867,7 +1236,7 @@ class Server:
         if not data:
             peer.eof = True  # what is already here is still handled
             self.set_interest(peer)
-        elif self.tls is not None and peer.sock.pending():
+        elif self.gate.tls is not None and peer.sock.pending():
             self.unread.add(peer)  # decrypted, but no socket event will say so
         peer.inbuf += data
         self.handle_input(peer)
@@ -880,7 +1249,7 @@ class Server:
         handled = self.say_all(peer, allowed)
         share_used = False
         while allowed is None or handled < allowed:
-            share_used = self.batch_bytes >= self.turn_budget
+            share_used = self.share_used(peer)
             raw = None if share_used else peer.next_line(self.max_line)
             if raw is None:
                 break
@@ -910,7 +1279,7 @@ class Server:
         encode them in one go.  How many lines it said (0: none, go line by
         line)."""
         end = peer.inbuf.rfind(b'\n')
-        if end < 0 or peer.skipping or not peer.lines or peer.name is None:
+        if end < 0 or peer.skipping or not peer.lines or peer.room is None:
             return 0  # a first line, or one before the password, goes line by line
         raw = bytes(peer.inbuf[:end])
         count = raw.count(b'\n') + 1
@@ -923,13 +1292,15 @@ class Server:
             return 0
         prefix = '<%s> ' % peer.name
         lines = (prefix + text.replace('\n', '\n' + prefix) + '\n').encode()
-        if self.batch_bytes + len(lines) > self.turn_budget:
+        room = peer.room
+        if room.batch_bytes + self.direct_bytes + len(lines) > self.turn_budget:
             return 0
         del peer.inbuf[:end + 1]
-        if self.history.maxlen:  # the last few, as slices of the same bytes
-            recent = lines.rsplit(b'\n', self.history.maxlen + 1)[-self.history.maxlen - 1:-1]
-            self.history.extend(line + b'\n' for line in recent)
-        self.broadcast(lines, sender=peer)
+        history = room.history
+        if history.maxlen:  # the last few, as slices of the same bytes
+            recent = lines.rsplit(b'\n', history.maxlen + 1)[-history.maxlen - 1:-1]
+            history.extend(line + b'\n' for line in recent)
+        room.broadcast(lines, sender=peer)
         peer.lines += count
         return count
 
@@ -959,7 +1330,7 @@ class Server:
         if peer.sock is not None and peer.close_reason is None:
             peer.paused = False
             self.set_interest(peer)
-            if self.tls is not None and peer.sock.pending():
+            if self.gate.tls is not None and peer.sock.pending():
                 self.unread.add(peer)  # TLS kept it while paused; no event will say so
             self.handle_input(peer)
 
@@ -973,9 +1344,11 @@ class Server:
 
     def continue_held(self):
         for _ in range(len(self.held)):
-            if self.batch_bytes >= self.turn_budget:
+            peer = self.held[0]
+            if self.share_used(peer):
                 return
-            self.resume(self.held.popleft())  # back of the queue if still held
+            self.held.popleft()
+            self.resume(peer)  # back of the queue if still held
 
     def handle_line(self, peer, raw):
         """One line from peer: a command, or a public message."""
@@ -993,234 +1366,14 @@ class Server:
         elif not peer.authorized:
             self.queue(peer, error_line('send /pass PASSWORD first'))
         elif peer is self.console:
-            self.broadcast(notice_line('server: %s' % text))
+            self.wall(notice_line('server: %s' % text))
         else:
-            self.say(peer, public_line(peer.name, text[1:] if text.startswith('//') else text))
-
-    def run_command(self, peer, word, argument):
-        """Dispatch /WORD to cmd_WORD, if this peer may use it now."""
-        handler = getattr(self, 'cmd_' + word.lower(), None)
-        if handler is None:
-            refusal = 'unknown command /%s (try /help)' % word
-        elif not peer.authorized and word.lower() not in ('pass', 'quit'):
-            refusal = 'send /pass PASSWORD first'
-        elif peer is self.console and word.lower() not in CONSOLE_COMMANDS:
-            refusal = '/%s is not for the console' % word
-        elif word.lower() in OPERATOR_COMMANDS and not peer.operator:
-            refusal = '/%s is for operators (/op PASSWORD)' % word
-        else:
-            handler(peer, argument)
-            return
-        self.queue(peer, error_line(refusal))
-
-    def say(self, peer, line):
-        """A public line from peer: remember it and send it to the others."""
-        self.history.append(line)
-        self.broadcast(line, sender=peer)
-
-    # Commands ------------------------------------------------------------------
-
-    # Each command's docstring starts "USAGE: what it does": /help lists
-    # them, and a command used wrongly answers with its usage.
-
-    def cmd_help(self, peer, argument):
-        """/help: list the commands"""
-        lines = ['Commands:']
-        for name, handler in vars(Server).items():
-            if name.startswith('cmd_'):
-                usage, _, what = handler.__doc__.partition(': ')
-                lines.append('  %-28s %s' % (usage, what.split('\n')[0]))
-        lines.append('Lines starting with / are commands; start a line with // to say "/...".')
-        self.queue(peer, b''.join(notice_line(line) for line in lines))
-
-    def usage(self, peer, handler):
-        self.queue(peer, error_line('usage: ' + handler.__doc__.partition(': ')[0]))
-
-    def cmd_who(self, peer, argument):
-        """/who [TEXT] [+PAGE]: list who is online, or whose names hold TEXT
-
-        A page at a time (WHO_PAGE_NAMES); '+' is never part of a name."""
-        page, pattern = 1, ''
-        for word in argument.split():
-            if word.startswith('+') and NUMBER.match(word[1:]):
-                page = max(1, int(word[1:]))
-            else:
-                pattern = name_key(word)
-        if self.roster is None:  # sorted once per change to the room
-            self.roster = sorted(self.room.items())
-        names = [p.name for key, p in self.roster if pattern in key]
-        pages = max(1, -(-len(names) // WHO_PAGE_NAMES))
-        shown = names[(page - 1) * WHO_PAGE_NAMES:page * WHO_PAGE_NAMES]
-        what = '%d online' % len(self.room)
-        if pattern:
-            what = '%d of %s match "%s"' % (len(names), what, pattern)
-        if pages > 1:
-            what += ', page %d of %d (/who %s+N for page N)' % (
-                page, pages, pattern + ' ' if pattern else '')
-        self.queue(peer, notice_line('%s: %s' % (what, ', '.join(shown))))
-
-    def welcome_list(self):
-        """Who is online, for a newcomer, in the order they came: everyone in
-        a small room; in a big one a few names and a count, so that a join
-        costs O(1), not O(room)."""
-        names = [p.name for p in itertools.islice(self.room.values(), WELCOME_NAMES)]
-        more = ' (/who lists them)' if len(self.room) > WELCOME_NAMES else ''
-        return notice_line('%d online: %s%s' % (
-            len(self.room), name_list(names, WELCOME_NAMES, len(self.room)), more))
-
-    def cmd_nick(self, peer, name):
-        """/nick NAME: choose your name"""
-        if not name:
-            self.usage(peer, self.cmd_nick)
-            return
-        name = unicodedata.normalize('NFC', name)
-        key = name_key(name)
-        holder = self.room.get(key)
-        problem = name_problem(name)
-        if problem is None and (key.startswith(GUEST_PREFIX) or key == SERVER_NAME):
-            problem = 'the server keeps "%s" and names starting with "%s"' % (
-                SERVER_NAME, GUEST_PREFIX)
-        if problem is None and holder not in (None, peer):
-            problem = 'the name is taken by %s' % holder.name
-        if problem is None and name == peer.name:
-            problem = 'you are already %s' % name
-        if problem is not None:
-            self.log('%s refused the name %s: %s' % (peer.name, name, problem))
-            self.queue(peer, error_line('cannot use the name %s: %s' % (name, problem)))
-            return
-        old = peer.name
-        del self.room[peer.key]
-        peer.name, peer.key = name, key
-        self.room[key] = peer
-        self.roster = None
-        self.log('%s is now known as %s' % (old, name))
-        self.broadcast(notice_line('%s is now known as %s' % (old, name)))
-
-    def cmd_me(self, peer, action):
-        """/me ACTION: say what you are doing"""
-        if not action:
-            self.usage(peer, self.cmd_me)
-            return
-        self.say(peer, action_line(peer.name, action))
-
-    def cmd_msg(self, peer, argument):
-        """/msg NAME TEXT: send a private message"""
-        name, _, text = argument.partition(' ')
-        text = text.strip()
-        if not name or not text:
-            self.usage(peer, self.cmd_msg)
-            return
-        recipient = self.room.get(name_key(name))
-        if recipient is None:
-            self.queue(peer, error_line('no one called %s is online' % name))
-            return
-        line = private_line(peer.name, text)
-        self.queue(recipient, line)
-        self.batch_bytes += len(line)  # another's output: it counts against this turn's share
-        self.queue(peer, sent_line(recipient.name, text))
-
-    def cmd_pass(self, peer, secret):
-        """/pass PASSWORD: enter a room that has a password"""
-        if peer.authorized:
-            self.queue(peer, error_line('you are already in'))
-        elif same_secret(secret, self.password):
-            peer.authorized = True
-            self.log('%s gave the room password' % peer.address)
-            self.queue(peer, notice_line(PASSWORD_ACCEPTED))
-            self.enter_room(peer)
-        else:
-            self.strike(peer, 'wrong password')
-
-    def cmd_op(self, peer, secret):
-        """/op PASSWORD: become an operator"""
-        if self.op_password is None:
-            self.queue(peer, error_line('this server has no operators'))
-        elif peer.operator:
-            self.queue(peer, error_line('you are already an operator'))
-        elif same_secret(secret, self.op_password):
-            peer.operator = True
-            self.log('%s is now an operator' % peer.name)
-            self.broadcast(notice_line('%s is now an operator' % peer.name))
-        else:
-            self.strike(peer, 'wrong operator password')
-
-    def strike(self, peer, what):
-        """A wrong password: say so; the third closes the connection."""
-        peer.strikes += 1
-        left = PASSWORD_TRIES - peer.strikes
-        self.log('%s from %s (%d tries left)' % (what, peer.address, left))
-        if left > 0:
-            self.queue(peer, error_line('%s (%d tries left)' % (what, left)))
-        else:
-            self.queue(peer, error_line('%s: goodbye' % what))
-            self.drop(peer, 'too many wrong passwords', linger=True)
-        host = host_of(peer.ip)  # reconnecting must not buy more guesses
-        self.guesses[host] += not peer.ip.is_loopback
-        if self.guesses[host] >= GUESSES_PER_HOST:
-            del self.guesses[host]
-            self.log('banned %s for %d s after %d wrong passwords'
-                     % (host, GUESS_BAN_SEC, GUESSES_PER_HOST))
-            self.ban(host, GUESS_BAN_SEC, 'the server')
-
-    def cmd_kick(self, peer, argument):
-        """/kick NAME [REASON]: close NAME's connection (operators)"""
-        name, _, reason = argument.partition(' ')
-        target = self.room.get(name_key(name)) if name else None
-        if not name:
-            self.usage(peer, self.cmd_kick)
-            return
-        if target is None:
-            self.queue(peer, error_line('no one called %s is online' % name))
-            return
-        why = 'kicked by %s%s' % (peer.name, ': ' + reason.strip() if reason.strip() else '')
-        self.log('%s was %s' % (target.name, why))
-        self.queue(target, error_line('you were ' + why))
-        self.drop(target, why, linger=True)  # everyone sees it leave, and why
-
-    def cmd_ban(self, peer, argument):
-        """/ban NAME|ADDRESS [MINUTES]: refuse an address (operators)
-
-        Or a CIDR network; until the ban ends or the server restarts.  Its
-        connections are closed."""
-        words = argument.split()
-        if not 1 <= len(words) <= 2 or not all(NUMBER.match(w) for w in words[1:]):
-            self.usage(peer, self.cmd_ban)
-            return
-        target = self.room.get(name_key(words[0]))
-        network = host_of(target.ip) if target else parse_network(words[0])
-        if network is None:
-            self.queue(peer, error_line('%s is neither online nor an address' % words[0]))
-            return
-        minutes = int(words[1]) if len(words) == 2 else 0
-        what = '%s banned %s%s %s' % (peer.name, network, ' (%s)' % target.name if target else '',
-                                       'for ' + plural(minutes, 'minute') if minutes
-                                       else 'until the server restarts')
-        self.log(what)
-        self.broadcast(notice_line(what))
-        self.ban(network, 60 * minutes if minutes else None, peer.name)
-
-    def cmd_unban(self, peer, argument):
-        """/unban ADDRESS: lift a ban (operators)"""
-        network = parse_network(argument)
-        if network not in self.bans:
-            self.queue(peer, error_line('%s is not banned (see /bans)' % argument))
-            return
-        del self.bans[network]
-        self.log('%s lifted the ban on %s' % (peer.name, network))
-        self.queue(peer, notice_line('%s is no longer banned' % network))
-
-    def cmd_bans(self, peer, argument):
-        """/bans: list the bans (operators)"""
-        self.expire_bans()
-        now = time.monotonic()
-        bans = ['%s (%s)' % (network, 'until restart' if until is None else
-                             plural(int((until - now) // 60) + 1, 'minute') + ' left')
-                for network, until in sorted(self.bans.items(), key=str)]
-        self.queue(peer, notice_line('bans: %s' % (', '.join(bans) or 'none')))
+            peer.room.say(peer, public_line(peer.name, text[1:] if text.startswith('//')
+                                            else text))
 
     def on_console(self, console):
         """Lines typed at the server's terminal: commands run as an operator
-        called "server"; other text is announced to the room."""
+        called "server"; other text is announced to everyone."""
         try:
             data = os.read(sys.stdin.fileno(), 4096)
         except OSError:  # EIO: the server was put in the background
@@ -1237,67 +1390,33 @@ class Server:
             if raw is not TOO_LONG:
                 self.handle_line(self.console, raw)
 
-    def cmd_quit(self, peer, reason):
-        """/quit [REASON]: leave"""
-        self.queue(peer, notice_line(GOODBYE))
-        self.drop(peer, 'quit: %s' % reason if reason else 'quit', linger=True)
-
     # Output --------------------------------------------------------------------
 
-    def broadcast(self, line, sender=None):
-        """Queue line for everyone in the room except sender.  It is sent at
-        the end of this turn, joined with the turn's other broadcasts.
-        Pending joins and leaves go first: no one hears a newcomer speak
-        before hearing that it came."""
-        if self.arrivals or self.departures:
-            self.announce()
-        self.batch.append((sender, line))
-        self.batch_bytes += len(line)
-        if sender is not None:
-            self.catch_up(sender)  # so end_turn knows it must skip this line
+    def wall(self, line):
+        """A notice for every room."""
+        for room in (self.lobby,):
+            room.broadcast(line)
 
     def queue(self, peer, data):
-        """Queue data for one peer, after the broadcasts it has not yet been
-        given, so that everything reaches it in the order it happened."""
+        """Queue data for one peer, after the lines of its room it has not
+        yet been given, so that everything reaches it in the order it
+        happened."""
         if peer is self.console:
             sys.stdout.buffer.write(data)
             sys.stdout.flush()
             return
-        self.catch_up(peer)
+        if peer.room is not None:
+            peer.room.catch_up(peer)
         peer.outbuf += data
         self.dirty.add(peer)
 
-    def catch_up(self, peer):
-        """Copy this turn's broadcasts that peer has not had into its outbuf:
-        only for a peer in the room (one still at the password prompt, or
-        refused, must never be handed the room's lines)."""
-        if peer.key is None or self.room.get(peer.key) is not peer:
-            return
-        if peer.turn != self.turn:
-            peer.turn, peer.batch_pos = self.turn, 0
-        for sender, line in self.batch[peer.batch_pos:]:
-            if sender is not peer:
-                peer.outbuf += line
-        peer.batch_pos = len(self.batch)
-
     def end_turn(self):
         """Send each peer what this turn queued for it, in one send() each,
-        then take the peers dropped this turn out of the room."""
-        if self.batch:
-            everything = b''.join(line for _, line in self.batch)
-            for peer in self.room.values():
-                if peer.sock is None:
-                    continue
-                if peer.turn == self.turn:  # it has its own order: use its outbuf
-                    self.catch_up(peer)
-                    self.dirty.add(peer)
-                elif peer.outbuf:
-                    peer.outbuf += everything
-                    self.dirty.add(peer)
-                else:
-                    self.send_fresh(peer, everything)
-            self.batch = []
-        self.batch_bytes = 0  # private messages count too, without a batch
+        then take the peers dropped this turn out of their rooms."""
+        busy, self.busy_rooms = self.busy_rooms, []
+        for room in busy:
+            room.deliver()
+        self.direct_bytes = 0
         self.turn += 1
         dirty, self.dirty = self.dirty, set()
         for peer in dirty:

@@ -61,7 +61,7 @@ class ServerThread:
 
     def peer(self, name):
         """The server's Peer for name (read from the test thread)."""
-        return self.server.room.get(chat.name_key(name))
+        return self.server.names.get(chat.name_key(name))
 
     def wait_log(self, pattern):
         wait_for_log(self.logs, pattern)
@@ -591,7 +591,7 @@ class TestBurstsAreSpreadOverTurns(unittest.TestCase):
             sock.connect(address)
             self.addCleanup(sock.close)
             peers.append(sock)
-        while len(server.room) < len(peers):
+        while len(server.names) < len(peers):
             server.run_once(timeout=TIMEOUT)
 
         def read_all(sock):
@@ -617,7 +617,7 @@ class TestBurstsAreSpreadOverTurns(unittest.TestCase):
             for i, sock in enumerate(peers):
                 received[i] += read_all(sock).count(b'> x\n')
         self.assertEqual(received, [expected] * len(peers))
-        self.assertEqual(len(server.room), len(peers))
+        self.assertEqual(len(server.names), len(peers))
 
 
 class TestBacklogMemory(ServerTestCase):
@@ -628,7 +628,7 @@ class TestBacklogMemory(ServerTestCase):
         for i in range(4):
             self.connect('idle%d' % i, rcvbuf=4096)
         server = self.srv.server
-        peers = list(server.room.values())
+        peers = list(server.names.values())
         worst = []
         end_turn = server.end_turn
 
@@ -650,9 +650,10 @@ class TestBacklogMemory(ServerTestCase):
         others = [self.connect('p%d' % i) for i in range(5)]
         server = self.srv.server
         broadcasts, sent = [], []
-        broadcast, send_fresh = server.broadcast, server.send_fresh
-        server.broadcast = lambda line, sender=None: (broadcasts.append(line),
-                                                      broadcast(line, sender))
+        lobby = server.lobby
+        broadcast, send_fresh = lobby.broadcast, server.send_fresh
+        lobby.broadcast = lambda line, sender=None: (broadcasts.append(line),
+                                                     broadcast(line, sender))
         server.send_fresh = lambda peer, data: (sent.append(data), send_fresh(peer, data))
         alice.send('once\nand twice\n')
         for other in others:
@@ -681,8 +682,9 @@ class TestFastPath(unittest.TestCase):
             peer = chat.Peer(None, 'test', burst=5)
             peer.name, peer.inbuf = 'alice', bytearray(raw)
             peer.lines = 1  # past its first line, which is always checked alone
-            server.batch, server.batch_bytes = [], 0
-            server.history.clear()
+            peer.room = lobby = server.lobby
+            lobby.batch, lobby.batch_bytes = [], 0
+            lobby.history.clear()
             count = server.say_all(peer, None)
             texts = [chat.decode(line) for line in raw[:raw.rindex(b'\n')].split(b'\n')]
             plain = all(text.strip() and not text.startswith('/') for text in texts)
@@ -690,14 +692,14 @@ class TestFastPath(unittest.TestCase):
                 declined += 1
                 self.assertFalse(plain, raw)  # only lines the slow path must see
                 self.assertEqual(bytes(peer.inbuf), raw)
-                self.assertEqual(server.batch, [])
+                self.assertEqual(lobby.batch, [])
                 continue
             said += 1
             self.assertTrue(plain, raw)  # no command or blank line said as text
             expected = [chat.public_line('alice', text) for text in texts]
             self.assertEqual(count, len(expected))
-            self.assertEqual([line for _, line in server.batch], [b''.join(expected)])
-            self.assertEqual(list(server.history), expected[-3:])
+            self.assertEqual([line for _, line in lobby.batch], [b''.join(expected)])
+            self.assertEqual(list(lobby.history), expected[-3:])
             self.assertEqual(bytes(peer.inbuf), raw[raw.rindex(b'\n') + 1:])
         self.assertGreater(said, 50)
         self.assertGreater(declined, 50)
@@ -908,9 +910,9 @@ class TestRobustness(ServerTestCase):
     def test_an_error_in_a_handler_closes_only_that_peer(self):
         alice, bob = self.connect('alice'), self.connect('bob')
 
-        def broken(peer, argument):
+        def broken(pattern):
             raise RuntimeError('boom')
-        self.srv.server.cmd_who = broken
+        self.srv.server.lobby.names_matching = broken  # what /who calls
         self.conns.remove(bob)
         bob.send('/who\n')
         alice.expect(r'^-!- bob left \(server error\)$')
@@ -1936,7 +1938,7 @@ class TestPassword(PtySession, ServerTestCase):
             sock.settimeout(TIMEOUT)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         member.sendall(b'/pass pw\n')
-        while len(server.room) < 1 or len(server.peers) < 2:
+        while len(server.names) < 1 or len(server.peers) < 2:
             server.run_once(timeout=0.1)
         waiting = [p for p in server.peers if p.key is None][0]
         ends = [p.sock for p in server.peers]
@@ -1966,7 +1968,7 @@ class TestPassword(PtySession, ServerTestCase):
 
     def test_no_password_in_time_closes_and_frees_the_slot(self):
         patch_constant(self, 'PASSWORD_SEC', 0.5)
-        self.srv.server.max_clients = 1
+        self.srv.server.gate.max_clients = 1
         door = self.newcomer()
         refused = Conn(self.srv.port)
         self.addCleanup(refused.close)
@@ -2178,7 +2180,7 @@ class TestOperators(ServerTestCase):
         is_closed_at_once(self, self.srv.port, '127.0.0.1')
 
     def test_no_operator_password_means_no_operators(self):
-        self.srv.server.op_password = None
+        self.srv.server.gate.op_password = None
         bob = self.connect('bob')
         bob.send('/op anything\n')
         bob.expect(r'^!!! this server has no operators$')
@@ -2307,7 +2309,7 @@ class TestReviewFindings(unittest.TestCase):
                 shake()
             except (socket.timeout, ssl.SSLError, OSError):
                 pass
-        self.assertEqual(server.room, {})
+        self.assertEqual(server.names, {})
 
     def test_private_messages_count_against_the_turns_share(self):
         server, address = stepped_server(self, max_backlog=32 * 1024)
@@ -2318,9 +2320,9 @@ class TestReviewFindings(unittest.TestCase):
         for sock in senders + [victim]:
             self.addCleanup(sock.close)
             sock.setblocking(False)
-        while len(server.room) < 31:
+        while len(server.names) < 31:
             server.run_once(timeout=0.1)
-        victim_peer = server.room[chat.name_key('guest-1')]
+        victim_peer = server.names[chat.name_key('guest-1')]
 
         def drain_victim():
             got = b''
@@ -2340,7 +2342,7 @@ class TestReviewFindings(unittest.TestCase):
             server.run_once(timeout=0.1)
             received += drain_victim().count(b'[PM from ')  # it keeps up
         self.assertEqual(received, 90)
-        self.assertIs(server.room.get(chat.name_key('guest-1')), victim_peer)
+        self.assertIs(server.names.get(chat.name_key('guest-1')), victim_peer)
 
     def test_numbers_must_be_plain_digits(self):
         server, address = stepped_server(self, op_password='op')
@@ -2376,12 +2378,12 @@ class TestReviewFindings(unittest.TestCase):
         talker, reader = (socket.create_connection(address, TIMEOUT) for _ in range(2))
         for sock in (talker, reader):
             self.addCleanup(sock.close)
-        while len(server.room) < 2:
+        while len(server.names) < 2:
             server.run_once(timeout=0.1)
         talker.sendall(b''.join(b'line %d\n' % i for i in range(20)))
         for _ in range(40):
             server.run_once(timeout=0.01)
-        said = [line for line in server.history]
+        said = list(server.lobby.history)
         self.assertEqual(len(said), 5)
 
     def test_the_history_replayed_fits_the_newcomers_cap(self):
@@ -2389,11 +2391,11 @@ class TestReviewFindings(unittest.TestCase):
         talker = socket.create_connection(address, TIMEOUT)
         self.addCleanup(talker.close)
         talker.sendall(b''.join(b'%03d %s\n' % (i, b'h' * 3990) for i in range(100)))
-        while len(server.history) < 100:
+        while len(server.lobby.history) < 100:
             server.run_once(timeout=0.1)
-        replay = server.recent_history()
+        replay = server.lobby.recent_history(server.turn_budget)
         self.assertLessEqual(sum(map(len, replay)), server.turn_budget)
-        self.assertEqual(replay, list(server.history)[-len(replay):])
+        self.assertEqual(replay, list(server.lobby.history)[-len(replay):])
         self.assertGreater(len(replay), 0)
 
     def test_the_turns_share_is_never_zero(self):
