@@ -42,7 +42,6 @@ import itertools
 import os
 import re
 import selectors
-import shutil
 import signal
 import socket
 import subprocess
@@ -72,6 +71,9 @@ try:
 except ImportError:
     ssl = None
 
+# 3.7+: str.isascii.  Encoding is as fast, and checks the same thing.
+is_ascii = getattr(str, 'isascii', None) or (lambda text: len(text.encode()) == len(text))
+
 # A nonblocking socket that cannot go on now; for TLS, either direction.
 WOULD_BLOCK = (BlockingIOError, InterruptedError) + (
     (ssl.SSLWantReadError, ssl.SSLWantWriteError) if ssl else ())
@@ -80,11 +82,27 @@ WOULD_BLOCK = (BlockingIOError, InterruptedError) + (
 def send_some(sock, data):
     """Send what a nonblocking socket takes now; how much (0 if it would
     block).  A broken connection raises OSError.  Never an empty send:
-    before 3.10, ssl called SSL_write, which fails on zero bytes."""
-    try:
-        return sock.send(data) if data else 0
-    except WOULD_BLOCK:
+    before 3.10, ssl called SSL_write, which fails on zero bytes.
+
+    TLS goes a record (TLS_RECORD_BYTES) at a time: SSL_write of a big
+    buffer may put many records on the wire and still report "would block",
+    counting none of them, so the caller would think them unsent.  A slice
+    that would block is offered again, from the same first byte, next time,
+    as OpenSSL requires."""
+    if not data:
         return 0
+    if ssl is None or not isinstance(sock, ssl.SSLSocket):
+        try:
+            return sock.send(data)
+        except WOULD_BLOCK:
+            return 0
+    view, sent = memoryview(data), 0
+    try:
+        while sent < len(view):
+            sent += sock.send(view[sent:sent + TLS_RECORD_BYTES])
+    except WOULD_BLOCK:
+        pass
+    return sent
 
 
 def tls_context(server_side):
@@ -105,6 +123,8 @@ DEFAULT_PORT = 9090
 DEFAULT_HISTORY = 20           # public messages replayed to a newcomer
 MAX_NAME_CHARS = 24
 MAX_LINE_BYTES = 4096          # longest line a peer may send (IRC allows 512)
+MAX_SPACE_RUN = 8              # spaces in a row in what peers say: enough for code
+MAX_MARKS = 4                  # combining marks kept on one letter (Zalgo text has hundreds)
 MAX_BACKLOG_BYTES = 256 * 1024  # unsent output before a peer counts as too slow
 RATE_BURST_LINES = 20          # lines a peer may send at once ...
 RATE_LINES_PER_SEC = 5.0       # ... and then per second; faster input waits
@@ -113,10 +133,17 @@ MAX_PER_ADDRESS = 32           # connections at once from one host, loopback asi
 # The event loop.  Left alone, Linux lets a socket's send buffer grow to
 # 4 MiB, which would hide a slow reader from MAX_BACKLOG_BYTES and spend
 # kernel memory no cap accounts for.  A turn sends at most max_backlog /
-# TURN_SHARE, so a reader that keeps up is never cut off by one burst.
+# TURN_SHARE to a room.  Over several turns, backpressure: while a member
+# has more than max_backlog / BEHIND_SHARE unsent, its room's input waits
+# (for BEHIND_GRACE_SEC at most, then a reader that still lags is on its
+# own), so a reader that keeps up is never cut off by a burst.
 READ_CHUNK_BYTES = 16 * 1024   # one recv() per peer per loop turn
 SEND_BUFFER_BYTES = 64 * 1024  # the kernel's share of a peer's backlog
+TLS_RECORD_BYTES = 16 * 1024   # TLS is sent a record at a time (see send_some)
 TURN_SHARE = 4
+BEHIND_SHARE = 2
+BEHIND_GRACE_SEC = 2.0         # so a reader must drain 64 KiB in 2 s: 32 KB/s
+NUDGE_SEC = 0.05               # a /msg to a member that lags holds its sender this long
 ACCEPTS_PER_TURN = 64          # bounded, so a connect storm cannot starve peers
 ACCEPT_PAUSE_SEC = 0.5         # wait this long when out of file descriptors
 RESERVED_FDS = 32              # files the server keeps for itself (logs, listeners)
@@ -136,10 +163,13 @@ WHO_PAGE_NAMES = 200           # names per page of /who
 
 # Who gets in.
 TLS_HANDSHAKE_SEC = 10.0       # a TLS handshake not done by then is dropped (slowloris)
+HTTP_SNIFF_SEC = 0.25          # a new connection's first bytes, if any come this soon,
+# tell a browser (HTTP) from a chat client; then the server speaks first
 PASSWORD_SEC = 30.0            # the room password must come this soon after connecting
 PASSWORD_TRIES = 3             # wrong passwords (room or operator) before the door shuts
 GUESSES_PER_HOST = 10          # wrong passwords from one host, across connections,
-GUESS_BAN_SEC = 600            # before it is refused for this long (loopback aside)
+GUESS_WINDOW_SEC = 600         # within this long, before new connections from it
+GUESS_BAN_SEC = 600            # are refused for this long (loopback aside)
 
 # The client.  Piped, it waits QUIT_WAIT_SEC after /quit, plus the time the
 # server's default flood budget needs to take the lines it sent.
@@ -152,28 +182,82 @@ CLIENT_MAX_LINE_BYTES = 64 * 1024  # a longer line from the server is cut
 # --- Text protocol -----------------------------------------------------------
 
 def _unprintable_table():
-    """Map every character that could move the cursor, restyle the terminal
-    or reorder text to nothing; a tab becomes a space."""
+    """Map every character that could move the cursor, restyle the terminal,
+    or hide or reorder text to nothing; a tab becomes a space.  Zero-width
+    joiners stay: emoji sequences and Persian and Indic spelling need them."""
     table = dict.fromkeys(range(0x00, 0x20))         # C0, including CR and LF
     table[0x09] = ' '
     table.update(dict.fromkeys(range(0x7f, 0xa0)))   # DEL and C1 (0x9b = CSI)
+    table.update(dict.fromkeys((0xad, 0x61c, 0x180e, 0x200b, 0x200e, 0x200f, 0xfeff)))
+    # soft hyphen, Arabic letter mark, Mongolian vowel separator, zero-width
+    # space, left-to-right and right-to-left marks, byte-order mark
     table.update(dict.fromkeys(range(0x202a, 0x202f)))  # bidi embeddings, overrides
-    table.update(dict.fromkeys(range(0x2066, 0x206a)))  # bidi isolates
+    table.update(dict.fromkeys(range(0x2060, 0x2070)))  # word joiner, invisible
+    # operators, bidi isolates, deprecated format characters
     table.update(dict.fromkeys((0x2028, 0x2029)))    # line/paragraph separators
+    table.update(dict.fromkeys(range(0xfff9, 0xfffc)))  # interlinear annotations
+    table.update(dict.fromkeys(range(0x1bca0, 0x1bca4)))  # shorthand format controls
+    table.update(dict.fromkeys(range(0x1d173, 0x1d17b)))  # musical format controls
+    table.update(dict.fromkeys(range(0xe0000, 0xe0080)))  # tags
     return table
 
 
 UNPRINTABLE = _unprintable_table()
 UNPRINTABLE_BUT_LF = dict(UNPRINTABLE)  # to clean many lines at once
 del UNPRINTABLE_BUT_LF[ord('\n')]
-BLANK_LINE = re.compile(r'^[^\S\n]*$', re.MULTILINE)
 LOG_ESCAPES = {code: '\\x%02x' % code if code < 0x100 else '\\u%04x' % code
                for code in UNPRINTABLE}
+# Letters and marks that show nothing on their own: a line of only these
+# (and spaces) is as empty as a blank one.  Hangul fillers, braille blank,
+# joiners, variation selectors and other default-ignorable marks.
+INVISIBLE = ('\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180d\u180f\u200c\u200d\u2800\u3164'
+             '\ufe00-\ufe0f\uffa0\U000e0100-\U000e01ef')
+BLANK_LINE = re.compile(r'^(?:[^\S\n]|[%s])*$' % INVISIBLE, re.MULTILINE)
+SPACE_RUN = re.compile(' {%d,}' % (MAX_SPACE_RUN + 1))
+_mark_runs = []                # compiled on first use: building it takes 0.1 s
 
 
-def clean(text):
-    """Return text without control, escape or bidi-override characters."""
-    return text.translate(UNPRINTABLE)
+def mark_runs():
+    """A regular expression for a run of more than MAX_MARKS combining marks."""
+    if not _mark_runs:
+        marks, start = [], None
+        for code in range(sys.maxunicode + 2):  # one past the end closes the last range
+            is_mark = code <= sys.maxunicode and unicodedata.category(chr(code))[0] == 'M'
+            if is_mark and start is None:
+                start = code
+            elif not is_mark and start is not None:
+                marks.append('%s-%s' % (chr(start), chr(code - 1)))
+                start = None
+        mark_class = '[%s]' % ''.join(marks)
+        _mark_runs.append(re.compile('(%s{%d})%s+' % (mark_class, MAX_MARKS, mark_class)))
+    return _mark_runs[0]
+
+
+def clean(text, table=UNPRINTABLE):
+    """Return text without control, escape or format characters that could
+    drive a terminal or hide or reorder text, and without the marks past
+    MAX_MARKS on any one letter (a letter under 2,000 accents covers the
+    lines around it)."""
+    text = text.translate(table)
+    if not is_ascii(text):
+        text = mark_runs().sub(r'\1', text)
+    return text
+
+
+def tidy(text, table=UNPRINTABLE):
+    """What the server makes of a text a peer says to others: clean, and no
+    run of spaces longer than MAX_SPACE_RUN, so that padding cannot push
+    text to the start of the next row of an 80-column terminal unseen
+    (where it would look like a line of its own)."""
+    text = clean(text, table)
+    if ' ' * (MAX_SPACE_RUN + 1) in text:
+        text = SPACE_RUN.sub(' ' * MAX_SPACE_RUN, text)
+    return text
+
+
+def is_blank(text):
+    """True if text would show nothing: spaces and invisible letters only."""
+    return BLANK_LINE.match(text) is not None
 
 
 def decode(raw):
@@ -208,15 +292,69 @@ def error_line(text):
 PASSWORD_PROMPT = 'This room needs a password: send /pass PASSWORD'
 PASSWORD_ACCEPTED = 'Password accepted'
 GOODBYE = 'Goodbye'            # the answer to /quit: a client that sees it left cleanly
-# The first line of a browser tricked into talking to the port (cross-protocol).
-HTTP_REQUEST = re.compile(r'^[A-Z]+ \S+ HTTP/\d')
+# How an HTTP request starts: a method, a space, and a path ("/..."), "*" or
+# a scheme or host ("http:", "example.org:443").  A browser can be made to
+# send one to any port (a web page's fetch()), with a request line of any
+# length, so a connection is judged on its first bytes, not its first line.
+HTTP_METHODS = ('GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'OPTIONS', 'PATCH', 'CONNECT',
+                'TRACE')
+HTTP_START = re.compile(br'^(?:%s) (?:[/*]|[A-Za-z][-A-Za-z0-9+.]*:)'
+                        % '|'.join(HTTP_METHODS).encode())
+SCHEME_SO_FAR = re.compile(br'^[A-Za-z][-A-Za-z0-9+.]{0,15}$')
+
+
+def http_verdict(first):
+    """Whether the first bytes of a connection are an HTTP request: True,
+    False, or None when too few have come to tell."""
+    if HTTP_START.match(first):
+        return True
+    for method in HTTP_METHODS:
+        head = method.encode() + b' '
+        if head.startswith(first) or (first.startswith(head)
+                                      and SCHEME_SO_FAR.match(first[len(head):])):
+            return None
+    return False
+
+
 NUMBER = re.compile(r'^[0-9]{1,6}$')  # str.isdigit() also takes '²', which int() refuses
 
 NAME_PUNCTUATION = '_-.'
-INVISIBLE_LETTERS = '\u115f\u1160\u3164\uffa0'  # Hangul fillers: letters that show nothing
 SERVER_NAME = 'server'         # who the server's console speaks as; no one else may
-CONFUSABLE_SCRIPTS = ('LATIN', 'GREEK', 'CYRILLIC')
 GUEST_PREFIX = 'guest-'
+# Default-ignorable code points (Unicode's DerivedCoreProperties): they show
+# nothing, so "alice" with one of them would sit beside "alice".  NFKC and
+# case folding keep most of them, so names are refused that hold any.
+IGNORABLE = re.compile('[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f'
+                       '\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff'
+                       '\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3\U0001d173-\U0001d17a'
+                       '\U000e0000-\U000e0fff]')
+# Scripts that may share a name, as in Unicode's "highly restrictive" profile
+# (UTS #39): Japanese, Chinese and Korean writing mix Han with their own
+# scripts and Latin.  Any other name keeps to one script (digits, "_-." and
+# general combining marks belong to every script).
+SCRIPT_MIXES = ({'LATIN', 'HAN', 'HIRAGANA', 'KATAKANA'}, {'LATIN', 'HAN', 'BOPOMOFO'},
+                {'LATIN', 'HAN', 'HANGUL'})
+# The first word of a character's Unicode name is its script, but for these.
+SCRIPT_ALIASES = {'CJK': 'HAN', 'IDEOGRAPHIC': 'HAN', 'KATAKANA-HIRAGANA': None,
+                  'ARABIC-INDIC': 'ARABIC', 'EXTENDED': 'ARABIC',
+                  'DIGIT': None, 'COMBINING': None, 'LOW': None, 'HYPHEN-MINUS': None,
+                  'FULL': None}
+
+
+def script(ch):
+    """The script ch is written in, as its Unicode name says; None for one
+    that goes with any (ASCII digits, the name punctuation, general marks)."""
+    word = unicodedata.name(ch, '?').split(' ')[0]
+    return SCRIPT_ALIASES.get(word, word)
+
+
+def latin_but_rare(ch):
+    """True for Latin letters that names do not need and that pass for
+    others: clicks like U+01C0 (an "l"), small capitals, IPA.  Names keep to
+    the Latin letters of Western, Central European and Vietnamese writing."""
+    code = ord(ch)
+    common = code < 0x250 or 0x1e00 <= code < 0x1f00
+    return not common or unicodedata.category(ch) == 'Lo'
 
 
 def name_key(name):
@@ -232,6 +370,8 @@ def name_problem(name):
         return 'a name needs at least one character'
     if len(name) > MAX_NAME_CHARS:
         return 'a name has at most %d characters' % MAX_NAME_CHARS
+    if IGNORABLE.search(name):
+        return 'a name may not hold invisible characters'
     for i, ch in enumerate(name):
         category = unicodedata.category(ch)
         # Marks (Mn, Mc) carry vowels in many scripts, but only after a letter.
@@ -240,13 +380,15 @@ def name_problem(name):
             return 'a name may hold only letters, digits and "_", "-", "."'
     scripts = set()
     for ch in unicodedata.normalize('NFKC', name):
-        script = unicodedata.name(ch, '').split(' ')[0]
-        if script in CONFUSABLE_SCRIPTS:
-            scripts.add(script)
-    if len(scripts) > 1:
-        return 'a name may not mix Latin, Greek and Cyrillic letters'
-    if any(ch in INVISIBLE_LETTERS for ch in name):
-        return 'a name may not hold invisible letters'
+        scripts.add(script(ch))
+        if script(ch) == 'LATIN' and latin_but_rare(ch):
+            return 'a name may not hold the rare Latin letter %s' % ch
+    scripts.discard(None)
+    if len(scripts) > 1 and not any(scripts <= mix for mix in SCRIPT_MIXES):
+        return 'a name may not mix scripts (%s)' % ' and '.join(
+            sorted(word.title() for word in scripts))
+    if parse_network(name) is not None:
+        return 'a name may not look like an address (for /ban)'
     return None
 
 
@@ -314,9 +456,10 @@ class Peer:
     """One connection to the server: its socket, buffers, name and flood budget."""
 
     __slots__ = ('sock', 'address', 'ip', 'inbuf', 'outbuf', 'name', 'key', 'room', 'skipping',
-                 'tokens', 'tokens_at', 'paused', 'eof', 'close_reason', 'lingering',
-                 'events', 'turn', 'batch_pos', 'handshaking', 'wants_write',
-                 'authorized', 'operator', 'strikes', 'lines')
+                 'tokens', 'tokens_at', 'paused', 'held', 'warned', 'eof', 'close_reason',
+                 'lingering', 'events', 'turn', 'batch_pos', 'behind_since', 'handshaking',
+                 'wants_write', 'sniffing', 'heard', 'authorized', 'operator', 'strikes',
+                 'lines')
 
     def __init__(self, sock, address, burst, ip=None):
         self.sock = sock
@@ -331,14 +474,19 @@ class Peer:
         self.tokens = burst         # lines it may send now (flood budget)
         self.tokens_at = time.monotonic()
         self.paused = False         # over budget: not read until it refills
+        self.held = False           # waiting in Server.held for its room's output to drain
+        self.warned = False         # told that flood control delays its lines
         self.eof = False            # it will send nothing more
         self.close_reason = None    # set when it is on its way out
         self.lingering = False      # leaving: input ignored, output flushed, then closed
         self.events = 0             # what the selector watches it for now
         self.turn = -1              # last loop turn it was given its room's lines in,
         self.batch_pos = 0          # and how many of that turn's it has had
+        self.behind_since = None    # when its backlog last passed max_backlog / BEHIND_SHARE
         self.handshaking = False    # in its TLS handshake,
         self.wants_write = False    # which waits to write
+        self.sniffing = False       # waiting for its first bytes before it is spoken to
+        self.heard = False          # its first bytes were judged (not HTTP)
         self.authorized = True      # has given the room password, if there is one
         self.operator = False
         self.strikes = 0            # wrong passwords
@@ -381,6 +529,38 @@ class Peer:
         return refused
 
 
+class History:
+    """A room's recent public lines, encoded: at most most of them, and at
+    most max_bytes in all (--history 1000000 of 4 KiB lines must not keep
+    gigabytes that no one will be shown)."""
+
+    def __init__(self, most, max_bytes):
+        self.most = most
+        self.max_bytes = max_bytes
+        self.lines = collections.deque()
+        self.size = 0
+
+    def __iter__(self):
+        return iter(self.lines)
+
+    def __len__(self):
+        return len(self.lines)
+
+    def __reversed__(self):
+        return reversed(self.lines)
+
+    def add(self, lines):
+        for line in lines:
+            self.lines.append(line)
+            self.size += len(line)
+        while len(self.lines) > self.most or self.size > self.max_bytes:
+            self.size -= len(self.lines.popleft())
+
+    def clear(self):
+        self.lines.clear()
+        self.size = 0
+
+
 class Room:
     """A room: who is in it, what was said in it lately, and what is said in
     it during the current loop turn.
@@ -390,13 +570,17 @@ class Room:
     member a share of one send().  A member that was also queued something
     of its own this turn (a reply, a private message) is given the batch's
     lines in its outbuf instead, in order (catch_up).  Joins and leaves are
-    announced together when they come close together (announce_soon)."""
+    announced together when they come close together (announce_soon).
+    While a member lags (behind), the room's input waits (holding)."""
 
     def __init__(self, server, name, history):
         self.server = server
         self.name = name
         self.members = {}           # name_key -> Peer
-        self.history = collections.deque(maxlen=history)  # public lines, encoded
+        # What a newcomer is replayed must fit one turn's share.
+        self.history = History(history, server.turn_budget)
+        self.behind = set()         # members with a backlog (Peer.behind_since)
+        self.held_until = 0.0       # until when they hold the room's input back
         self.batch = []             # (sender, line) broadcast this turn
         self.batch_bytes = 0
         self.arrivals = {}          # members whose joining is not yet announced, in order
@@ -413,6 +597,7 @@ class Room:
         peer.turn, peer.batch_pos = self.server.turn, len(self.batch)
         self.roster = None
         self.arrivals[peer] = None
+        self.note_behind(peer)
         self.announce_soon()
 
     def remove(self, peer, reason):
@@ -420,11 +605,26 @@ class Room:
         del self.members[peer.key]
         peer.room = None
         self.roster = None
+        self.note_behind(peer)
         if peer in self.arrivals:
             del self.arrivals[peer]
         else:
             self.departures.append((peer.name, reason))
             self.announce_soon()
+
+    def note_behind(self, peer):
+        """peer came, went, fell behind or caught up: recompute how long the
+        room's input waits for its laggards (each for BEHIND_GRACE_SEC)."""
+        if peer.behind_since is not None and peer.room is self:
+            self.behind.add(peer)
+        else:
+            self.behind.discard(peer)
+        self.held_until = max([p.behind_since + BEHIND_GRACE_SEC for p in self.behind]
+                              or [0.0])
+
+    def holding(self):
+        """True while the room's input waits for a member to catch up."""
+        return bool(self.behind) and time.monotonic() < self.held_until
 
     def rename(self, peer, old_key):
         del self.members[old_key]
@@ -435,7 +635,7 @@ class Room:
 
     def say(self, peer, line):
         """A public line from peer: remember it and send it to the others."""
-        self.history.append(line)
+        self.history.add((line,))
         self.broadcast(line, sender=peer)
 
     def broadcast(self, line, sender=None):
@@ -543,9 +743,10 @@ class Room:
 
 class Gate:
     """Who gets in, and when: address rules and bans before a byte is read,
-    the caps on connections, the TLS handshake, the room password, and a
-    deadline on each step.  A connection that passes is let in
-    (Server.let_in); one that does not is closed with its reason logged."""
+    the caps on connections, the TLS handshake, a moment to tell a browser
+    from a chat client, the room password, and a deadline on each step.  A
+    connection that passes is let in (Server.let_in); one that does not is
+    closed with its reason logged."""
 
     def __init__(self, server, tls=None, password=None, op_password=None, allow=(),
                  deny=(), max_per_address=MAX_PER_ADDRESS, max_clients=None):
@@ -557,37 +758,39 @@ class Gate:
         self.max_clients = max_clients or default_max_clients()
         self.max_per_address = max_per_address
         self.per_address = collections.Counter()  # open connections per host_of(ip)
-        self.guesses = collections.Counter()  # wrong passwords per host_of(ip)
-        self.bans = {}              # ip_network -> when it ends (None: at restart)
+        self.guesses = collections.defaultdict(collections.deque)  # host -> times of
+        # wrong passwords in the last GUESS_WINDOW_SEC
+        self.bans = {}              # ip_network -> Ban
+        self.name_bans = {}         # name_key -> Ban, for people banned by name
 
     def admit(self, sock, address):
         """Take in a new connection: refuse it at once if its address may not
-        connect, with one line if the server or its address is full; else
-        start its TLS handshake, ask for the password, or let it in."""
+        connect (with one line saying why, if it is banned or the server or
+        its address is full); else start its TLS handshake, or listen for
+        its first bytes."""
         server = self.server
         ip = address_ip(address)
-        refusal = self.refusal(ip)
+        refusal, line = self.refusal(ip), None
+        if refusal is None:
+            host = host_of(ip)
+            if len(server.peers) >= self.max_clients:
+                refusal = 'server full (%d clients)' % len(server.peers)
+            elif (self.max_per_address and not ip.is_loopback
+                  and self.per_address[host] >= self.max_per_address):
+                refusal = 'too many connections from %s (%d)' % (
+                    ip if ip.version == 4 else host, self.max_per_address)
+            line = error_line('%s; try again later' % refusal) if refusal else None
+        elif refusal.startswith('banned'):
+            line = error_line('you are ' + refusal)
         if refusal:
             server.log('refused %s: %s' % (printable_address(address), refusal))
-            sock.close()  # before reading a byte
+            refuse_at_once(sock, line)
             return
         sock.setblocking(False)
         # Chat lines are small and latency matters: no Nagle delay.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         peer = Peer(sock, printable_address(address), server.burst, ip)
-        host = host_of(ip)
-        if len(server.peers) >= self.max_clients:
-            refusal = 'server full (%d clients)' % len(server.peers)
-        elif (self.max_per_address and not ip.is_loopback
-              and self.per_address[host] >= self.max_per_address):
-            refusal = 'too many connections from %s (%d)' % (
-                ip if ip.version == 4 else host, self.max_per_address)
-        if refusal:
-            server.log('refused %s: %s' % (peer.address, refusal))
-            peer.outbuf += error_line('%s; try again later' % refusal)
-            server.start_closing(peer)
-            return
         server.peers.add(peer)
         self.per_address[host] += 1
         peer.authorized = self.password is None
@@ -597,7 +800,7 @@ class Gate:
             peer.handshaking = True
             server.call_later(TLS_HANDSHAKE_SEC, self.expire_handshake, peer)
         else:
-            self.open_door(peer)
+            self.listen_first(peer)
         server.set_interest(peer)
 
     def refusal(self, ip):
@@ -607,8 +810,9 @@ class Gate:
         if self.allow and not any(ip in network for network in self.allow):
             return 'not allowed (--allow)'
         self.expire_bans()
-        if any(ip in network for network in self.bans):
-            return 'banned'
+        for network, ban in self.bans.items():
+            if ip in network:
+                return 'banned %s' % ban.until_text()
         return None
 
     def forget(self, peer):
@@ -621,7 +825,16 @@ class Gate:
             if not self.per_address[host]:
                 del self.per_address[host]
 
-    # TLS and the password ------------------------------------------------------
+    # A browser, TLS and the password --------------------------------------------
+
+    def listen_first(self, peer):
+        """Wait up to HTTP_SNIFF_SEC for the connection's first bytes before
+        speaking to it: a browser sends its request at once, and must not be
+        greeted as a chat client (Server.on_readable judges the bytes).  A
+        chat client that speaks first (ours sends an empty line) is let in
+        as soon as its bytes arrive."""
+        peer.sniffing = True
+        self.server.call_later(HTTP_SNIFF_SEC, self.open_door, peer)
 
     def shake_hands(self, peer):
         """Move a TLS handshake on, inside the loop: it never blocks, and
@@ -661,14 +874,16 @@ class Gate:
             return
         if not peer.handshaking:
             server.unread.add(peer)  # input may have come with the handshake
-            self.open_door(peer)
+            self.listen_first(peer)
         server.set_interest(peer)
 
     def open_door(self, peer):
-        """A connection is ready to talk: let it in, or ask for the password
-        (and show it nothing of the room until then)."""
-        if peer.close_reason is not None:
-            return  # dropped (banned, say) while its handshake was under way
+        """The connection has spoken first, or kept quiet long enough: let it
+        in, or ask for the password (and show it nothing of the room until
+        then)."""
+        if not peer.sniffing or peer.sock is None or peer.close_reason is not None:
+            return  # done already, or dropped (banned, say) while it waited
+        peer.sniffing = False
         if peer.authorized:
             self.server.let_in(peer)
         else:
@@ -698,7 +913,9 @@ class Gate:
 
     def strike(self, peer, what):
         """A wrong password: say so; the third closes the connection, and
-        GUESSES_PER_HOST from one host (over any connections) ban it."""
+        GUESSES_PER_HOST from one host within GUESS_WINDOW_SEC (over any
+        connections) shut the door on that host for a while.  Those already
+        in stay: a guesser must not be able to evict its neighbours."""
         server = self.server
         peer.strikes += 1
         left = PASSWORD_TRIES - peer.strikes
@@ -708,30 +925,88 @@ class Gate:
         else:
             server.queue(peer, error_line('%s: goodbye' % what))
             server.drop(peer, 'too many wrong passwords', linger=True)
-        host = host_of(peer.ip)  # reconnecting must not buy more guesses
-        self.guesses[host] += not peer.ip.is_loopback
-        if self.guesses[host] >= GUESSES_PER_HOST:
+        if peer.ip.is_loopback:
+            return  # everyone on this machine shares the address
+        host, now = host_of(peer.ip), time.monotonic()  # reconnecting buys no guesses
+        times = self.guesses[host]
+        times.append(now)
+        while times[0] <= now - GUESS_WINDOW_SEC:
+            times.popleft()
+        if len(times) >= GUESSES_PER_HOST:
             del self.guesses[host]
             server.log('banned %s for %d s after %d wrong passwords'
                        % (host, GUESS_BAN_SEC, GUESSES_PER_HOST))
-            self.ban(host, GUESS_BAN_SEC, 'the server')
+            self.bans[host] = Ban(str(host), GUESS_BAN_SEC)
 
     # Bans ----------------------------------------------------------------------
 
-    def ban(self, network, seconds, by):
+    def ban(self, network, shown, seconds, by):
         """Refuse network for seconds (None: until restart) and close its
         connections, telling each why."""
-        self.bans[network] = None if seconds is None else time.monotonic() + seconds
+        self.bans[network] = Ban(shown, seconds)
         for peer in list(self.server.peers):
             if peer.ip in network:
                 self.server.queue(peer, error_line('you were banned by %s' % by))
                 self.server.drop(peer, 'banned by %s' % by, linger=True)
 
+    def ban_person(self, peer, seconds, by):
+        """Ban one person on a shared address (loopback): their name stays
+        theirs to no one until the ban ends, and this connection closes."""
+        self.name_bans[peer.key] = Ban(peer.name, seconds)
+        self.server.queue(peer, error_line('you were banned by %s' % by))
+        self.server.drop(peer, 'banned by %s' % by, linger=True)
+
+    def name_banned(self, key):
+        """The ban on a name, or None."""
+        self.expire_bans()
+        return self.name_bans.get(key)
+
     def expire_bans(self):
-        now = time.monotonic()
-        for network, until in list(self.bans.items()):
-            if until is not None and until <= now:
-                del self.bans[network]
+        for bans in (self.bans, self.name_bans):
+            for what, ban in list(bans.items()):
+                if ban.over():
+                    del bans[what]
+
+
+class Ban:
+    """A ban: what it is shown as (what the operator typed), and when it ends."""
+
+    __slots__ = ('shown', 'until')
+
+    def __init__(self, shown, seconds):
+        self.shown = shown
+        self.until = None if seconds is None else time.monotonic() + seconds
+
+    def over(self):
+        return self.until is not None and self.until <= time.monotonic()
+
+    def until_text(self):
+        """'until 14:05' (local time), or 'until the server restarts'."""
+        if self.until is None:
+            return 'until the server restarts'
+        return 'until ' + time.strftime('%H:%M', time.localtime(
+            time.time() + self.until - time.monotonic() + 59))  # rounded up
+
+    def left_text(self):
+        if self.until is None:
+            return 'until restart'
+        return plural(int((self.until - time.monotonic()) // 60) + 1, 'minute') + ' left'
+
+
+def refuse_at_once(sock, line):
+    """Close a connection that may not come in, after one line saying why (it
+    fits the socket's buffer, so a nonblocking send takes it).  Whatever it
+    sent is read first: closing with unread input would send a reset, which
+    can destroy the line before it is read."""
+    try:
+        sock.setblocking(False)
+        if line:
+            sock.send(line)
+        drain(sock)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    sock.close()
 
 
 # Who may use a command: anyone who is in, operators, or also a newcomer
@@ -820,6 +1095,8 @@ class Commands:
                 SERVER_NAME, GUEST_PREFIX)
         if problem is None and holder not in (None, peer):
             problem = 'the name is taken by %s' % holder.name
+        if problem is None and self.gate.name_banned(key):
+            problem = 'the name is banned %s' % self.gate.name_banned(key).until_text()
         if problem is None and name == peer.name:
             problem = 'you are already %s' % name
         if problem is not None:
@@ -852,10 +1129,10 @@ class Commands:
         if recipient is None:
             self.queue(peer, error_line('no one called %s is online' % name))
             return
-        line = private_line(peer.name, text)
-        self.queue(recipient, line)
-        self.direct_bytes += len(line)  # another's output: it counts against this turn's share
+        self.queue(recipient, private_line(peer.name, text))
         self.queue(peer, sent_line(recipient.name, text))
+        if recipient.behind_since is not None and recipient.room.holding():
+            self.pause(peer, NUDGE_SEC)  # more would bury a reader that is catching up
 
     @command('/quit [REASON]', 'leave', who=AT_THE_DOOR)
     def cmd_quit(self, peer, reason):
@@ -897,44 +1174,68 @@ class Commands:
         self.queue(target, error_line('you were ' + why))
         self.drop(target, why, linger=True)  # everyone sees it leave, and why
 
-    @command('/ban NAME|ADDRESS [MINUTES]', 'refuse an address', who=OPERATORS, console=True)
+    @command('/ban NAME|ADDRESS [MINUTES]', 'refuse someone, or an address', who=OPERATORS,
+             console=True)
     def cmd_ban(self, peer, argument):
-        """Or a CIDR network; until the ban ends or the server restarts.  Its
-        connections are closed."""
+        """Until MINUTES have passed or the server restarts.  An address (or a
+        CIDR network) is banned as typed, but a single IPv6 address bans its
+        /64 (a host picks any address in it).  A person is banned by their
+        address, unless that is a loopback one, which everyone on the
+        machine shares: then their name and this connection are."""
         words = argument.split()
         if not 1 <= len(words) <= 2 or not all(NUMBER.match(w) for w in words[1:]):
             self.usage(peer, self.cmd_ban)
             return
-        target = self.names.get(name_key(words[0]))
-        network = host_of(target.ip) if target else parse_network(words[0])
-        if network is None:
+        minutes = int(words[1]) if len(words) == 2 else None
+        if minutes == 0:
+            self.queue(peer, error_line('a ban lasts at least 1 minute (none: until restart)'))
+            return
+        seconds = None if minutes is None else 60 * minutes
+        how_long = ('for ' + plural(minutes, 'minute') if minutes
+                    else 'until the server restarts')
+        network = parse_network(words[0])  # an address is an address, never a name
+        target = None if network else self.names.get(name_key(words[0]))
+        if network is None and target is None:
             self.queue(peer, error_line('%s is neither online nor an address' % words[0]))
             return
-        minutes = int(words[1]) if len(words) == 2 else 0
-        what = '%s banned %s%s %s' % (peer.name, network, ' (%s)' % target.name if target else '',
-                                       'for ' + plural(minutes, 'minute') if minutes
-                                       else 'until the server restarts')
+        if target is not None and target.ip.is_loopback:
+            what = '%s banned %s %s' % (peer.name, target.name, how_long)
+        elif target is not None:
+            network = host_of(target.ip)
+            what = '%s banned %s (%s) %s' % (peer.name, target.name, network, how_long)
+        else:
+            if '/' not in words[0]:
+                network = host_of(network.network_address)
+            what = '%s banned %s %s' % (peer.name, words[0], how_long)
         self.log(what)
         self.wall(notice_line(what))
-        self.gate.ban(network, 60 * minutes if minutes else None, peer.name)
+        if network is None:
+            self.gate.ban_person(target, seconds, peer.name)
+        else:
+            self.gate.ban(network, words[0] if target is None else str(network), seconds,
+                          peer.name)
 
-    @command('/unban ADDRESS', 'lift a ban', who=OPERATORS, console=True)
+    @command('/unban NAME|ADDRESS', 'lift a ban', who=OPERATORS, console=True)
     def cmd_unban(self, peer, argument):
-        network = parse_network(argument)
-        if network not in self.gate.bans:
+        gate, network = self.gate, parse_network(argument)
+        if network is not None and '/' not in argument:
+            network = host_of(network.network_address)
+        if network in gate.bans:
+            shown = gate.bans.pop(network).shown
+        elif name_key(argument) in gate.name_bans:
+            shown = gate.name_bans.pop(name_key(argument)).shown
+        else:
             self.queue(peer, error_line('%s is not banned (see /bans)' % argument))
             return
-        del self.gate.bans[network]
-        self.log('%s lifted the ban on %s' % (peer.name, network))
-        self.queue(peer, notice_line('%s is no longer banned' % network))
+        self.log('%s lifted the ban on %s' % (peer.name, shown))
+        self.queue(peer, notice_line('%s is no longer banned' % shown))
 
     @command('/bans', 'list the bans', who=OPERATORS, console=True)
     def cmd_bans(self, peer, argument):
         self.gate.expire_bans()
-        now = time.monotonic()
-        bans = ['%s (%s)' % (network, 'until restart' if until is None else
-                             plural(int((until - now) // 60) + 1, 'minute') + ' left')
-                for network, until in sorted(self.gate.bans.items(), key=str)]
+        bans = ['%s (%s)' % (ban.shown, ban.left_text()) for ban in sorted(
+            list(self.gate.bans.values()) + list(self.gate.name_bans.values()),
+            key=lambda ban: ban.shown)]
         self.queue(peer, notice_line('bans: %s' % (', '.join(bans) or 'none')))
 
 
@@ -966,11 +1267,12 @@ class Server(Commands):
         self.peers = set()          # open connections, closing ones aside
         self.closing = set()        # connections finishing their output
         self.names = {}             # name_key -> Peer, for every peer let in
-        self.lobby = Room(self, 'lobby', history)
-        self.busy_rooms = []        # rooms with lines broadcast this turn
         self.turn = 0
         self.turn_budget = max(1, max_backlog // TURN_SHARE)
-        self.direct_bytes = 0       # private messages queued this turn
+        self.behind_bytes = max_backlog // BEHIND_SHARE
+        self.lobby = Room(self, 'lobby', history)
+        self.busy_rooms = []        # rooms with lines broadcast this turn
+        self.direct_bytes = 0       # output for one peer queued this turn (replies, /msg)
         self.dirty = set()          # peers to flush at the end of this turn
         self.held = collections.deque()  # peers with lines held over to next turn
         self.unread = set()         # TLS peers with decrypted input left to read
@@ -1011,7 +1313,7 @@ class Server(Commands):
     def run_once(self, timeout=None):
         """One loop turn: wait for events, handle them, send what they queued."""
         events = self.selector.select(self.next_timeout(timeout))
-        self.continue_held()
+        self.continue_held()  # first come, first served: held input before new
         # Rotate the order so that when turn_budget cuts a turn short, it is
         # not the same peers that wait every time.
         if events:
@@ -1058,9 +1360,10 @@ class Server(Commands):
             self.dirty.add(peer)
 
     def next_timeout(self, limit=None):
-        """Seconds select() may wait: none while output is queued, else until
-        the next timer (or limit)."""
-        if self.busy_rooms or self.dirty or self.doomed or self.held or self.unread:
+        """Seconds select() may wait: none while output is queued or held
+        input may go on, else until the next timer (or limit)."""
+        if self.busy_rooms or self.dirty or self.doomed or self.unread or any(
+                not self.must_wait(peer) for peer in self.held):
             return 0
         timeout = limit
         if self.timers:
@@ -1108,7 +1411,11 @@ class Server(Commands):
                     return
                 continue  # ECONNABORTED and the like: that one is gone
             self.fds_exhausted = False
-            self.gate.admit(sock, address)
+            try:
+                self.gate.admit(sock, address)
+            except Exception as exc:  # a socket reset before it was set up, say
+                self.log('internal error admitting %s: %r' % (printable_address(address), exc))
+                sock.close()
 
     def pause_accepting(self, exc):
         """Out of file descriptors: stop accepting for a moment instead of
@@ -1210,16 +1517,21 @@ class Server(Commands):
 
     # Input ---------------------------------------------------------------------
 
-    def share_used(self, peer):
-        """True once this turn has queued a share of output (TURN_SHARE of
-        max_backlog) for the others that peer's lines would reach."""
-        said = peer.room.batch_bytes if peer.room is not None else 0
-        return said + self.direct_bytes >= self.turn_budget
+    def must_wait(self, peer):
+        """True if peer's lines must wait: this turn has queued a share of
+        output (max_backlog / TURN_SHARE) for those they would reach, or a
+        member of its room has not read what it was sent (backpressure)."""
+        room = peer.room
+        if room is None:
+            return self.direct_bytes >= self.turn_budget
+        return (room.batch_bytes + self.direct_bytes >= self.turn_budget
+                or (room.behind and room.holding()))
 
     def on_readable(self, peer):
         """Read one chunk from peer and handle the lines it completes."""
-        if self.share_used(peer) and not peer.lingering:
-            return  # this turn's share is used up; the selector will ask again
+        if self.must_wait(peer) and not peer.lingering:
+            self.hold(peer)
+            return
         try:
             data = peer.sock.recv(READ_CHUNK_BYTES)
         except WOULD_BLOCK:
@@ -1239,7 +1551,24 @@ class Server(Commands):
         elif self.gate.tls is not None and peer.sock.pending():
             self.unread.add(peer)  # decrypted, but no socket event will say so
         peer.inbuf += data
+        if not peer.heard:
+            verdict = http_verdict(bytes(peer.inbuf[:32]))
+            if verdict is None and not peer.eof:
+                return  # "GE": the rest will tell
+            peer.heard = True
+            if verdict:
+                self.refuse_http(peer)
+                return
+            self.gate.open_door(peer)  # it spoke first: no need to wait
         self.handle_input(peer)
+
+    def refuse_http(self, peer):
+        """An HTTP request on the chat port (a web page can make a browser
+        send one to any port): close it unheard.  It never entered the
+        room, so no one is told, and its body is no password guess."""
+        first = decode(bytes(peer.inbuf[:200]).split(b'\n')[0]).strip()
+        self.log('refused %s: an HTTP request (%s)' % (peer.address, first[:60]))
+        self.lose(peer, 'HTTP request')
 
     def handle_input(self, peer):
         """Handle the complete lines in peer.inbuf, as many as its flood
@@ -1247,10 +1576,10 @@ class Server(Commands):
         read again until they are handled."""
         allowed = self.lines_allowed(peer)
         handled = self.say_all(peer, allowed)
-        share_used = False
+        waiting = False
         while allowed is None or handled < allowed:
-            share_used = self.share_used(peer)
-            raw = None if share_used else peer.next_line(self.max_line)
+            waiting = self.must_wait(peer)
+            raw = None if waiting else peer.next_line(self.max_line)
             if raw is None:
                 break
             handled += 1
@@ -1260,16 +1589,22 @@ class Server(Commands):
                 self.handle_line(peer, raw)
             if peer.close_reason is not None:
                 return
+            if peer.paused:  # its private message waits for a reader to catch up
+                break
         if allowed is not None:
             peer.tokens -= handled
-        if share_used:
+        if waiting:
             self.hold(peer)
             return
         if peer.trim_unfinished_line(self.max_line):
             self.refuse_long_line(peer)
-        if b'\n' in peer.inbuf:
+        if b'\n' in peer.inbuf and not peer.paused:
+            if not peer.warned:  # once: a piped client learns how long to wait
+                peer.warned = True
+                self.queue(peer, notice_line('flood control: your lines wait, %g per second'
+                                             % self.rate))
             self.pause(peer, (1 - peer.tokens % 1) / self.rate)
-        elif peer.eof:
+        elif peer.eof and b'\n' not in peer.inbuf:
             self.drop(peer, 'connection closed', linger=True)
 
     def say_all(self, peer, allowed):
@@ -1287,7 +1622,7 @@ class Server(Commands):
             return 0
         if len(raw) > self.max_line and max(map(len, raw.split(b'\n'))) > self.max_line:
             return 0
-        text = raw.decode('utf-8', 'replace').translate(UNPRINTABLE_BUT_LF)
+        text = tidy(raw.decode('utf-8', 'replace'), UNPRINTABLE_BUT_LF)
         if text.startswith('/') or '\n/' in text or BLANK_LINE.search(text):
             return 0
         prefix = '<%s> ' % peer.name
@@ -1296,10 +1631,9 @@ class Server(Commands):
         if room.batch_bytes + self.direct_bytes + len(lines) > self.turn_budget:
             return 0
         del peer.inbuf[:end + 1]
-        history = room.history
-        if history.maxlen:  # the last few, as slices of the same bytes
-            recent = lines.rsplit(b'\n', history.maxlen + 1)[-history.maxlen - 1:-1]
-            history.extend(line + b'\n' for line in recent)
+        most = room.history.most
+        if most:  # the last few, as slices of the same bytes
+            room.history.add([line + b'\n' for line in lines.rsplit(b'\n', most + 1)[-most - 1:-1]])
         room.broadcast(lines, sender=peer)
         peer.lines += count
         return count
@@ -1335,31 +1669,31 @@ class Server(Commands):
             self.handle_input(peer)
 
     def hold(self, peer):
-        """This turn's share of output is used up: peer's remaining lines
-        wait for the next turn, in a queue, so that every held peer gets
-        its turn before anyone's new input is read."""
+        """peer's lines must wait (must_wait): it is not read meanwhile, and
+        waits in a queue, so that every held peer gets its turn before
+        anyone's new input is read."""
         peer.paused = True
         self.set_interest(peer)
-        self.held.append(peer)
+        if not peer.held:
+            peer.held = True
+            self.held.append(peer)
 
-    def continue_held(self):
+    def continue_held(self, _=None):
+        """Let held peers go on, in order, as far as their rooms allow."""
         for _ in range(len(self.held)):
-            peer = self.held[0]
-            if self.share_used(peer):
-                return
-            self.held.popleft()
-            self.resume(peer)  # back of the queue if still held
+            peer = self.held.popleft()
+            peer.held = False
+            if self.must_wait(peer):
+                self.hold(peer)  # to the back of the queue, in the same order
+            else:
+                self.guarded(self.resume, peer)  # back of the queue if held again
 
     def handle_line(self, peer, raw):
         """One line from peer: a command, or a public message."""
-        text = decode(raw)
+        text = tidy(raw.decode('utf-8', 'replace'))
         peer.lines += 1
-        if peer.lines == 1 and HTTP_REQUEST.match(text) and peer is not self.console:
-            self.log('refused %s: an HTTP request (%s)' % (peer.address, text[:60]))
-            self.lose(peer, 'HTTP request')  # a web page's doing: none of it is said
-            return
-        if not text.strip():
-            return  # empty lines, and lines of nothing but control characters
+        if is_blank(text):
+            return  # empty lines, and lines of nothing but invisible characters
         if text.startswith('/') and not text.startswith('//'):
             word, _, argument = text[1:].partition(' ')
             self.run_command(peer, word, argument.strip())
@@ -1408,6 +1742,7 @@ class Server(Commands):
         if peer.room is not None:
             peer.room.catch_up(peer)
         peer.outbuf += data
+        self.direct_bytes += len(data)  # it counts against this turn's share
         self.dirty.add(peer)
 
     def end_turn(self):
@@ -1455,8 +1790,15 @@ class Server(Commands):
         if len(peer.outbuf) > self.max_backlog and not peer.lingering:
             self.log('%s is too slow: %d bytes unsent' % (peer.name, len(peer.outbuf)))
             self.lose(peer, 'too slow')
-        else:
-            self.set_interest(peer)
+            return
+        self.set_interest(peer)
+        behind = len(peer.outbuf) > self.behind_bytes
+        if behind != (peer.behind_since is not None):  # it fell behind, or caught up
+            peer.behind_since = time.monotonic() if behind else None
+            if peer.room is not None:
+                peer.room.note_behind(peer)
+            if behind:  # the loop must look again when its grace is over
+                self.call_later(BEHIND_GRACE_SEC, self.continue_held)
 
     def finish_closing(self, peer):
         """Everything is sent to a closing peer: say so with a FIN, and close
@@ -1638,14 +1980,20 @@ def server_banner(listeners, fingerprint=None):
 
 def make_log(quiet=False, stream=None):
     """The server's one logging funnel: timestamped lines on stderr, with
-    anything unprintable escaped so a log can never drive a terminal."""
+    anything unprintable escaped so a log can never drive a terminal.  If
+    stderr goes away (a closed pipe), the server carries on unlogged."""
+    broken = []
+
     def log(message):
-        if quiet:
+        if quiet or broken:
             return
         out = stream or sys.stderr
-        out.write('%s %s\n' % (time.strftime('%Y-%m-%d %H:%M:%S'),
-                               message.translate(LOG_ESCAPES)))
-        out.flush()
+        try:
+            out.write('%s %s\n' % (time.strftime('%Y-%m-%d %H:%M:%S'),
+                                   message.translate(LOG_ESCAPES)))
+            out.flush()
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            broken.append(True)
     return log
 
 
@@ -1665,7 +2013,9 @@ class Client:
         self.inbuf = bytearray(received)  # from the server, not yet shown
         self.outbuf = bytearray()     # to the server, not yet sent
         self.lines_sent = 0
-        self.quit_deadline = None     # set once we have said /quit
+        self.quit_at = None           # when we said /quit
+        self.server_rate = None       # lines per second, if the server said so
+        self.unechoed = []            # lines we sent before we knew our name
         self.dismissed = False        # the server has answered it
         self.reading_input = False
 
@@ -1681,8 +2031,8 @@ class Client:
         self.show_lines(b'')  # what authenticate() read past the password
         while True:
             timeout = self.screen.timeout()
-            if self.quit_deadline is not None:
-                left = max(0.0, self.quit_deadline - time.monotonic())
+            if self.quit_at is not None:
+                left = max(0.0, self.quit_at + self.goodbye_wait() - time.monotonic())
                 if left == 0:
                     return 0
                 timeout = left if timeout is None else min(timeout, left)
@@ -1730,16 +2080,24 @@ class Client:
             self.show([decode(line) for line in lines])  # cleaned: the server is not trusted
 
     def show(self, texts):
-        """Display lines from the server, noting our own name as it changes."""
+        """Display lines from the server, noting our own name as it changes
+        and the server's flood control rate, if it says so."""
         for text in texts:
             welcome, renamed = WELCOME.match(text), RENAMED.match(text)
+            flood = FLOOD_NOTICE.match(text)
             if welcome:
                 self.screen.name = welcome.group(1)
             elif renamed and renamed.group(1) == self.screen.name:
                 self.screen.name = renamed.group(2)
             elif text == '-!- ' + GOODBYE:
                 self.dismissed = True
+            elif flood:
+                self.server_rate = float(flood.group(1))
         self.screen.show(texts)
+        if self.unechoed and self.screen.name:
+            for line in self.unechoed:
+                self.screen.echo(own_line(self.screen.name, line))
+            self.unechoed = []
 
     def lost(self, why):
         """The connection is over: show what is left; the exit status (0 if
@@ -1762,11 +2120,14 @@ class Client:
         for line in self.screen.feed(data):
             if line is None:  # end of input: leave
                 self.watch_input(False)
-                if self.quit_deadline is None:
+                if self.quit_at is None:
                     self.send_line('/quit')
                 return
             self.send_line(line)
-            self.screen.echo(own_line(self.screen.name, line))
+            if self.screen.name:
+                self.screen.echo(own_line(self.screen.name, line))
+            else:  # shown once the welcome says our name
+                self.unechoed.append(line)
 
     def send_line(self, line):
         """Queue one line for the server.  After a /quit, input is over and
@@ -1775,10 +2136,16 @@ class Client:
         self.outbuf += line.encode('utf-8', 'surrogateescape') + b'\n'
         self.lines_sent += 1
         if line == '/quit' or line.startswith('/quit '):
+            self.quit_at = time.monotonic()
             self.watch_input(False)
-            paced = max(0, self.lines_sent - RATE_BURST_LINES) / RATE_LINES_PER_SEC
-            self.quit_deadline = time.monotonic() + QUIT_WAIT_SEC + paced
         self.flush()
+
+    def goodbye_wait(self):
+        """How long after /quit to wait for the server's goodbye: a while,
+        plus what its flood control needs to take the lines we sent (at the
+        rate it told us, else the default)."""
+        rate = self.server_rate or RATE_LINES_PER_SEC
+        return QUIT_WAIT_SEC + max(0, self.lines_sent - RATE_BURST_LINES) / rate
 
     def flush(self):
         """Send what the socket takes now; watch for writability only while
@@ -1794,7 +2161,7 @@ class Client:
 
     def watch_input(self, wanted):
         """Start or stop reading standard input (never again after /quit)."""
-        wanted = wanted and self.quit_deadline is None
+        wanted = wanted and self.quit_at is None
         if wanted and not self.reading_input:
             self.selector.register(self.input, selectors.EVENT_READ)
         elif self.reading_input and not wanted:
@@ -1802,9 +2169,11 @@ class Client:
         self.reading_input = wanted
 
 
-# The lines that tell a client its own name: the welcome, and renames.
+# The lines that tell a client its own name (the welcome, and renames), and
+# the rate at which the server takes its lines.
 WELCOME = re.compile(r'^-!- Welcome, (\S+)!')
 RENAMED = re.compile(r'^-!- (\S+) is now known as (\S+)$')
+FLOOD_NOTICE = re.compile(r'^-!- flood control: .* ([0-9.]+) per second$')
 
 
 def own_line(name, line):
@@ -1947,17 +2316,56 @@ ESCAPE_KEYS = {'[A': 'up', '[B': 'down', '[C': 'right', '[D': 'left', '[H': 'hom
                '[8~': 'end', '[3~': 'delete'}
 
 
+# Format characters that show (Arabic number signs and the like): one column.
+VISIBLE_FORMAT = '\u00ad\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0890\u0891\u08e2'
+
+
 def char_width(ch):
-    """Terminal columns a character takes: 2 for East Asian wide and
-    fullwidth ones (Hangul, kanji, most emoji), 0 for combining marks and
-    invisible format characters, else 1."""
-    if unicodedata.combining(ch) or unicodedata.category(ch) in ('Mn', 'Me', 'Cf'):
+    """Terminal columns a character takes, as glibc's wcwidth() counts them:
+    2 for East Asian wide and fullwidth ones (Hangul, kanji, most emoji), 0
+    for combining marks, the vowels and finals of decomposed Hangul (they
+    join the syllable before them) and invisible format characters, else 1."""
+    category = unicodedata.category(ch)
+    if category in ('Mn', 'Me') or '\u1160' <= ch <= '\u11ff' or '\ud7b0' <= ch <= '\ud7ff':
+        return 0
+    if category == 'Cf' and ch not in VISIBLE_FORMAT:
         return 0
     return 2 if unicodedata.east_asian_width(ch) in 'WF' else 1
 
 
 def text_width(text):
     return sum(char_width(ch) for ch in text)
+
+
+WRAPPED_INDENT = '      '    # under the text after "HH:MM ": a wrapped tail never
+# starts at column 0, where padding could make it pass for a line of its own
+
+
+def wrap(text, columns):
+    """text, which may hold colour (SGR) sequences and start with a bell, cut
+    into rows of the terminal's width, every row after the first indented."""
+    rows, row, width = [], [], 0
+    for piece in re.split('(\x1b\\[[0-9;]*m|^\a)', text):
+        if piece[:1] in ('\x1b', '\a'):
+            row.append(piece)  # takes no room
+            continue
+        for ch in piece:
+            if width + char_width(ch) > columns:
+                rows.append(''.join(row))
+                row, width = [WRAPPED_INDENT], len(WRAPPED_INDENT)
+            row.append(ch)
+            width += char_width(ch)
+    rows.append(''.join(row))
+    return '\r\n'.join(rows)
+
+
+def cut_to_width(text, width):
+    """text, or as much of it as fits width columns with an ellipsis."""
+    if text_width(text) <= width:
+        return text
+    while text and text_width(text) > max(0, width - 1):
+        text = text[:-1]
+    return text + '\u2026'
 
 
 class KeyReader:
@@ -1982,8 +2390,9 @@ class KeyReader:
                         self.pending_since = time.monotonic()
                     self.pending = text[i:]
                     return keys
-                if text[i + 1:end] in ESCAPE_KEYS:
-                    keys.append(ESCAPE_KEYS[text[i + 1:end]])
+                sequence = text[i + 1:end]
+                if sequence in ESCAPE_KEYS:
+                    keys.append(ESCAPE_KEYS[sequence])
                 i = end  # unknown sequences are ignored, not inserted
             else:
                 if ch in CONTROL_KEYS:
@@ -2002,13 +2411,19 @@ class KeyReader:
 
 def escape_end(text, i):
     """Where the escape sequence at text[i] ends, or None if it is unfinished:
-    CSI (ESC [ parameters final), SS3 (ESC O x), or ESC and one key (Alt)."""
+    CSI (ESC [ parameters final), SS3 (ESC O x), the Linux console's
+    function keys (ESC [ [ x), ESC and one key (Alt), or ESC and a whole
+    sequence (Alt and an arrow, as PuTTY and rxvt send it)."""
     if i + 1 >= len(text):
         return None
+    if text[i + 1] == '\x1b':
+        return escape_end(text, i + 1)
     if text[i + 1] == 'O':
         return i + 3 if i + 2 < len(text) else None
     if text[i + 1] != '[':
         return i + 2
+    if text[i + 2:i + 3] == '[':
+        return i + 4 if i + 3 < len(text) else None
     for j in range(i + 2, len(text)):
         if not '\x20' <= text[j] <= '\x3f':  # past parameters and intermediates
             return j + 1 if '\x40' <= text[j] <= '\x7e' else j
@@ -2111,6 +2526,15 @@ class LineEditor:
     def key_redraw(self):
         pass  # every key redraws the line
 
+    def compose(self):
+        """Compose what was typed or pasted to NFC on either side of the
+        cursor, so that decomposed Hangul (as macOS file names hold it)
+        becomes the syllables a terminal shows, and the cursor stays true."""
+        before = unicodedata.normalize('NFC', ''.join(self.chars[:self.cursor]))
+        after = unicodedata.normalize('NFC', ''.join(self.chars[self.cursor:]))
+        if len(before) + len(after) != len(self.chars):
+            self.chars, self.cursor = list(before + after), len(before)
+
 
 class TerminalScreen:
     """Messages scroll up the terminal's own scrollback while the line being
@@ -2193,9 +2617,18 @@ class TerminalScreen:
 
     # Output --------------------------------------------------------------------
 
+    def columns(self):
+        """The terminal's width, asked of the terminal itself (a COLUMNS
+        variable left from before a resize would be stale)."""
+        try:
+            return max(2, os.get_terminal_size(self.fd_out).columns)
+        except OSError:
+            return 80
+
     def show(self, texts):
-        self.write('\r\x1b[K' + ''.join(self.styled(text) + '\r\n' for text in texts)
-                   + self.input_line())
+        columns = self.columns()
+        self.write('\r\x1b[K' + ''.join(wrap(self.styled(text), columns) + '\r\n'
+                                         for text in texts) + self.input_line())
 
     def echo(self, text):
         if text is not None:
@@ -2245,14 +2678,15 @@ class TerminalScreen:
                 break
             if line is not None:
                 lines.append(line)
+        self.editor.compose()
         self.write(self.input_line())
         return lines
 
     def input_line(self):
         """The prompt and as much of the typed line as fits, scrolled to keep
         the cursor in view, and the cursor put back where it belongs."""
-        columns = shutil.get_terminal_size().columns
-        prompt = (self.name or '') + '> '
+        columns = self.columns()
+        prompt = cut_to_width(self.name or '', columns // 2 - 2) + '> '
         room = max(2, columns - text_width(prompt) - 1)
         chars, cursor = self.editor.chars, self.editor.cursor
         widths = [char_width(ch) for ch in chars]
@@ -2332,16 +2766,37 @@ def client_tls(sock, host, cafile=None, pinned=None):
     return tls
 
 
-def read_secret(path, variable):
-    """A password from the first line of a file, or an environment variable
-    (never the command line, which ps shows to everyone); None if neither."""
-    if path is None:
-        return os.environ.get(variable) or None
+def environment(name):
+    """An environment variable's text, as UTF-8 whatever the locale (under
+    LC_ALL=C, 3.6 would decode it as ASCII); None if it is not set."""
+    environb = getattr(os, 'environb', None)
+    if environb is None:  # Windows: the environment is text already
+        return os.environ.get(name)
+    value = environb.get(name.encode())
     try:
-        with open(path, encoding='utf-8') as handle:
-            secret = handle.readline().rstrip('\r\n')
+        return None if value is None else value.decode('utf-8')
+    except UnicodeDecodeError:
+        raise UserError('%s is not valid UTF-8' % name)
+
+
+def read_secret(path, variable):
+    """A password from the first line of a file (UTF-8, a byte-order mark
+    ignored), or an environment variable (never the command line, which ps
+    shows to everyone); None if neither is given."""
+    if path is None:
+        secret = environment(variable)
+        if secret == '':
+            raise UserError('%s is set but empty' % variable)
+        return secret
+    try:
+        with open(path, 'rb') as handle:
+            first = handle.readline()
     except OSError as exc:
         raise UserError('cannot read password file %s: %s' % (path, exc.strerror))
+    try:
+        secret = first.decode('utf-8-sig').rstrip('\r\n')  # Notepad's BOM stripped
+    except UnicodeDecodeError:
+        raise UserError('password file %s is not UTF-8 text' % path)
     if not secret:
         raise UserError('password file %s is empty' % path)
     return secret
@@ -2349,58 +2804,70 @@ def read_secret(path, variable):
 
 def usable_secret(secret, where):
     """secret, if /pass can carry it: no spaces at its ends (commands are
-    trimmed), no control characters (lines are cleaned), valid UTF-8."""
-    if secret is not None:
-        try:
-            secret.encode('utf-8')
-        except UnicodeEncodeError:
-            raise UserError('the password in %s is not valid UTF-8' % where)
-        if secret != secret.strip() or clean(secret) != secret:
-            raise UserError('the password in %s has spaces at its ends or control '
-                            'characters, which /pass cannot carry' % where)
+    trimmed), no runs of spaces or control characters (lines are tidied)."""
+    if secret is not None and (secret != secret.strip() or tidy(secret) != secret):
+        raise UserError('the password in %s has spaces at its ends, long runs of spaces '
+                        'or control characters, which /pass cannot carry' % where)
     return secret
 
 
 def authenticate(sock):
-    """If the server asks for the room password, give it: from CHAT_PASSWORD,
-    or asked for on the terminal without echo.  The bytes read past it,
-    which are the client's to show."""
+    """Open the conversation: an empty line first, so the server need not
+    wait to tell us from a browser.  If the server then asks for the room
+    password, give it: from CHAT_PASSWORD, or asked for on the terminal
+    without echo.  The bytes read past it, which are the client's to show.
+    Every wait has one deadline and reads at most CLIENT_MAX_LINE_BYTES: a
+    server that trickles bytes or never ends a line cannot hang the client
+    or fill its memory."""
     received = bytearray()
 
-    def next_line():
-        while b'\n' not in received:
-            data = sock.recv(4096)
+    def next_line(deadline, needed=True):
+        """The server's next line (decoded); None if none came in time and
+        it was not needed."""
+        while b'\n' not in received and len(received) <= CLIENT_MAX_LINE_BYTES:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if needed:
+                    raise UserError('the server did not answer')
+                return None
+            sock.settimeout(left)
+            try:
+                data = sock.recv(4096)
+            except socket.timeout:
+                continue
             if not data:
-                raise UserError('the server closed the connection')
+                if needed:
+                    raise UserError('the server closed the connection')
+                return None
             received.extend(data)
-        end = received.index(b'\n')
+        end = received.find(b'\n')
+        if end < 0:
+            raise UserError('the server sent a line longer than %d bytes'
+                            % CLIENT_MAX_LINE_BYTES)
         line = decode(bytes(received[:end]))
         del received[:end + 1]
         return line
-    sock.settimeout(FIRST_LINE_WAIT_SEC)
-    try:
-        while b'\n' not in received:  # the server's first line: a welcome, or not
-            data = sock.recv(4096)
-            if not data:
-                break
-            received.extend(data)
-    except socket.timeout:
-        pass
+    sock.sendall(b'\n')
+    # The first line: a welcome, or the password prompt, or (from a server
+    # that is not chat.py and never speaks first) nothing for a while.
+    first = next_line(time.monotonic() + FIRST_LINE_WAIT_SEC, needed=False)
     sock.settimeout(CONNECT_TIMEOUT_SEC)
-    prompt = ('-!- %s\n' % PASSWORD_PROMPT).encode()
-    if not received.startswith(prompt):
+    if first != '-!- ' + PASSWORD_PROMPT:
+        if first is not None:
+            received[:0] = first.encode() + b'\n'
         return bytes(received)
-    del received[:len(prompt)]
-    secret = os.environ.get('CHAT_PASSWORD')
+    secret = environment('CHAT_PASSWORD')
     from_environment = secret is not None
     for _ in range(PASSWORD_TRIES):
         if secret is None:
             if not os.isatty(0):
                 raise UserError('this room needs a password: set CHAT_PASSWORD')
             secret = getpass.getpass('Password for the room: ')
-        sock.sendall(('/pass %s\n' % secret).encode('utf-8'))
-        reply = next_line()
+        # A terminal in another locale may give undecodable bytes: pass them on.
+        sock.sendall(('/pass %s\n' % secret).encode('utf-8', 'surrogateescape'))
+        reply = next_line(time.monotonic() + CONNECT_TIMEOUT_SEC)
         if reply == '-!- ' + PASSWORD_ACCEPTED:
+            sock.settimeout(CONNECT_TIMEOUT_SEC)
             return bytes(received)
         if from_environment:
             raise UserError('CHAT_PASSWORD is not the room\'s password')
@@ -2507,7 +2974,8 @@ class Bench:
                 raise UserError('bench: cannot connect to %s: %s'
                                 % (printable_address(self.address[1]), os.strerror(error)))
             conn = BenchConn(sock, index)
-            self.conns.append(conn)
+            conn.outbuf += b'\n'  # speak first, as chat.py client does: no wait to be
+            self.conns.append(conn)  # told from a browser
             self.selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
         last_greeted = None
         deadline = started + self.args.timeout
@@ -2535,10 +3003,22 @@ class Bench:
         self.delivered = 0
 
     def open_slow(self):
-        """A client that connects and never reads a byte."""
+        """A client that joins, reads its first line (so it is surely in the
+        room when the load starts), and never reads again."""
         sock = socket.socket(self.address[0], socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(self.args.timeout)
         sock.connect(self.address[1])
+        sock.sendall(b'\n')
+        byte = None
+        try:
+            while byte != b'\n':
+                byte = sock.recv(1)
+                if not byte:
+                    raise UserError('bench: the server closed a slow client at once')
+        except socket.timeout:
+            raise UserError('bench: a slow client was not greeted within %d s'
+                            % self.args.timeout)
         return sock
 
     def broadcast_once(self):
@@ -2980,13 +3460,17 @@ def main(argv=None):
     except UserError as exc:
         print('chat.py: error: %s' % exc, file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # Our output went to a pipe that closed (`| head`): that reader has
+        # what it wanted.  Point stdout at nothing, or the flush at exit
+        # would complain of the same pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:  # a network or file error the code above did not name
         print('chat.py: error: %s' % (exc.strerror or exc), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0  # Ctrl-C is how people leave: no traceback
-    except BrokenPipeError:
-        return 0  # our output went to a pipe that closed, e.g. `| head`
 
 
 if __name__ == '__main__':
