@@ -205,7 +205,8 @@ def _unprintable_table():
 UNPRINTABLE = _unprintable_table()
 UNPRINTABLE_BUT_LF = dict(UNPRINTABLE)  # to clean many lines at once
 del UNPRINTABLE_BUT_LF[ord('\n')]
-LOG_ESCAPES = {code: '\\x%02x' % code if code < 0x100 else '\\u%04x' % code
+LOG_ESCAPES = {code: '\\x%02x' % code if code < 0x100 else
+               '\\u%04x' % code if code < 0x10000 else '\\U%08x' % code
                for code in UNPRINTABLE}
 # Letters and marks that show nothing on their own: a line of only these
 # (and spaces) is as empty as a blank one.  Hangul fillers, braille blank,
@@ -2144,8 +2145,9 @@ class Client:
         """How long after /quit to wait for the server's goodbye: a while,
         plus what its flood control needs to take the lines we sent (at the
         rate it told us, else the default)."""
-        rate = self.server_rate or RATE_LINES_PER_SEC
-        return QUIT_WAIT_SEC + max(0, self.lines_sent - RATE_BURST_LINES) / rate
+        if self.server_rate:  # its burst is not said: count every line
+            return QUIT_WAIT_SEC + self.lines_sent / self.server_rate
+        return QUIT_WAIT_SEC + max(0, self.lines_sent - RATE_BURST_LINES) / RATE_LINES_PER_SEC
 
     def flush(self):
         """Send what the socket takes now; watch for writability only while
@@ -2448,6 +2450,7 @@ class LineEditor:
             self.chars[self.cursor:self.cursor] = [key]
             self.cursor += 1
             return None
+        self.compose()  # what was typed is whole characters before the cursor moves
         return getattr(self, 'key_' + key)()
 
     def key_enter(self):
@@ -3410,6 +3413,9 @@ def run_client(args):
     name = args.name if args.name is not None else default_name()
     sock = connect(args.host, args.port, args.tls, args.cafile, args.tls_fingerprint)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds: the terminal is restored
+    # Ctrl-C leaves, even if whatever started us ignores it (a background job's
+    # SIGINT is ignored, and Python then raises no KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         received = authenticate(sock)
         with open_screen(args.no_color) as screen:

@@ -74,11 +74,13 @@ def wait_for_log(logs, pattern):
 
 def stepped_server(test, **options):
     """A chat.Server on loopback that the test steps itself with run_once(),
-    so that what happens within one loop turn is exact; and its address."""
+    so that what happens within one loop turn is exact; and its address.
+    Its log lines go to test.logs."""
     listener = socket.socket()
     listener.bind(('127.0.0.1', 0))
     listener.listen(64)
-    server = chat.Server([listener], **options)
+    test.logs = []
+    server = chat.Server([listener], log=test.logs.append, **options)
     test.addCleanup(server.close_all)
     return server, listener.getsockname()
 
@@ -129,6 +131,17 @@ def in_own_network(test):
     if result.returncode != 0 or '\nOK' not in result.stderr:
         test.fail('in its own network namespace:\n' + result.stderr)
     return False
+
+
+def recv_now(sock):
+    """What a nonblocking socket has for us now (b'' if nothing)."""
+    try:
+        data = sock.recv(65536)
+    except BlockingIOError:
+        return b''
+    if not data:
+        raise ConnectionError('closed by the server')
+    return data
 
 
 class Conn:
@@ -352,9 +365,83 @@ class TestText(unittest.TestCase):
     def test_invalid_names_say_why(self):
         cases = {'': 'at least one', 'x' * 25: 'at most 24', 'a b': 'letters, digits',
                  'a<b': 'letters, digits', '\u0301a': 'letters, digits',
-                 'p\u0430ypal': 'mix scripts', '\u03b1lpha': 'mix scripts'}
+                 'p\u0430ypal': 'mix scripts', '\u03b1lpha': 'mix scripts',
+                 '203.0.113.9': 'look like an address'}
         for name, reason in cases.items():
             self.assertIn(reason, chat.name_problem(name) or '', repr(name))
+
+    def test_look_alike_names_are_refused(self):
+        invisible = ['alice\u034f', 'serve\u034fr', 'gues\u034ft-1', 'alice\ufe0f',
+                     'alice\U000e0100', 'bob\u180b', 'k\u17b4im', 'ann\u200d']
+        for name in invisible:
+            self.assertIn('invisible', chat.name_problem(name) or '', repr(name))
+        mixed = ['\ua4eelice', '\u13aalice', 'g\u0585\u0585gle', 'bob\u1433', 'a\u0661']
+        for name in mixed:  # Lisu, Cherokee, Armenian, Canadian syllabics, Arabic digits
+            self.assertIn('may not mix scripts', chat.name_problem(name) or '', repr(name))
+        for name in ('a\u01c0ice', '\u1d00lice'):  # a click that looks like "l", small caps
+            self.assertIn('rare Latin letter', chat.name_problem(name) or '', repr(name))
+
+    def test_names_in_one_script_or_a_usual_mix_are_fine(self):
+        for name in ('\u5c71\u7530\u30bf\u30ed\u30a6', 'kim\uc9c0\uc218', 'Nguy\u1ec5n',
+                     '\u0141ukasz', '\u0639\u0644\u064a\u0661', '\u10e5\u10d0\u10e0', 'abc123'):
+            self.assertIsNone(chat.name_problem(name), repr(name))
+
+    def test_format_characters_that_hide_or_reorder_text_are_removed(self):
+        hidden = ('a\u200eb\u200fc\u061cd\ufeffe\u200bf\U000e0041g\u2060h\u00adi'
+                  '\u202aj\u2067k')
+        self.assertEqual(chat.clean(hidden), 'abcdefghijk')
+        self.assertEqual(chat.clean('\U0001f469\u200d\U0001f4bb'),  # a joiner in emoji stays
+                         '\U0001f469\u200d\U0001f4bb')
+        import io
+        log = io.StringIO()
+        chat.make_log(stream=log)('x\u200ey\U000e0041')
+        self.assertTrue(log.getvalue().endswith(' x\\u200ey\\U000e0041\n'), log.getvalue())
+
+    def test_combining_marks_are_capped_per_letter(self):
+        zalgo = 'z' + '\u0301' * 2000 + 'ok'
+        self.assertEqual(chat.clean(zalgo), 'z' + '\u0301' * chat.MAX_MARKS + 'ok')
+        self.assertEqual(chat.clean('Vi\u1ec7t \u0928\u092e\u0938\u094d\u0924\u0947'),
+                         'Vi\u1ec7t \u0928\u092e\u0938\u094d\u0924\u0947')
+
+    def test_invisible_only_lines_are_blank(self):
+        for text in ('', '   ', '\u3164\u2800', '\u115f\u1160 \u200d', '\ufe0f\u034f'):
+            self.assertTrue(chat.is_blank(chat.clean(text)), repr(text))
+        self.assertTrue(chat.is_blank(chat.clean('\u3164\u2800\u200b')))
+        self.assertFalse(chat.is_blank('\u3164x'))
+
+    def test_long_runs_of_spaces_are_shortened(self):
+        padded = 'ok' + ' ' * 68 + '<bob> I am leaving'
+        self.assertEqual(chat.tidy(padded), 'ok' + ' ' * chat.MAX_SPACE_RUN + '<bob> I am leaving')
+        code = 'if x:' + ' ' * 8 + 'return'
+        self.assertEqual(chat.tidy(code), code)  # eight survive
+
+    def test_widths_agree_with_the_terminals_wcwidth(self):
+        import ctypes
+        import ctypes.util
+        import locale
+        import unicodedata
+        libc = ctypes.CDLL(ctypes.util.find_library('c'))
+        saved = locale.setlocale(locale.LC_CTYPE)
+        locale.setlocale(locale.LC_CTYPE, 'C.UTF-8')
+        self.addCleanup(locale.setlocale, locale.LC_CTYPE, saved)
+        libc.wcwidth.argtypes = [ctypes.c_wchar]
+        ranges = [(0x20, 0x7f), (0xa0, 0x100), (0x300, 0x370), (0x600, 0x606),
+                  (0x1100, 0x1200), (0x200b, 0x2010), (0x3000, 0x3040), (0xa960, 0xa97d),
+                  (0xac00, 0xac40), (0xd7b0, 0xd7c7), (0xff01, 0xff61), (0x1f600, 0x1f650)]
+        for start, end in ranges:
+            for code in range(start, end):
+                ch = chr(code)
+                width = libc.wcwidth(ch)
+                if width >= 0 and unicodedata.category(ch) != 'Cn':  # known to both
+                    self.assertEqual(chat.char_width(ch), width, 'U+%04X' % code)
+
+    def test_the_http_verdict_needs_a_method_and_a_path(self):
+        for first, verdict in ((b'GET / HTTP/1.1', True), (b'POST /' + b'a' * 5000, True),
+                               (b'OPTIONS *', True), (b'CONNECT example.org:443', True),
+                               (b'G', None), (b'GET ', None), (b'GET htt', None),
+                               (b'GET lunch?', False), (b'hello', False), (b'\n', False),
+                               (b'get /', False)):
+            self.assertEqual(chat.http_verdict(first), verdict, first)
 
     def test_name_key_folds_case_and_compatibility_forms(self):
         self.assertEqual(chat.name_key('Alice'), chat.name_key('ALICE'))
@@ -447,6 +534,13 @@ class ProtocolTests:
         bob.expect('^<alice> caf\ufffd \ufffd\ufffd ok$')
         alice.send('still here\n')
         bob.expect(r'^<alice> still here$')
+
+    def test_padding_and_invisible_lines_cannot_forge_lines(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+        alice.send('ok%s<bob> I am leaving\n\u3164\u2800\u200b\n/quit%s-!- bob is an '
+                   'operator\n' % (' ' * 68, ' ' * 40))
+        self.assertEqual(bob.line(), '<alice> ok%s<bob> I am leaving' % (' ' * chat.MAX_SPACE_RUN))
+        self.assertEqual(bob.line(), '-!- alice left (quit: -!- bob is an operator)')
 
     def test_control_characters_cannot_forge_or_escape(self):
         alice, bob = self.connect('alice'), self.connect('bob')
@@ -557,12 +651,23 @@ class ProtocolTests:
 
     def test_an_http_request_never_reaches_the_room(self):
         alice = self.connect('alice')
-        probe = Conn(self.srv.port, hello=False)  # what a web page can make a browser send
-        self.addCleanup(probe.close)
-        probe.send('POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nhello\n')
-        self.assertNotIn('<', ''.join(probe.expect_closed()[2:]))
-        self.assertFalse([line for line in self.sync(alice) if line.startswith('<')])
-        self.srv.wait_log(r'refused 127\.0\.0\.1:\d+: an HTTP request \(POST / HTTP/1\.1\)')
+        for path in ('/', '/' + 'a' * 5000):  # longer than --max-line, too
+            probe = Conn(self.srv.port, hello=False)  # what a web page can make a browser send
+            self.addCleanup(probe.close)
+            probe.send('POST %s HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\n'
+                       'Content-Length: 26\r\n\r\n/nick webpage\nhello\n/me hi\n' % path)
+            self.assertEqual(probe.expect_closed(), [])
+        self.srv.wait_log(r'refused 127\.0\.0\.1:\d+: an HTTP request \(POST /aaa')
+        self.assertEqual(self.sync(alice), [])  # no message, and no join or leave either
+
+    def test_a_quiet_client_is_welcomed_once_it_cannot_be_a_browser(self):
+        alice = self.connect('alice')
+        quiet = Conn(self.srv.port, hello=False)  # nc: says nothing first
+        self.addCleanup(quiet.close)
+        quiet.expect(r'^-!- Welcome, guest-2!')
+        alice.expect(r'^-!- guest-2 joined$')
+        quiet.send('GET lunch, anyone?\n')  # a chat line, not HTTP
+        alice.expect(r'^<guest-2> GET lunch, anyone\?$')
 
     def test_leaving_is_announced_with_its_reason(self):
         alice, bob, carol = self.connect('alice'), self.connect('bob'), self.connect('carol')
@@ -673,6 +778,63 @@ class TestBurstsAreSpreadOverTurns(unittest.TestCase):
                 received[i] += read_all(sock).count(b'> x\n')
         self.assertEqual(received, [expected] * len(peers))
         self.assertEqual(len(server.names), len(peers))
+
+
+class TestBackpressure(unittest.TestCase):
+    """The real loop, in a process of its own, against readers that read at
+    a fixed rate: a reader that keeps up survives any burst within the flood
+    limits; one that never reads is still cut off."""
+
+    def test_a_reader_that_keeps_up_survives_bursts_from_many(self):
+        server = ServerProcess()  # the defaults: 20-line bursts, 4 KB lines, 256 KiB cap
+        self.addCleanup(server.stop)
+        reader = Conn(server.port, rcvbuf=16 * 1024)
+        self.addCleanup(reader.close)
+        reader.expect(r'^-!- 1 online')
+        never = Conn(server.port, rcvbuf=4096)  # reads its welcome, then nothing
+        self.addCleanup(never.close)
+        never.expect(r'^-!- 2 online')
+        pasters = [Conn(server.port) for _ in range(6)]
+        for paster in pasters:
+            self.addCleanup(paster.close)
+            paster.expect(r'^-!- \d+ online')
+        received, done = bytearray(), threading.Event()
+
+        def read_at_2_mb_per_second():  # 8 KB every 4 ms: it keeps up
+            reader.sock.settimeout(TIMEOUT)
+            while not done.is_set():
+                try:
+                    data = reader.sock.recv(8192)
+                except OSError:  # closed at the end of the test
+                    break
+                if not data:
+                    break
+                received.extend(data)
+                time.sleep(0.004)
+        thread = threading.Thread(target=read_at_2_mb_per_second)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)  # cleanups run last first:
+        self.addCleanup(reader.sock.shutdown, socket.SHUT_RDWR)  # this wakes its recv()
+        self.addCleanup(done.set)
+        lines = [('%d:%02d ' % (i, n)).ljust(4000, 'x') for n in range(20) for i in range(6)]
+        senders = [threading.Thread(target=paster.send, args=(
+            ''.join(line + '\n' for line in lines if line.startswith('%d:' % i)),))
+            for i, paster in enumerate(pasters)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(TIMEOUT)
+        wait_until(lambda: received.count(b'x\n') >= len(lines) or any(
+            'guest-1 is too slow' in line for line in server.logs),
+            'all %d lines, or the reader cut off' % len(lines), 30)
+        self.assertFalse([l for l in server.logs if 'too slow' in l and 'guest-1' in l])
+        got = [line.split(b'> ', 1)[1].decode() for line in bytes(received).split(b'\n')
+               if line.startswith(b'<guest-') and b'x' in line]
+        self.assertEqual(sorted(got), sorted(lines))
+        for i in range(6):  # and each paster's lines in its order
+            mine = [line for line in got if line.startswith('%d:' % i)]
+            self.assertEqual(mine, sorted(mine))
+        server.wait_log(r'guest-2 is too slow')  # the one that never reads
 
 
 class TestBacklogMemory(ServerTestCase):
@@ -1045,6 +1207,23 @@ class TestServerProcess(unittest.TestCase):
         self.assertEqual(status, 0)
         self.assertLess(time.monotonic() - started, 3 * chat.SHUTDOWN_FLUSH_SEC)
 
+    def test_a_log_pipe_that_closes_does_not_stop_the_server(self):
+        proc = subprocess.Popen([sys.executable, CHAT, 'server', '0', '--host', '127.0.0.1'],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        port = int(re.search(r':(\d+)', proc.stdout.readline()).group(1))
+        proc.stderr.close()  # whoever read its log has gone
+        alice, bob = Conn(port), Conn(port)
+        for conn in (alice, bob):
+            self.addCleanup(conn.close)
+            conn.expect(r'^-!- 2 online|^-!- 1 online')
+        alice.send('still here\n')  # each join and line was a log line to a closed pipe
+        bob.expect(r'^<guest-\d> still here$')
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        proc.stdout.close()
+
     def test_quiet_logs_nothing(self):
         server = self.start('--quiet')
         conn = Conn(server.port)
@@ -1309,6 +1488,39 @@ class TestClient(ServerTestCase):
             client.proc.send_signal(sig)
             self.assertEqual(client.finish(), (0, ''))
 
+    def test_after_quit_it_waits_as_long_as_the_servers_rate_needs(self):
+        server = ServerProcess('--rate=1', '--burst=1')
+        self.addCleanup(server.stop)
+        watcher = Conn(server.port)
+        self.addCleanup(watcher.close)
+        watcher.expect(r'^-!- 1 online')
+        lines = ['slow %d' % i for i in range(8)]  # 7 s at one a second, more than
+        result = run_chat('client', '127.0.0.1', str(server.port), '--name', 'patient',
+                          stdin_data=''.join(l + '\n' for l in lines), timeout=30)
+        self.assertEqual((result.returncode, result.stderr), (0, ''))  # QUIT_WAIT_SEC
+        self.assertIn('-!- flood control: your lines wait, 1 per second', result.stdout)
+        self.assertTrue(result.stdout.endswith('-!- Goodbye\n'), result.stdout)  # it waited
+        watcher.expect(r'^<patient> slow 7$')
+
+    def test_output_to_a_closed_pipe_ends_it_quietly(self):
+        bob = self.connect('bob')
+        proc = subprocess.Popen([sys.executable, CHAT, 'client', '127.0.0.1', str(self.srv.port),
+                                 '--name', 'headless'], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        bob.expect(r'is now known as headless$')
+        proc.stdout.readline()
+        proc.stdout.close()  # like `| head -1` once it has its line
+        for i in range(100):  # until a write to the closed pipe fails
+            if proc.poll() is not None:
+                break
+            bob.send('line %d\n' % i)
+            self.sync(bob)
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertEqual(proc.stderr.read(), b'')
+        for pipe in (proc.stdin, proc.stderr):
+            pipe.close()
+
     def test_ipv6_literal_host(self):
         server = ServerProcess(host='::1')
         self.addCleanup(server.stop)
@@ -1364,6 +1576,35 @@ class TestClientAgainstABadServer(unittest.TestCase):
         client.proc.wait(TIMEOUT)
         out = b''.join(iter(client.lines.get, None))
         self.assertEqual(out.decode(), '[31mred[0m <bob> forged2Jevil]0;t\nunfinished [1m\n')
+        client.finish()
+
+
+    def test_a_line_that_never_ends_is_refused_before_the_room(self):
+        client = ClientProcess(self.fake.port, '--name', 'x')
+        sock = self.fake.accept()
+        self.addCleanup(sock.close)
+        sock.sendall(b'x' * (chat.CLIENT_MAX_LINE_BYTES + 1000))  # and no newline, ever
+        status, err = client.finish()
+        self.assertEqual((status, err), (1, 'chat.py: error: the server sent a line longer '
+                                            'than %d bytes\n' % chat.CLIENT_MAX_LINE_BYTES))
+
+    def test_a_trickle_does_not_hold_the_client_at_the_door(self):
+        # A byte every 0.2 s, never a newline: each read alone is quick, so
+        # only a deadline on the whole wait ends it.
+        client = ClientProcess(self.fake.port, '--name', 'x')
+        sock = self.fake.accept()
+        self.addCleanup(sock.close)
+        sock.settimeout(0.2)
+        received, started = b'', time.monotonic()
+        while b'/nick x' not in received:  # the client moved on, into the room
+            self.assertLess(time.monotonic() - started, TIMEOUT, 'the client still waits')
+            sock.sendall(b'.')
+            try:
+                received += sock.recv(100)
+            except socket.timeout:
+                pass
+        self.assertGreaterEqual(time.monotonic() - started, chat.FIRST_LINE_WAIT_SEC * 0.9)
+        client.proc.kill()
         client.finish()
 
 
@@ -1585,7 +1826,17 @@ class PtySession:
         return self.screen.line()
 
     def wait_exit(self):
-        self.proc.wait(TIMEOUT)
+        """Wait for the client to exit, reading its screen meanwhile (as a
+        terminal would: a full one would block its last writes)."""
+        import select
+        deadline = time.monotonic() + TIMEOUT
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            if select.select([self.master], [], [], 0.05)[0]:
+                try:
+                    self.screen.feed(os.read(self.master, 65536))
+                except OSError:
+                    break  # no process holds the terminal any more
+        self.proc.wait(max(0.0, deadline - time.monotonic()))
         import termios
         self.assertEqual(termios.tcgetattr(self.slave), self.before,
                          'the terminal was not restored')
@@ -1593,6 +1844,26 @@ class PtySession:
 
 
 @unittest.skipIf(sys.platform == 'win32', 'pseudo-terminals are POSIX')
+class TestTerminalClientBeforeTheWelcome(PtySession, unittest.TestCase):
+
+    def test_a_line_typed_before_the_welcome_is_shown_with_our_name(self):
+        fake = FakeServer()
+        self.addCleanup(fake.close)
+        self.srv = fake  # spawn() connects to self.srv.port
+        self.spawn('--name', 'early')
+        sock = fake.accept()
+        self.addCleanup(sock.close)
+        received = b''
+        while not received.endswith(b'/nick early\n'):
+            received += sock.recv(100)
+        self.type('hello before\r')
+        while not received.endswith(b'hello before\n'):
+            received += sock.recv(100)
+        sock.sendall(b'-!- Welcome, early! Type /help\n')
+        self.read_until(lambda s: '<early> hello before' in s.text(), 'our line, named')
+        self.assertNotIn('None', self.screen.text())
+
+
 class TestTerminalClient(PtySession, ServerTestCase):
     SERVER_OPTIONS = {'rate': 0}
 
@@ -1633,8 +1904,10 @@ class TestTerminalClient(PtySession, ServerTestCase):
             ('one two\x1b[D\x1b[D\x15', 'wo'),            # Ctrl-U
             ('one two  \x17', 'one '),                    # Ctrl-W
             ('x\x1b[15~\x1b[1;5Cy\x1bz\x07\tz', 'xyz'),   # unknown keys ignored
-            ('\x1b[A', 'x\x1b[15~'[:1] + 'yz'),           # Up recalls the last line
+            ('p\x1b\x1b[Aq\x1b[[Ar\x1b[[Es', 'pqrs'),       # PuTTY Alt-Up, Linux F1, F5
+            ('\x1b[A', 'pqrs'),                          # Up recalls the last line
             ('new\x1b[A\x1b[A\x1b[B\x1b[B', 'new'),       # Down returns to the draft
+            ('\u1112\u1161\u11ab\u1100\u1173\u11af\x1b[D!', '\ud55c!\uae00'),  # NFD Hangul
         ]
         for keys, sent in cases:
             self.type(keys + '\r')
@@ -1654,8 +1927,8 @@ class TestTerminalClient(PtySession, ServerTestCase):
 
     def test_a_combining_mark_moves_with_its_letter(self):
         watcher = self.join()
-        self.type('ce\u0301x\x1b[D\x1b[D\x7f\r')  # back over "x" and "é", delete "c"
-        watcher.expect('^<tty> e\u0301x$')
+        self.type('cq\u0301x\x1b[D\x1b[D\x7f\r')  # back over "x" and "q́", delete "c"
+        watcher.expect('^<tty> q\u0301x$')  # (no precomposed q́: NFC keeps the mark)
 
     def test_a_line_wider_than_the_terminal_scrolls(self):
         watcher = self.join()
@@ -1744,6 +2017,29 @@ class TestTerminalClient(PtySession, ServerTestCase):
         watcher.send('more\n')
         self.read_until(lambda s: 'more' in s.text(), 'the next message')
         self.assertNotIn(b'\x1b]', b''.join(raw))
+
+    def test_wrapped_lines_never_start_at_column_zero(self):
+        watcher = self.join()
+        watcher.send('x' * 150 + '\n')
+        self.read_until(lambda s: 'xxx' in s.text() and s.line().startswith('tty>'),
+                        'the long line')
+        rows = [row for row in self.screen.text().split('\n') if 'x' in row]
+        self.assertEqual(len(rows), 3)
+        self.assertRegex(rows[0], r'^\d\d:\d\d <watcher> x+$')
+        for row in rows[1:]:
+            self.assertTrue(row.startswith(chat.WRAPPED_INDENT + 'x'), repr(row))
+
+    def test_a_prompt_wider_than_the_terminal_is_cut(self):
+        self.COLUMNS = 40
+        name = '\ud55c' * 24  # 48 columns of Hangul
+        self.connect('watcher')
+        self.spawn('--name', name, env={'COLUMNS': '200'})  # a stale COLUMNS: not believed
+        self.read_until(lambda s: s.line().endswith('\u2026>'), 'the cut prompt')
+        rows_before = len(self.screen.rows)
+        self.type('abc' + 'd' * 60)
+        self.read_until(lambda s: s.line().endswith('dd'), 'the typed text')
+        self.assertEqual(len(self.screen.rows), rows_before)  # redrawn in place, not repeated
+        self.assertLessEqual(chat.text_width(self.screen.line()), 40)
 
     def test_the_stdin_thread_works_with_the_editor(self):
         watcher = self.join(env={'CHAT_STDIN_THREAD': '1'})
@@ -1922,6 +2218,36 @@ class TestTls(ServerTestCase):
         alice.send(''.join(l + '\n' for l in lines))
         self.assertEqual([bob.line() for _ in lines], ['<alice> ' + l for l in lines])
 
+    def test_what_tls_sends_is_counted_as_it_leaves(self):
+        # SSL_write of a big buffer can put records on the wire and still say
+        # "would block": the backlog must not count bytes already sent.
+        import ssl
+        cert, key, _ = certificate()
+        listener = socket.socket()
+        listener.bind(('127.0.0.1', 0))
+        listener.listen(1)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # a slow reader's
+        client.connect(listener.getsockname())
+        raw, _ = listener.accept()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, chat.SEND_BUFFER_BYTES)  # as the server
+        for sock in (listener, client, raw):
+            self.addCleanup(sock.close)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        handshake = threading.Thread(target=lambda: setattr(
+            self, 'tls_client', context.wrap_socket(client)))
+        handshake.start()
+        tls_server = chat.server_tls(cert, key)[0].wrap_socket(raw, server_side=True)
+        handshake.join(TIMEOUT)
+        tls_server.setblocking(False)
+        data, counted, got = b'x' * (1 << 20), 0, 0
+        while got < len(data):
+            counted += chat.send_some(tls_server, data[counted:])
+            got += len(self.tls_client.recv(65536))
+            self.assertLessEqual(got, counted + chat.TLS_RECORD_BYTES)  # one record in flight
+        self.assertEqual(counted, len(data))
+
     def test_large_and_many_small_messages(self):
         alice, bob = self.tls_peer('alice'), self.tls_peer('bob')
         big = ['%04d %s' % (i, '한' * 1300) for i in range(50)]  # 3.9 KB each
@@ -2077,6 +2403,35 @@ class TestPassword(PtySession, ServerTestCase):
         self.assertEqual(self.proc.wait(TIMEOUT), 1)
         self.assertEqual(self.screen.text().count('Password for the room:'), 1)
         self.assertIn('chat.py: error: no password in 0 s: goodbye', self.screen.text())
+
+    def test_a_password_file_with_a_bom_or_not_utf8(self):
+        with tempfile.NamedTemporaryFile('wb') as handle:
+            handle.write('\ufeff\ube44\ubc00\r\n'.encode('utf-8'))  # Notepad's way
+            handle.flush()
+            self.assertEqual(chat.read_secret(handle.name, 'CHAT_PASSWORD'), '\ube44\ubc00')
+        with tempfile.NamedTemporaryFile('wb') as handle:
+            handle.write(b'caf\xe9\n')  # Latin-1
+            handle.flush()
+            result = run_chat('server', '0', '--password-file', handle.name)
+        self.assertEqual((result.returncode, result.stderr), (
+            1, 'chat.py: error: password file %s is not UTF-8 text\n' % handle.name))
+
+    def test_a_korean_chat_password_under_the_c_locale(self):
+        env = {k.encode(): v.encode() for k, v in os.environ.items()}
+        env.update({b'LC_ALL': b'C', b'LANG': b'C', b'CHAT_PASSWORD': '\ube44\ubc00'.encode()})
+        env.pop(b'PYTHONIOENCODING', None)
+        server = ServerProcess(env=env)
+        self.addCleanup(server.stop)
+        result = subprocess.run([sys.executable, CHAT, 'client', '127.0.0.1', str(server.port),
+                                 '--name', 'kim'], input=b'hi\n', env=env, timeout=TIMEOUT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual((result.returncode, result.stderr), (0, b''))
+        self.assertIn(b'is now known as kim', result.stdout)
+        env[b'CHAT_PASSWORD'] = b''  # a mistake, not an open room
+        result = subprocess.run([sys.executable, CHAT, 'server', '0'], timeout=TIMEOUT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual((result.returncode, result.stderr),
+                         (1, b'chat.py: error: CHAT_PASSWORD is set but empty\n'))
 
     def test_a_password_file_or_chat_password(self):
         with tempfile.NamedTemporaryFile('w', suffix='.pw') as handle:
@@ -2516,6 +2871,53 @@ class TestReviewFindings(unittest.TestCase):
             received += drain_victim().count(b'[PM from ')  # it keeps up
         self.assertEqual(received, 90)
         self.assertIs(server.names.get(chat.name_key('guest-1')), victim_peer)
+
+    def test_a_peers_own_command_output_counts_against_the_turns_share(self):
+        # 300 /who at once from a reader that keeps up (stepped: it reads
+        # everything between two turns) would be 120 KB in one turn.
+        server, address = stepped_server(self, rate=0, max_backlog=4096)
+        asker = socket.socket()
+        asker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # kernels hold little
+        asker.connect(address)
+        socks = [asker] + [socket.create_connection(address, TIMEOUT) for _ in range(39)]
+        for sock in socks:
+            self.addCleanup(sock.close)
+            sock.sendall(b'\n')
+        wait_until(lambda: server.run_once(timeout=0.01) or len(server.names) == 40,
+                   'everyone in')
+        asker.setblocking(False)
+        drain = lambda: b''.join(iter(lambda: recv_now(asker), b''))
+        drain()
+        asker.sendall(b'/who\n' * 300)
+        answers = 0
+        deadline = time.monotonic() + TIMEOUT
+        while answers < 300 and time.monotonic() < deadline:
+            server.run_once(timeout=0.01)
+            data = drain()
+            answers += data.count(b'-!- 40 online: ')
+        self.assertEqual(answers, 300)  # all of them, and never cut off
+
+    def test_a_bug_in_held_input_or_admission_closes_one_peer_not_the_server(self):
+        server, address = stepped_server(self, rate=0)
+        sock = socket.create_connection(address, TIMEOUT)
+        self.addCleanup(sock.close)
+        sock.sendall(b'\n')
+        wait_until(lambda: server.run_once(timeout=0.01) or server.names, 'it is in')
+        peer = list(server.names.values())[0]
+        server.held.append(peer)
+        peer.held = True
+
+        def broken(*args):
+            raise RuntimeError('boom')
+        server.resume = broken
+        server.run_once(timeout=0.01)  # continue_held meets the bug
+        self.assertIsNone(peer.sock)
+        self.assertEqual(peer.close_reason, 'server error')
+        server.gate.admit = broken  # as setsockopt() on a reset connection can on BSD
+        late = socket.create_connection(address, TIMEOUT)
+        self.addCleanup(late.close)
+        wait_until(lambda: server.run_once(timeout=0.01) or any(
+            'internal error admitting' in line for line in self.logs), 'the admission error')
 
     def test_numbers_must_be_plain_digits(self):
         server, address = stepped_server(self, op_password='op')
