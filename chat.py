@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
+# -*- coding: utf-8 -*-
 """chat.py: a chat server and client in one file, standard library only.
 
 Copy this file to any machine with Python 3.6 or newer and run
 
-    python chat.py server              # listen on port 9090, all interfaces
-    python chat.py client HOST         # join it (or: nc HOST 9090, telnet HOST 9090)
+    python3 chat.py server             # listen on port 9090, all interfaces
+    python3 chat.py client HOST        # join it (or: nc HOST 9090, telnet HOST 9090)
 
 The protocol is plain UTF-8 lines ending in "\\n" ("\\r\\n" is accepted), so
 nc, telnet and socat are clients too.  A line a peer sends is a public
@@ -26,12 +27,17 @@ Control characters and bidirectional overrides are removed from everything a
 peer says before anyone sees it, and the client removes them again.  TLS
 (--tls-cert), a room password, address rules and operators run in the same
 loop.  On a terminal the client keeps the line being typed intact while
-messages scroll above it.  `python chat.py bench` measures a server.
+messages scroll above it.  `python3 chat.py bench` measures a server.
 """
+
+# An older Python stops at the first line it cannot parse and prints it: this
+# f-string, the one thing here that 2.7 and 3.0-3.5 cannot parse, is that line.
+f'chat.py needs Python 3.6 or newer: run it with python3'
 
 import argparse
 import codecs
 import collections
+import difflib
 import errno
 import getpass
 import hashlib
@@ -42,6 +48,7 @@ import itertools
 import os
 import re
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,7 +58,7 @@ import time
 import unicodedata
 import zlib
 
-__version__ = '1.0.0'
+__version__ = '1.1.0'
 
 
 # --- Compatibility -----------------------------------------------------------
@@ -156,10 +163,18 @@ SHUTDOWN_FLUSH_SEC = 1.0       # output flushed for at most this long on exit
 # NOTICE_DELIVERIES_PER_SEC of them: a storm of N joins costs O(N) bytes,
 # not one notice per join to everyone.
 NOTICE_INTERVAL_SEC = 0.25
+NOTICE_ONE_BY_ONE = 3          # joins announced a line each (so none hears its own)
 NOTICE_NAMES = 10
 NOTICE_DELIVERIES_PER_SEC = 20000
 WELCOME_NAMES = 20             # names in a newcomer's list of who is online
 WHO_PAGE_NAMES = 200           # names per page of /who
+
+# A vanished peer (no FIN, no reset) is found by TCP keepalive probes: the
+# first after this long idle, then every interval; after that many
+# unanswered it is gone, about two minutes in all.
+KEEPALIVE_IDLE_SEC = 60
+KEEPALIVE_INTERVAL_SEC = 15
+KEEPALIVE_PROBES = 4
 
 # Who gets in.
 TLS_HANDSHAKE_SEC = 10.0       # a TLS handshake not done by then is dropped (slowloris)
@@ -290,8 +305,13 @@ def error_line(text):
     return ('!!! %s\n' % text).encode()
 
 
-PASSWORD_PROMPT = 'This room needs a password: send /pass PASSWORD'
+# Fixed notices stay within 72 columns: with the client's "HH:MM " a line
+# still fits an 80-column terminal.
+WELCOME_TEXT = 'Welcome, %s! /help lists commands; /nick NAME picks a name.'
+PASSWORD_PROMPT = 'This room needs a password: send /pass PASSWORD within %d s' % PASSWORD_SEC
 PASSWORD_ACCEPTED = 'Password accepted'
+NOT_TLS = 'this server speaks TLS: join with python3 chat.py client HOST --tls'
+FLOOD_TEXT = 'flood control: your lines wait, %g per second'
 GOODBYE = 'Goodbye'            # the answer to /quit: a client that sees it left cleanly
 # How an HTTP request starts: a method, a space, and a path ("/..."), "*" or
 # a scheme or host ("http:", "example.org:443").  A browser can be made to
@@ -448,6 +468,52 @@ def printable_address(address):
     return ('[%s]:%d' if ':' in host else '%s:%d') % (host, port)
 
 
+# --- Wire formats: telnet ----------------------------------------------------
+
+# Telnet commands (RFC 854).  A byte 0xFF never occurs in UTF-8, so in what
+# a peer sends it can only be telnet's IAC.
+IAC, DONT, DO, WONT, WILL, SB, SE = 255, 254, 253, 252, 251, 250, 240
+TIMING_MARK = 6                # RFC 860: telnet waits for it after Ctrl-C
+TELNET_SUBNEGOTIATION_BYTES = 512  # a longer one is dropped unread
+
+
+def strip_telnet(data):
+    """Split bytes from a telnet client into (text, replies, rest): the text
+    without any telnet command, the replies its negotiation needs, and the
+    start of a command that the next read completes.  Every option is
+    refused (we are a plain line service), except that DO TIMING-MARK is
+    answered WILL TIMING-MARK: after Ctrl-C telnet sends IAC IP IAC DO
+    TIMING-MARK and discards all output until that answer comes."""
+    text, replies, i = bytearray(), bytearray(), 0
+    while True:
+        j = data.find(b'\xff', i)
+        if j < 0:
+            text += data[i:]
+            return bytes(text), bytes(replies), b''
+        text += data[i:j]
+        if j + 1 == len(data):
+            return bytes(text), bytes(replies), data[j:]
+        command = data[j + 1]
+        if command in (DO, DONT, WILL, WONT):
+            if j + 2 == len(data):
+                return bytes(text), bytes(replies), data[j:]
+            option = data[j + 2]
+            if command == DO:
+                replies += bytes((IAC, WILL if option == TIMING_MARK else WONT, option))
+            elif command == WILL:
+                replies += bytes((IAC, DONT, option))
+            i = j + 3  # DONT and WONT are acknowledged by doing nothing
+        elif command == SB:
+            end = data.find(b'\xff\xf0', j)
+            if end < 0:
+                if len(data) - j > TELNET_SUBNEGOTIATION_BYTES:
+                    return bytes(text), bytes(replies), b''
+                return bytes(text), bytes(replies), data[j:]
+            i = end + 2
+        else:  # IAC IAC, IP, AO, AYT, BRK, DM, NOP, GA, EL, EC: nothing to say
+            i = j + 2
+
+
 # --- Server ------------------------------------------------------------------
 
 TOO_LONG = object()  # what Peer.next_line returns for an overlong line
@@ -459,8 +525,8 @@ class Peer:
     __slots__ = ('sock', 'address', 'ip', 'inbuf', 'outbuf', 'name', 'key', 'room', 'skipping',
                  'tokens', 'tokens_at', 'paused', 'held', 'warned', 'eof', 'close_reason',
                  'lingering', 'events', 'turn', 'batch_pos', 'behind_since', 'handshaking',
-                 'wants_write', 'sniffing', 'heard', 'authorized', 'operator', 'strikes',
-                 'lines')
+                 'wants_write', 'sniffing', 'heard', 'telnet', 'authorized', 'operator',
+                 'strikes', 'lines')
 
     def __init__(self, sock, address, burst, ip=None):
         self.sock = sock
@@ -488,6 +554,7 @@ class Peer:
         self.wants_write = False    # which waits to write
         self.sniffing = False       # waiting for its first bytes before it is spoken to
         self.heard = False          # its first bytes were judged (not HTTP)
+        self.telnet = b''           # the start of a telnet command, split across reads
         self.authorized = True      # has given the room password, if there is one
         self.operator = False
         self.strikes = 0            # wrong passwords
@@ -591,15 +658,18 @@ class Room:
         self.roster = None          # sorted (key, peer) of the members, or None when stale
 
     def add(self, peer):
-        """peer comes in; the others hear of it soon."""
+        """peer comes in; the others hear of it soon, and not at once: a
+        client that names itself first thing is announced by that name."""
         self.members[peer.key] = peer
         peer.room = self
         # It must not be handed the lines broadcast earlier this turn.
         peer.turn, peer.batch_pos = self.server.turn, len(self.batch)
         self.roster = None
-        self.arrivals[peer] = None
         self.note_behind(peer)
-        self.announce_soon()
+        if len(self.members) > 1:  # in an empty room there is no one to tell
+            self.arrivals[peer] = None
+            self.notices_due = max(self.notices_due, time.monotonic() + NOTICE_INTERVAL_SEC)
+            self.announce_soon()
 
     def remove(self, peer, reason):
         """peer goes; the others hear why, unless they never heard it came."""
@@ -701,9 +771,10 @@ class Room:
         self.notice_timer = False
         self.notices_due = time.monotonic() + max(
             NOTICE_INTERVAL_SEC, len(self.members) / NOTICE_DELIVERIES_PER_SEC)
-        if len(arrivals) == 1:  # the newcomer has its welcome instead
-            self.broadcast(notice_line('%s joined' % arrivals[0].name), sender=arrivals[0])
-        elif arrivals:
+        if len(arrivals) <= NOTICE_ONE_BY_ONE:  # each newcomer has its welcome instead
+            for peer in arrivals:
+                self.broadcast(notice_line('%s joined' % peer.name), sender=peer)
+        else:
             self.broadcast(notice_line('%d people joined: %s' % (
                 len(arrivals), name_list([p.name for p in arrivals], NOTICE_NAMES))))
         if len(departures) == 1:
@@ -780,7 +851,7 @@ class Gate:
                   and self.per_address[host] >= self.max_per_address):
                 refusal = 'too many connections from %s (%d)' % (
                     ip if ip.version == 4 else host, self.max_per_address)
-            line = error_line('%s; try again later' % refusal) if refusal else None
+            line = error_line('%s; try later' % refusal) if refusal else None
         elif refusal.startswith('banned'):
             line = error_line('you are ' + refusal)
         if refusal:
@@ -791,6 +862,10 @@ class Gate:
         # Chat lines are small and latency matters: no Nagle delay.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        # telnet sends its Data Mark as urgent data: keep it in the stream,
+        # where strip_telnet removes it, rather than out of band.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+        keep_alive(sock)
         peer = Peer(sock, printable_address(address), server.burst, ip)
         server.peers.add(peer)
         self.per_address[host] += 1
@@ -853,8 +928,7 @@ class Gate:
                 peer.handshaking = False
                 if first:
                     server.log('refused %s: not TLS' % peer.address)
-                    peer.outbuf += error_line('this server speaks TLS; join with '
-                                              'python chat.py client --tls-fingerprint ...')
+                    peer.outbuf += error_line(NOT_TLS)
                 server.drop(peer, 'not TLS', linger=True)
                 return
             server.selector.unregister(peer.sock)
@@ -994,6 +1068,26 @@ class Ban:
         return plural(int((self.until - time.monotonic()) // 60) + 1, 'minute') + ' left'
 
 
+def keep_alive(sock):
+    """Probe a connection that has been idle KEEPALIVE_IDLE_SEC, so that a
+    peer that vanished (a laptop closed, Wi-Fi gone) leaves within a few
+    minutes instead of keeping its name for hours.  Probes go out only when
+    nothing is unacknowledged; for the other case (it vanished with data on
+    the way) Linux's TCP_USER_TIMEOUT bounds the wait the same."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    patience = KEEPALIVE_IDLE_SEC + KEEPALIVE_INTERVAL_SEC * KEEPALIVE_PROBES
+    for option, value in (('TCP_KEEPIDLE', KEEPALIVE_IDLE_SEC),  # macOS: TCP_KEEPALIVE
+                          ('TCP_KEEPALIVE', KEEPALIVE_IDLE_SEC),
+                          ('TCP_KEEPINTVL', KEEPALIVE_INTERVAL_SEC),
+                          ('TCP_KEEPCNT', KEEPALIVE_PROBES),
+                          ('TCP_USER_TIMEOUT', patience * 1000)):  # milliseconds
+        if hasattr(socket, option):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+            except OSError:
+                pass  # the platform keeps its defaults (Windows: 2 hours)
+
+
 def refuse_at_once(sock, line):
     """Close a connection that may not come in, after one line saying why (it
     fits the socket's buffer, so a nonblocking send takes it).  Whatever it
@@ -1073,6 +1167,10 @@ class Commands:
         room = self.lobby
         names = room.names_matching(pattern)
         pages = max(1, -(-len(names) // WHO_PAGE_NAMES))
+        if page > pages:
+            self.queue(peer, error_line('there is no page %d: /who has %s' % (
+                page, plural(pages, 'page'))))
+            return
         shown = names[(page - 1) * WHO_PAGE_NAMES:page * WHO_PAGE_NAMES]
         what = '%d online' % len(room.members)
         if pattern:
@@ -1110,7 +1208,11 @@ class Commands:
         self.names[key] = peer
         peer.room.rename(peer, old_key)
         self.log('%s is now known as %s' % (old, name))
-        peer.room.broadcast(notice_line('%s is now known as %s' % (old, name)))
+        renamed = notice_line('%s is now known as %s' % (old, name))
+        if peer in peer.room.arrivals:  # the others will hear it joined by this name
+            self.queue(peer, renamed)
+        else:
+            peer.room.broadcast(renamed)
 
     @command('/me ACTION', 'say what you are doing')
     def cmd_me(self, peer, action):
@@ -1447,8 +1549,7 @@ class Server(Commands):
         peer.name, peer.key = name, name_key(name)
         self.names[peer.key] = peer
         self.log('%s joined from %s' % (name, peer.address))
-        self.queue(peer, notice_line('Welcome, %s! Type /help for commands, '
-                                     '/nick NAME to choose a name.' % name))
+        self.queue(peer, notice_line(WELCOME_TEXT % name))
         self.join(peer, self.lobby)
 
     def join(self, peer, room):
@@ -1551,6 +1652,10 @@ class Server(Commands):
             self.set_interest(peer)
         elif self.gate.tls is not None and peer.sock.pending():
             self.unread.add(peer)  # decrypted, but no socket event will say so
+        if b'\xff' in data or peer.telnet:  # telnet talks in-band: answer, never say
+            data, replies, peer.telnet = strip_telnet(peer.telnet + data)
+            if replies:
+                self.queue(peer, replies)
         peer.inbuf += data
         if not peer.heard:
             verdict = http_verdict(bytes(peer.inbuf[:32]))
@@ -1602,8 +1707,7 @@ class Server(Commands):
         if b'\n' in peer.inbuf and not peer.paused:
             if not peer.warned:  # once: a piped client learns how long to wait
                 peer.warned = True
-                self.queue(peer, notice_line('flood control: your lines wait, %g per second'
-                                             % self.rate))
+                self.queue(peer, notice_line(FLOOD_TEXT % self.rate))
             self.pause(peer, (1 - peer.tokens % 1) / self.rate)
         elif peer.eof and b'\n' not in peer.inbuf:
             self.drop(peer, 'connection closed', linger=True)
@@ -1802,8 +1906,15 @@ class Server(Commands):
                 self.call_later(BEHIND_GRACE_SEC, self.continue_held)
 
     def finish_closing(self, peer):
-        """Everything is sent to a closing peer: say so with a FIN, and close
-        once it has closed its side too (or LINGER_SEC has passed)."""
+        """Everything is sent to a closing peer: say so (TLS's close_notify,
+        then a FIN), and close once it has closed its side too (or
+        LINGER_SEC has passed).  Without close_notify, openssl s_client and
+        ncat --ssl report a truncated session."""
+        if ssl is not None and isinstance(peer.sock, ssl.SSLSocket):
+            try:
+                peer.sock.unwrap()  # sends close_notify; its answer is not awaited
+            except (OSError, ValueError):
+                pass
         try:
             peer.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -1955,9 +2066,10 @@ def lan_addresses():
     return found
 
 
-def server_banner(listeners, fingerprint=None):
-    """What the server prints on start: where it listens, how to join (and,
-    with TLS, the certificate's fingerprint for clients to pin)."""
+def server_banner(listeners, fingerprint=None, password=False, operators=False):
+    """What the server prints on start: where it listens, how to join (with
+    TLS, the certificate's fingerprint for clients to check), and what
+    protects the room."""
     bound = [sock.getsockname() for sock in listeners]
     lines = ['chat.py %s listening on %s%s' % (
         __version__, ', '.join(printable_address(a) for a in bound),
@@ -1969,14 +2081,27 @@ def server_banner(listeners, fingerprint=None):
     if not hosts:
         hosts = lan_addresses() or ['localhost']
     for host in hosts:
+        address = printable_address((host, port))
         if fingerprint:
-            lines.append('join with: python chat.py client %s %d --tls-fingerprint %s   '
-                         '(or: openssl s_client -quiet -connect %s:%d)'
-                         % (host, port, fingerprint, '[%s]' % host if ':' in host else host, port))
+            lines.append('join with: python3 chat.py client %s --tls   (or: openssl s_client '
+                         '-quiet -connect %s)' % (join_address(host, port), address))
         else:
-            lines.append('join with: python chat.py client %s %d   (or: nc %s %d)'
-                         % (host, port, host, port))
+            lines.append('join with: python3 chat.py client %s   (or: nc %s %d)'
+                         % (join_address(host, port), address.rsplit(':', 1)[0].strip('[]'),
+                            port))
+    lines.append('security: %s, %s, %s' % (
+        'TLS' if fingerprint else 'no TLS (anyone on the network can read the room)',
+        'a room password' if password else 'no room password',
+        'operators (/op)' if operators else 'no operators'))
     return '\n'.join(lines)
+
+
+def join_address(host, port):
+    """How to name host and port on the client's command line: the port only
+    if it is not the default."""
+    if port == DEFAULT_PORT:
+        return host
+    return printable_address((host, port))
 
 
 def make_log(quiet=False, stream=None):
@@ -2005,10 +2130,14 @@ class Client:
     What the user sees and types goes through a screen: PlainScreen for
     pipes and files, TerminalScreen (a line editor) for a terminal."""
 
-    def __init__(self, sock, screen, name=None, stdin_fd=0, received=b''):
+    def __init__(self, sock, screen, name=None, stdin_fd=0, received=b'', history=True):
         self.sock = sock
         self.screen = screen
         self.wanted_name = name       # asked for on connect
+        self.history = history        # show the lines replayed on joining
+        self.replayed = 0             # of those, how many are still to come
+        self.naming = None            # piped: when we asked for our name, until answered
+        self.refused = None           # the server's reason for refusing it
         self.selector = selectors.DefaultSelector()
         self.input, self.read_input = watchable_input(stdin_fd)
         self.inbuf = bytearray(received)  # from the server, not yet shown
@@ -2028,10 +2157,17 @@ class Client:
             self.selector.register(self.screen.wakeup, selectors.EVENT_READ)
         if self.wanted_name:
             self.send_line('/nick ' + self.wanted_name)
-        self.watch_input(True)
+            if self.screen.wakeup is None:  # piped: nothing is sent under a name refused
+                self.naming = time.monotonic()
+        self.watch_input(self.naming is None)
         self.show_lines(b'')  # what authenticate() read past the password
         while True:
             timeout = self.screen.timeout()
+            if self.naming is not None:  # a server that never answers: carry on
+                left = self.naming + CONNECT_TIMEOUT_SEC - time.monotonic()
+                if left <= 0:
+                    self.named()
+                timeout = max(0.0, left) if timeout is None else min(timeout, max(0.0, left))
             if self.quit_at is not None:
                 left = max(0.0, self.quit_at + self.goodbye_wait() - time.monotonic())
                 if left == 0:
@@ -2049,6 +2185,9 @@ class Client:
                         status = self.read_server()
                         if status is not None:
                             return status
+                        if self.refused:
+                            self.screen.error('chat.py: error: %s' % self.refused)
+                            return 1
             self.screen.expire()
 
     def read_server(self):
@@ -2083,22 +2222,40 @@ class Client:
     def show(self, texts):
         """Display lines from the server, noting our own name as it changes
         and the server's flood control rate, if it says so."""
+        shown = []
         for text in texts:
             welcome, renamed = WELCOME.match(text), RENAMED.match(text)
-            flood = FLOOD_NOTICE.match(text)
+            flood, replay = FLOOD_NOTICE.match(text), LAST_MESSAGES.match(text)
+            if self.replayed:  # a line said before we came
+                self.replayed -= 1
+                if not self.history:
+                    continue
+            elif replay and not self.history:
+                self.replayed = int(replay.group(1))
+                continue
             if welcome:
                 self.screen.name = welcome.group(1)
             elif renamed and renamed.group(1) == self.screen.name:
                 self.screen.name = renamed.group(2)
+                self.named()
             elif text == '-!- ' + GOODBYE:
                 self.dismissed = True
             elif flood:
                 self.server_rate = float(flood.group(1))
-        self.screen.show(texts)
+            elif self.naming is not None and text.startswith('!!! cannot use the name '):
+                self.refused = text[4:]
+            shown.append(text)
+        self.screen.show(shown)
         if self.unechoed and self.screen.name:
             for line in self.unechoed:
                 self.screen.echo(own_line(self.screen.name, line))
             self.unechoed = []
+
+    def named(self):
+        """Our name is settled (or the server will not say): start sending."""
+        if self.naming is not None:
+            self.naming = None
+            self.watch_input(True)
 
     def lost(self, why):
         """The connection is over: show what is left; the exit status (0 if
@@ -2174,6 +2331,7 @@ class Client:
 # The lines that tell a client its own name (the welcome, and renames), and
 # the rate at which the server takes its lines.
 WELCOME = re.compile(r'^-!- Welcome, (\S+)!')
+LAST_MESSAGES = re.compile(r'^-!- Last (\d+) messages?:$')  # then that many replayed
 RENAMED = re.compile(r'^-!- (\S+) is now known as (\S+)$')
 FLOOD_NOTICE = re.compile(r'^-!- flood control: .* ([0-9.]+) per second$')
 
@@ -2213,6 +2371,9 @@ class PlainScreen:
 
     def echo(self, text):
         pass  # a script sees the room exactly as the server sends it
+
+    def note(self, text):
+        pass  # nor anything but what the server sends
 
     def error(self, text):
         print(text, file=sys.stderr)
@@ -2269,11 +2430,31 @@ def watchable_input(fd):
 
 
 def connect(host, port, tls=False, cafile=None, pinned=None):
-    """A connected socket to host:port (in TLS if asked: never falling back
-    to plain text), or a UserError saying why not."""
+    """A connected socket to host:port, in TLS if asked (never falling back to
+    plain text), and a few words on what protects it; or a UserError."""
     host = host.strip('[]')  # accept [::1] as well as ::1
+    sock = open_connection(host, port)
+    if not (tls or cafile or pinned):
+        return sock, 'not encrypted: anyone on the network can read this chat'
     try:
-        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SEC)
+        if cafile:
+            return client_tls(sock, host, cafile)
+        if pinned:  # the fingerprint given is remembered: next time --tls will do
+            tls, protection = client_tls(sock, host, pinned=pinned)
+            where = printable_address((host, port))
+            if known_fingerprints().get(where) != pinned:
+                remember_fingerprint(where, pinned)
+            return tls, protection
+        return trusted_tls(sock, host, port)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def open_connection(host, port):
+    """A TCP connection to host:port, or a UserError saying why not."""
+    try:
+        return socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SEC)
     except socket.gaierror as exc:
         raise UserError('cannot find host %s: %s' % (host, exc.strerror))
     except ConnectionRefusedError:
@@ -2283,13 +2464,6 @@ def connect(host, port, tls=False, cafile=None, pinned=None):
         raise UserError('cannot connect to %s port %d: timed out' % (host, port))
     except OSError as exc:
         raise UserError('cannot connect to %s port %d: %s' % (host, port, exc.strerror))
-    if tls or cafile or pinned:
-        try:
-            return client_tls(sock, host, cafile, pinned)
-        except UserError:
-            sock.close()
-            raise
-    return sock
 
 
 def default_name():
@@ -2309,13 +2483,25 @@ NAME_COLOURS = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)  # SGR foregroun
 STYLES = {'time': '2', 'notice': '2', 'error': '1;31', 'private': '1;35',
           'own': '1', 'mention': '1;7', 'prompt': '1'}
 CONTROL_KEYS = {'\x01': 'home', '\x02': 'left', '\x04': 'eof', '\x05': 'end',
-                '\x06': 'right', '\x08': 'backspace', '\x0b': 'kill_end', '\x0c': 'redraw',
-                '\r': 'enter', '\n': 'enter', '\x0e': 'down', '\x10': 'up',
-                '\x15': 'kill_start', '\x17': 'kill_word', '\x7f': 'backspace'}
+                '\x06': 'right', '\x07': 'cancel', '\x08': 'backspace', '\x0b': 'kill_end',
+                '\x0c': 'redraw', '\r': 'enter', '\n': 'enter', '\x0e': 'down', '\x10': 'up',
+                '\x12': 'search', '\x14': 'transpose', '\x15': 'kill_start',
+                '\x17': 'kill_word', '\x7f': 'backspace'}
+# What follows ESC: xterm, VT100 keypad (SS3), rxvt and Linux console forms;
+# Alt and a key, or Alt and a sequence (PuTTY, rxvt), as readline reads them.
 ESCAPE_KEYS = {'[A': 'up', '[B': 'down', '[C': 'right', '[D': 'left', '[H': 'home',
                '[F': 'end', 'OA': 'up', 'OB': 'down', 'OC': 'right', 'OD': 'left',
                'OH': 'home', 'OF': 'end', '[1~': 'home', '[7~': 'home', '[4~': 'end',
-               '[8~': 'end', '[3~': 'delete'}
+               '[8~': 'end', '[3~': 'delete',
+               '[1;5D': 'word_left', '[1;3D': 'word_left', '[5D': 'word_left', 'Od': 'word_left',
+               '\x1b[D': 'word_left', 'b': 'word_left',
+               '[1;5C': 'word_right', '[1;3C': 'word_right', '[5C': 'word_right',
+               'Oc': 'word_right', '\x1b[C': 'word_right', 'f': 'word_right',
+               '\x7f': 'kill_word', '\x08': 'kill_word', 'd': 'kill_next_word',
+               '\r': 'newline', '\n': 'newline', '[27;2;13~': 'newline', '[13;2u': 'newline'}
+LINE_BREAK_SHOWN = '\u21b5'  # how a line break inside the line being typed looks
+CURSOR_REPORT = re.compile(r'^\[\d+;(\d+)R$')  # "row;column", where the cursor is
+CURSOR_REPORT_WAIT_SEC = 0.3   # a terminal that has not answered by then never will
 
 
 # Format characters that show (Arabic number signs and the like): one column.
@@ -2393,8 +2579,11 @@ class KeyReader:
                     self.pending = text[i:]
                     return keys
                 sequence = text[i + 1:end]
+                report = CURSOR_REPORT.match(sequence)
                 if sequence in ESCAPE_KEYS:
                     keys.append(ESCAPE_KEYS[sequence])
+                elif report:  # the terminal's answer to ESC [ 6 n
+                    keys.append('cursor_at %s' % report.group(1))
                 i = end  # unknown sequences are ignored, not inserted
             else:
                 if ch in CONTROL_KEYS:
@@ -2442,10 +2631,14 @@ class LineEditor:
         self.history = []
         self.recalled = 0        # index into history while browsing it
         self.draft = []          # the unsent line, kept while browsing
+        self.query = None        # what Ctrl-R searches the sent lines for, while it does
+        self.found = 0           # where in history it last found it
 
     def press(self, key):
-        """Apply one key: the line if Enter sends one, LEAVE for Ctrl-D on
-        an empty line, else None."""
+        """Apply one key: the text if Enter sends some (line breaks in it
+        from Alt-Enter), LEAVE for Ctrl-D on an empty line, else None."""
+        if self.query is not None and self.searched(key):
+            return None
         if len(key) == 1:
             self.chars[self.cursor:self.cursor] = [key]
             self.cursor += 1
@@ -2460,6 +2653,44 @@ class LineEditor:
             self.history.append(line)
         self.recalled = len(self.history)  # browsing starts again from the end
         return line if line.strip() else None
+
+    def key_newline(self):
+        """Alt-Enter: a line break in what is typed; Enter sends each line."""
+        self.press('\n')
+
+    def key_cancel(self):
+        pass  # Ctrl-G ends a search (see searched), else nothing
+
+    # Ctrl-R: search the lines sent, newest first, as readline does.
+
+    def key_search(self):
+        self.draft, self.query, self.found = self.chars, '', len(self.history)
+
+    def searched(self, key):
+        """Handle key while searching; False if it ends the search and is
+        then to be applied to the line found (Enter sends it)."""
+        if len(key) == 1:
+            self.query += key
+            self.find(min(self.found, len(self.history) - 1))
+        elif key == 'backspace':
+            self.query = self.query[:-1]
+            self.find(len(self.history) - 1)
+        elif key == 'search':
+            self.find(self.found - 1)
+        elif key == 'cancel':
+            self.query, self.chars, self.cursor = None, self.draft, len(self.draft)
+        else:
+            self.query = None
+            return False
+        return True
+
+    def find(self, start):
+        """Show the newest sent line at or before start that holds the query."""
+        for i in range(start, -1, -1):
+            if self.query in self.history[i]:
+                self.found, self.chars = i, list(self.history[i])
+                self.cursor = len(self.chars)
+                return
 
     def key_eof(self):
         return self.key_delete() if self.chars else LEAVE
@@ -2503,13 +2734,49 @@ class LineEditor:
         self.cursor = 0
 
     def key_kill_word(self):
-        start = self.cursor
-        while start > 0 and self.chars[start - 1] == ' ':
-            start -= 1
-        while start > 0 and self.chars[start - 1] != ' ':
-            start -= 1
+        """Ctrl-W, Alt-Backspace: delete the word before the cursor."""
+        start = self.word_start()
         del self.chars[start:self.cursor]
         self.cursor = start
+
+    def key_kill_next_word(self):
+        """Alt-D: delete to the end of the word under or after the cursor."""
+        del self.chars[self.cursor:self.word_end()]
+
+    def key_word_left(self):
+        self.cursor = self.word_start()
+
+    def key_word_right(self):
+        self.cursor = self.word_end()
+
+    def word_start(self):
+        """Where the word before the cursor starts (words are letters and
+        digits of any script, as readline's are)."""
+        start = self.cursor
+        while start > 0 and not self.chars[start - 1].isalnum():
+            start -= 1
+        while start > 0 and self.chars[start - 1].isalnum():
+            start -= 1
+        return start
+
+    def word_end(self):
+        end = self.cursor
+        while end < len(self.chars) and not self.chars[end].isalnum():
+            end += 1
+        while end < len(self.chars) and self.chars[end].isalnum():
+            end += 1
+        return end
+
+    def key_transpose(self):
+        """Ctrl-T: swap the characters before and under the cursor (the last
+        two at the end of the line), and move on."""
+        if len(self.chars) < 2 or self.cursor == 0:
+            return
+        if self.cursor == len(self.chars):
+            self.cursor -= 1
+        chars = self.chars
+        chars[self.cursor - 1], chars[self.cursor] = chars[self.cursor], chars[self.cursor - 1]
+        self.cursor += 1
 
     def key_up(self):
         if self.recalled > 0:
@@ -2553,8 +2820,10 @@ class TerminalScreen:
         self.editor = LineEditor()
         self.name = None          # ours, once the server has said it
         self.scroll = 0           # first character shown, for lines wider than the screen
+        self.drawn_column = 0     # where the cursor was left by the last redraw
+        self.asked_at = None      # when we asked the terminal where its cursor is
         self.saved = None         # the terminal settings to restore
-        self.redraw = False       # a signal asked for a redraw
+        self.resized = False      # a signal said the window changed size
         self.wakeup = self.wakeup_w = None
         self.previous = {}        # signal handlers to restore
 
@@ -2588,7 +2857,7 @@ class TerminalScreen:
         termios.tcsetattr(self.fd_in, termios.TCSADRAIN, attrs)
 
     def on_resize(self, signum, frame):
-        self.redraw = True
+        self.resized = True
 
     def on_suspend(self, signum, frame):
         """Ctrl-Z: give the shell a sane terminal, stop, and on `fg` come back
@@ -2599,19 +2868,41 @@ class TerminalScreen:
         os.kill(os.getpid(), signal.SIGTSTP)  # stops here until SIGCONT
         signal.signal(signal.SIGTSTP, self.on_suspend)
         self.enter_raw_mode()
-        self.redraw = True
+        self.resized = True
 
     def on_wakeup(self):
+        """After a resize: a narrower terminal may have wrapped the line being
+        typed onto several rows (VTE, kitty and tmux rewrap), leaving all but
+        the last in the scrollback.  Ask the terminal where its cursor is
+        (DSR); redraw_resized() clears those rows once it answers."""
         drain(self.wakeup)
-        if self.redraw:
-            self.redraw = False
-            self.write(self.input_line())
+        if self.resized:
+            self.resized = False
+            if self.drawn_column >= self.columns():
+                self.asked_at = time.monotonic()
+                self.write('\x1b[6n')
+            else:
+                self.redraw_resized(None)
+
+    def redraw_resized(self, column):
+        """Redraw the input line from its first row: if the terminal reports
+        the cursor where rewrapping would put it, go up the rows it moved."""
+        self.asked_at = None
+        self.scroll = 0  # after widening, show from the start again
+        rows_up = 0
+        if column is not None and column - 1 == self.drawn_column % self.columns():
+            rows_up = self.drawn_column // self.columns()
+        self.write(('\x1b[%dA' % rows_up if rows_up else '') + '\r\x1b[J' + self.input_line())
 
     def timeout(self):
+        if self.asked_at is not None:
+            return CURSOR_REPORT_WAIT_SEC
         return ESCAPE_WAIT_SEC if self.keys.pending else None
 
     def expire(self):
         self.keys.expire()
+        if self.asked_at is not None and time.monotonic() - self.asked_at > CURSOR_REPORT_WAIT_SEC:
+            self.redraw_resized(None)  # a terminal that does not answer
 
     def write(self, text):
         data = text.encode('utf-8')
@@ -2639,6 +2930,10 @@ class TerminalScreen:
 
     def error(self, text):
         self.show([text])
+
+    def note(self, text):
+        """A line of the client's own (what protects the connection)."""
+        self.show(['chat.py: ' + text])
 
     def paint(self, style, text):
         return '\x1b[%sm%s\x1b[0m' % (style, text) if self.colour and text else text
@@ -2675,23 +2970,44 @@ class TerminalScreen:
             return [None]
         lines = []
         for key in self.keys.feed(data):
-            line = self.editor.press(key)
-            if line is LEAVE:
+            if key.startswith('cursor_at '):  # the answer to on_wakeup's question
+                self.redraw_resized(int(key.split()[1]))
+                continue
+            if key == 'redraw':
+                self.scroll = 0
+            if key == 'enter' and self.editor.query is None and self.too_long():
+                continue
+            text = self.editor.press(key)
+            if text is LEAVE:
                 lines.append(None)
                 break
-            if line is not None:
-                lines.append(line)
+            if text is not None:  # Alt-Enter made several lines of it
+                lines.extend(line for line in text.split('\n') if line.strip())
         self.editor.compose()
         self.write(self.input_line())
         return lines
+
+    def too_long(self):
+        """True (and say so) if a line typed is longer than a server takes:
+        it stays in the editor to be cut, instead of being refused later."""
+        longest = max(len(line.encode('utf-8', 'surrogateescape'))
+                      for line in ''.join(self.editor.chars).split('\n'))
+        if longest > MAX_LINE_BYTES:
+            self.show(['!!! line too long (%d bytes; at most %d): not sent'
+                       % (longest, MAX_LINE_BYTES)])
+        return longest > MAX_LINE_BYTES
 
     def input_line(self):
         """The prompt and as much of the typed line as fits, scrolled to keep
         the cursor in view, and the cursor put back where it belongs."""
         columns = self.columns()
-        prompt = cut_to_width(self.name or '', columns // 2 - 2) + '> '
+        if self.editor.query is not None:
+            prompt = "(search) '%s': " % cut_to_width(self.editor.query, columns // 2 - 14)
+        else:
+            prompt = cut_to_width(self.name or '', columns // 2 - 2) + '> '
         room = max(2, columns - text_width(prompt) - 1)
-        chars, cursor = self.editor.chars, self.editor.cursor
+        chars = [LINE_BREAK_SHOWN if ch == '\n' else ch for ch in self.editor.chars]
+        cursor = self.editor.cursor
         widths = [char_width(ch) for ch in chars]
         self.scroll = min(self.scroll, cursor)
         before_cursor = sum(widths[self.scroll:cursor])
@@ -2702,7 +3018,7 @@ class TerminalScreen:
         while end < len(chars) and used + widths[end] <= room:
             used += widths[end]
             end += 1
-        column = text_width(prompt) + before_cursor
+        column = self.drawn_column = text_width(prompt) + before_cursor
         return ('\r' + self.paint(STYLES['prompt'], prompt) + ''.join(chars[self.scroll:end])
                 + '\x1b[K\r' + ('\x1b[%dC' % column if column else ''))
 
@@ -2746,7 +3062,8 @@ def server_tls(cert, key):
 def client_tls(sock, host, cafile=None, pinned=None):
     """Wrap a connected socket in TLS: verify the server against the system's
     CAs (or cafile) and its host name, or else against a pinned fingerprint.
-    Nothing has been sent when this refuses the server."""
+    Nothing has been sent when this refuses the server.  (The TLS socket,
+    what protects it.)"""
     context = tls_context(server_side=False)
     if pinned:  # a self-signed certificate: the fingerprint is the trust
         context.check_hostname = False
@@ -2759,14 +3076,132 @@ def client_tls(sock, host, cafile=None, pinned=None):
     try:
         tls = context.wrap_socket(sock, server_hostname=host)
     except (OSError, ValueError) as exc:  # 3.6: a wrong host name is a ValueError
-        raise UserError('TLS with %s failed: %s' % (host, getattr(exc, 'verify_message', None)
-                                                   or getattr(exc, 'reason', None) or exc))
+        unverified = (getattr(exc, 'reason', None) == 'CERTIFICATE_VERIFY_FAILED'
+                      or isinstance(exc, ssl.CertificateError))
+        raise (NotVouchedFor if unverified else UserError)('TLS with %s failed: %s' % (
+            host, getattr(exc, 'verify_message', None) or getattr(exc, 'reason', None) or exc))
     actual = fingerprint(tls.getpeercert(binary_form=True))
     if pinned and actual != pinned:
         tls.close()
         raise UserError('the server\'s certificate is %s, not the %s given: refusing to '
                         'talk to it' % (actual, pinned))
-    return tls
+    version = tls.version().replace('TLSv', 'TLS ')
+    return tls, '%s, certificate %s' % (version, 'pinned' if pinned else 'verified')
+
+
+def trusted_tls(sock, host, port):
+    """TLS as ssh does it (trust on first use): a server this computer has
+    seen before must show the same certificate; a new one is trusted if a
+    certificate authority vouches for it, or if the person at the terminal
+    says so after comparing its fingerprint with the server's banner.  Then
+    it is remembered in the known-hosts file."""
+    where = printable_address((host, port))
+    known = known_fingerprints().get(where)
+    if known:
+        try:
+            return client_tls(sock, host, pinned=known)
+        except UserError as exc:
+            if 'refusing' not in str(exc):
+                raise
+            raise UserError(CHANGED_CERTIFICATE % (where, str(exc).split()[4], known,
+                                                   known_hosts_path()))
+    try:
+        return client_tls(sock, host)
+    except NotVouchedFor:
+        sock.close()  # self-signed, most likely: look at it on a new connection
+    sock = open_connection(host, port)
+    context = tls_context(server_side=False)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        tls = context.wrap_socket(sock, server_hostname=host)
+    except OSError as exc:
+        sock.close()
+        raise UserError('TLS with %s failed: %s' % (host, getattr(exc, 'reason', None) or exc))
+    shown = fingerprint(tls.getpeercert(binary_form=True))
+    if not (os.isatty(0) and os.isatty(2)):
+        tls.close()
+        raise UserError('the certificate of %s is new to this computer (SHA-256 %s): check '
+                        'it against the server\'s banner, then run again with '
+                        '--tls-fingerprint %s' % (where, shown, shown))
+    sys.stderr.write('The certificate of %s is new to this computer.\nSHA-256 fingerprint: '
+                     '%s\nIs that the fingerprint the server printed? Trust it and remember '
+                     'it [yes/no]? ' % (where, shown))
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() not in ('y', 'yes'):
+        tls.close()
+        raise UserError('certificate not trusted')
+    remember_fingerprint(where, shown)
+    return tls, '%s, certificate pinned' % tls.version().replace('TLSv', 'TLS ')
+
+
+CHANGED_CERTIFICATE = """\
+@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
+@        WARNING: THE SERVER'S CERTIFICATE HAS CHANGED, NOT CONNECTING       @
+@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
+%s now shows the certificate with SHA-256 fingerprint
+  %s
+but this computer knows it by
+  %s
+Someone could be listening in.  If you know the server made a new
+certificate, remove its line from %s and connect again."""
+
+
+def config_dir():
+    """Where chat.py keeps its files for this user: ~/.config/chat.py (or
+    under $XDG_CONFIG_HOME), made private (0700) when first needed."""
+    base = os.environ.get('XDG_CONFIG_HOME') or os.path.join(os.path.expanduser('~'), '.config')
+    return os.path.join(base, 'chat.py')
+
+
+def known_hosts_path():
+    return os.path.join(config_dir(), 'known_hosts')
+
+
+def known_fingerprints():
+    """{'host:port': fingerprint} of the servers this computer trusts."""
+    try:
+        with open(known_hosts_path()) as handle:
+            return dict(line.split()[:2] for line in handle if len(line.split()) >= 2
+                        and not line.startswith('#'))
+    except OSError:
+        return {}
+
+
+def remember_fingerprint(where, shown):
+    """Add a server to the known-hosts file (one "host:port fingerprint" a
+    line, as ssh keeps its known_hosts)."""
+    os.makedirs(config_dir(), mode=0o700, exist_ok=True)
+    with open(known_hosts_path(), 'a') as handle:
+        handle.write('%s %s\n' % (where, shown))
+
+
+def server_certificate(folder):
+    """The server's own certificate and key in folder, made once (self-signed,
+    with the openssl command) and kept, key private (0600), so that clients
+    that trusted it once trust it again.  (cert, key, whether just made)"""
+    cert, key = os.path.join(folder, 'server-cert.pem'), os.path.join(folder, 'server-key.pem')
+    if os.path.exists(cert) and os.path.exists(key):
+        return cert, key, False
+    openssl = shutil.which('openssl')
+    if openssl is None:
+        raise UserError('--tls needs a certificate: give --tls-cert and --tls-key, or install '
+                        'the openssl command and chat.py will make one')
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    mask = os.umask(0o077)  # the key is born private
+    try:
+        result = subprocess.run(
+            [openssl, 'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
+             '-nodes', '-days', '3650', '-subj', '/CN=chat.py', '-keyout', key + '.new',
+             '-out', cert + '.new'], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, universal_newlines=True)
+    finally:
+        os.umask(mask)
+    if result.returncode != 0:
+        raise UserError('openssl could not make a certificate: %s'
+                        % (result.stderr.strip().splitlines() or ['?'])[-1])
+    os.replace(key + '.new', key)
+    os.replace(cert + '.new', cert)
+    return cert, key, True
 
 
 def environment(name):
@@ -2855,7 +3290,7 @@ def authenticate(sock):
     # that is not chat.py and never speaks first) nothing for a while.
     first = next_line(time.monotonic() + FIRST_LINE_WAIT_SEC, needed=False)
     sock.settimeout(CONNECT_TIMEOUT_SEC)
-    if first != '-!- ' + PASSWORD_PROMPT:
+    if first is None or not first.startswith('-!- ' + PASSWORD_PROMPT.split(':')[0]):
         if first is not None:
             received[:0] = first.encode() + b'\n'
         return bytes(received)
@@ -3241,6 +3676,10 @@ class UserError(Exception):
     """Something the user can fix; main() prints it as one line."""
 
 
+class NotVouchedFor(UserError):
+    """No certificate authority vouches for the server's TLS certificate."""
+
+
 def port_number(text):
     try:
         port = int(text)
@@ -3278,6 +3717,53 @@ def byte_size(text):
     return at_least(1)(text[:-1] if scale > 1 else text) * scale
 
 
+def add_address_arguments(parser, host_help):
+    """HOST [PORT], as words or as --host and --port (people guess both)."""
+    parser.add_argument('host', nargs='?', help=host_help)
+    parser.add_argument('port', nargs='?', type=port_number,
+                        help='its port (default %d; or --port)' % DEFAULT_PORT)
+    parser.add_argument('--host', dest='host_flag', help=argparse.SUPPRESS)
+    parser.add_argument('--port', dest='port_flag', type=port_number, help=argparse.SUPPRESS)
+
+
+def server_address(args, default_host):
+    """(host, port) from HOST [PORT], HOST:PORT, [IPV6]:PORT, --host and
+    --port, whichever were used; the same thing given twice must agree."""
+    host, inline_port = split_host_port(args.host) if args.host else (None, None)
+    host = one_of('host', host, args.host_flag)
+    port = one_of('port', inline_port, args.port, args.port_flag)
+    return host or default_host, DEFAULT_PORT if port is None else port
+
+
+def split_host_port(text):
+    """'HOST', 'HOST:PORT' or '[IPV6]:PORT' as (host, port or None); a bare
+    IPv6 address (more than one colon) is a host."""
+    match = re.match(r'^\[([^\]]*)\](?::(.*))?$', text)
+    if match:
+        host, port = match.groups()
+    elif text.count(':') == 1:
+        host, port = text.split(':')
+    else:
+        host, port = text, None
+    if port is None:
+        return host, None
+    try:
+        return host, port_number(port)
+    except argparse.ArgumentTypeError as exc:
+        raise UserError(str(exc))
+
+
+def one_of(what, *given):
+    """The value given for what, however it was given, or None."""
+    values = [value for value in given if value is not None]
+    if len(set(values)) > 1:
+        raise UserError('two different %ss given: %s' % (what, ' and '.join(map(str, values))))
+    return values[0] if values else None
+
+
+COMMANDS = ('server', 'client', 'bench')
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog='chat.py', description='A chat server and client in one file. '
@@ -3289,8 +3775,9 @@ def build_parser():
     server = commands.add_parser('server', help='run a chat server',
                                  description='Run a chat server.')
     server.set_defaults(run=run_server)
-    server.add_argument('port', nargs='?', type=port_number, default=DEFAULT_PORT,
-                        help='TCP port (default %(default)s; 0 picks a free one)')
+    server.add_argument('port', nargs='?', type=port_number,
+                        help='TCP port (default %d; 0 picks a free one; or --port)' % DEFAULT_PORT)
+    server.add_argument('--port', type=port_number, dest='port_flag', help=argparse.SUPPRESS)
     server.add_argument('--host', help='address or name to listen on '
                         '(default: all interfaces, IPv4 and IPv6)')
     server.add_argument('--history', type=at_least(0), default=DEFAULT_HISTORY, metavar='N',
@@ -3308,6 +3795,9 @@ def build_parser():
     server.add_argument('--max-clients', type=at_least(1), metavar='N',
                         help='connections at once (default: what the open-files limit allows)')
     server.add_argument('--quiet', action='store_true', help='log nothing')
+    server.add_argument('--tls', action='store_true', help='speak TLS, with a certificate '
+                        'made once and kept in %s' % config_dir().replace(
+                            os.path.expanduser('~'), '~'))
     server.add_argument('--tls-cert', metavar='FILE', help='speak TLS with this certificate '
                         '(PEM), and --tls-key')
     server.add_argument('--tls-key', metavar='FILE', help='the private key (PEM)')
@@ -3327,15 +3817,17 @@ def build_parser():
                                  description='Join a chat server. Lines you type are sent; '
                                  'at the end of input the client leaves.')
     client.set_defaults(run=run_client)
-    client.add_argument('host', nargs='?', default='localhost',
-                        help='server name or address (default %(default)s)')
-    client.add_argument('port', nargs='?', type=port_number, default=DEFAULT_PORT,
-                        help='server port (default %(default)s)')
-    client.add_argument('--name', help='the name to ask for (default: your login name)')
+    add_address_arguments(client, 'server name or address, HOST:PORT or [IPV6]:PORT '
+                          '(default localhost)')
+    client.add_argument('--name', '--nick', help='the name to ask for (default: your login '
+                        'name)')
+    client.add_argument('--history', action='store_true', help='piped, print the recent '
+                        'lines the server replays on joining too (a terminal always shows them)')
     client.add_argument('--no-color', action='store_true',
                         help='no colours on a terminal (as does setting NO_COLOR)')
-    client.add_argument('--tls', action='store_true', help='speak TLS, and verify the '
-                        'server against the system CAs and its host name')
+    client.add_argument('--tls', action='store_true', help='speak TLS: trust the server if '
+                        'a certificate authority vouches for it, or (asked once, like ssh) '
+                        'if its fingerprint is the one it printed')
     client.add_argument('--cafile', metavar='FILE', help='with TLS, trust these CAs instead')
     client.add_argument('--tls-fingerprint', type=fingerprint_arg, metavar='SHA256',
                         help='speak TLS and trust the certificate with this fingerprint '
@@ -3347,9 +3839,8 @@ def build_parser():
         'and report deliveries per second, latency and losses. With no HOST it '
         'starts its own server (flood control off) on a free loopback port.')
     bench.set_defaults(run=run_bench)
-    bench.add_argument('host', nargs='?', help='server to measure (default: start one)')
-    bench.add_argument('port', nargs='?', type=port_number, default=DEFAULT_PORT,
-                       help='its port (default %(default)s)')
+    add_address_arguments(bench, 'server to measure, HOST:PORT or [IPV6]:PORT (default: '
+                          'start one)')
     bench.add_argument('--clients', type=at_least(2), default=100, metavar='N',
                        help='connections (default %(default)s)')
     bench.add_argument('--senders', type=at_least(1), default=10, metavar='N',
@@ -3374,10 +3865,15 @@ def build_parser():
 def run_server(args):
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UserError('--tls-cert and --tls-key go together')
-    tls, cert_fingerprint = server_tls(args.tls_cert, args.tls_key) if args.tls_cert else (None, None)
+    cert, key, log = args.tls_cert, args.tls_key, make_log(args.quiet)
+    if args.tls and not cert:
+        cert, key, made = server_certificate(config_dir())
+        log('%s a TLS certificate in %s' % ('made' if made else 'using', cert))
+    tls, cert_fingerprint = server_tls(cert, key) if cert else (None, None)
     raise_open_files_limit()
-    listeners = open_listeners(args.host, args.port)
-    server = Server(listeners, log=make_log(args.quiet), history=args.history,
+    port = one_of('port', args.port, args.port_flag)
+    listeners = open_listeners(args.host, DEFAULT_PORT if port is None else port)
+    server = Server(listeners, log=log, history=args.history,
                     max_line=args.max_line, max_backlog=args.max_backlog,
                     rate=args.rate, burst=args.burst, max_clients=args.max_clients, tls=tls,
                     password=usable_secret(read_secret(args.password_file, 'CHAT_PASSWORD'),
@@ -3389,7 +3885,8 @@ def run_server(args):
                     console=console_in_foreground())
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
-    print(server_banner(listeners, cert_fingerprint), flush=True)
+    print(server_banner(listeners, cert_fingerprint, server.gate.password is not None,
+                        server.gate.op_password is not None), flush=True)
     server.serve_forever()
     return 0
 
@@ -3411,7 +3908,8 @@ def console_in_foreground():
 
 def run_client(args):
     name = args.name if args.name is not None else default_name()
-    sock = connect(args.host, args.port, args.tls, args.cafile, args.tls_fingerprint)
+    host, port = server_address(args, 'localhost')
+    sock, protection = connect(host, port, args.tls, args.cafile, args.tls_fingerprint)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds: the terminal is restored
     # Ctrl-C leaves, even if whatever started us ignores it (a background job's
     # SIGINT is ignored, and Python then raises no KeyboardInterrupt).
@@ -3419,7 +3917,9 @@ def run_client(args):
     try:
         received = authenticate(sock)
         with open_screen(args.no_color) as screen:
-            return Client(sock, screen, name=name, received=received).run()
+            screen.note('connected to %s: %s' % (printable_address((host, port)), protection))
+            history = args.history or screen.wakeup is not None  # a terminal shows it
+            return Client(sock, screen, name=name, received=received, history=history).run()
     finally:
         sock.close()
 
@@ -3435,20 +3935,22 @@ def open_screen(no_color):
 def run_bench(args):
     raise_open_files_limit()
     server = None
-    if args.host is None:
-        server, args.port = start_local_server()
-        args.host, args.server_pid = '127.0.0.1', server.pid
+    host, port = server_address(args, None)
+    if host is None:
+        server, port = start_local_server()
+        host, args.server_pid = '127.0.0.1', server.pid
     try:
         family, _, _, _, address = socket.getaddrinfo(
-            args.host.strip('[]'), args.port, 0, socket.SOCK_STREAM)[0]
+            host.strip('[]'), port, 0, socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
-        raise UserError('cannot find host %s: %s' % (args.host, exc.strerror))
+        raise UserError('cannot find host %s: %s' % (host, exc.strerror))
     if args.senders >= args.clients:
         raise UserError('bench: --senders must be fewer than --clients')
     if args.messages is None:
         args.messages = (int(args.rate * 5) if args.rate else
                          max(1, 10 ** 7 // (args.senders * (args.clients - 1))))
-    print('chat.py bench: %s:%d%s' % (args.host, args.port, ' (started here)' if server else ''),
+    print('chat.py bench: %s%s' % (printable_address((host, port)),
+                                   ' (started here)' if server else ''),
           flush=True)
     try:
         return Bench((family, address), args, server_pid=args.server_pid).run()
@@ -3460,7 +3962,13 @@ def run_bench(args):
 
 def main(argv=None):
     """Run the command line; the exit status."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv and not argv[0].startswith('-') and argv[0] not in COMMANDS:
+        guess = difflib.get_close_matches(argv[0], COMMANDS, 1)
+        parser.error("no command '%s'; did you mean: python3 chat.py %s" % (
+            argv[0], ' '.join([guess[0]] + argv[1:]) if guess else 'client ' + ' '.join(argv)))
+    args = parser.parse_args(argv)
     try:
         return args.run(args)
     except UserError as exc:
