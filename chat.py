@@ -168,6 +168,9 @@ NOTICE_NAMES = 10
 NOTICE_DELIVERIES_PER_SEC = 20000
 WELCOME_NAMES = 20             # names in a newcomer's list of who is online
 WHO_PAGE_NAMES = 200           # names per page of /who
+ROOMS_PAGE = 50                # rooms per page of /rooms, a line each
+MAX_TOPIC_CHARS = 200          # a topic or away reason is cut here
+MAX_MOTD_BYTES = 16 * 1024     # of the MOTD file, read; every newcomer is sent it
 
 # A vanished peer (no FIN, no reset) is found by TCP keepalive probes: the
 # first after this long idle, then every interval; after that many
@@ -308,6 +311,8 @@ def error_line(text):
 # Fixed notices stay within 72 columns: with the client's "HH:MM " a line
 # still fits an 80-column terminal.
 WELCOME_TEXT = 'Welcome, %s! /help lists commands; /nick NAME picks a name.'
+YOU_ARE_IN = 'You are in %s'  # on joining, and after every /join and /part
+LOBBY = 'lobby'                # where everyone starts
 PASSWORD_PROMPT = 'This room needs a password: send /pass PASSWORD within %d s' % PASSWORD_SEC
 PASSWORD_ACCEPTED = 'Password accepted'
 NOT_TLS = 'this server speaks TLS: join with python3 chat.py client HOST --tls'
@@ -526,7 +531,8 @@ class Peer:
                  'tokens', 'tokens_at', 'paused', 'held', 'warned', 'eof', 'close_reason',
                  'lingering', 'events', 'turn', 'batch_pos', 'behind_since', 'handshaking',
                  'wants_write', 'sniffing', 'heard', 'telnet', 'authorized', 'operator',
-                 'strikes', 'lines')
+                 'strikes', 'lines', 'since', 'active_at', 'away', 'muted', 'ignoring',
+                 'ignored_by', 'replies_to')
 
     def __init__(self, sock, address, burst, ip=None):
         self.sock = sock
@@ -559,6 +565,12 @@ class Peer:
         self.operator = False
         self.strikes = 0            # wrong passwords
         self.lines = 0              # lines handled
+        self.since = self.active_at = time.monotonic()  # connected; last said a line
+        self.away = None            # why, while away
+        self.muted = None           # by whom, while muted
+        self.ignoring = set()       # Peers it does not want to hear (by object: renames
+        self.ignored_by = set()     # follow), and those that do not want to hear it
+        self.replies_to = None      # who last sent it a private message
 
     def wanted_events(self):
         """The selector events this peer needs now: read unless paused or
@@ -639,11 +651,15 @@ class Room:
     of its own this turn (a reply, a private message) is given the batch's
     lines in its outbuf instead, in order (catch_up).  Joins and leaves are
     announced together when they come close together (announce_soon).
-    While a member lags (behind), the room's input waits (holding)."""
+    While a member lags (behind), the room's input waits (holding).  A
+    member who ignores someone gets the batch without that one's lines."""
 
     def __init__(self, server, name, history):
         self.server = server
-        self.name = name
+        self.name = name            # as first typed, without the "#"
+        self.shown = '#' + name     # how rooms are shown
+        self.key = name_key(name)
+        self.topic = ''
         self.members = {}           # name_key -> Peer
         # What a newcomer is replayed must fit one turn's share.
         self.history = History(history, server.turn_budget)
@@ -672,7 +688,9 @@ class Room:
             self.announce_soon()
 
     def remove(self, peer, reason):
-        """peer goes; the others hear why, unless they never heard it came."""
+        """peer goes (reason: why, or "for #room"); the others hear it,
+        unless they never heard it came.  An empty room is forgotten, its
+        history with it; the lobby stays."""
         del self.members[peer.key]
         peer.room = None
         self.roster = None
@@ -682,6 +700,8 @@ class Room:
         else:
             self.departures.append((peer.name, reason))
             self.announce_soon()
+        if not self.members and self is not self.server.lobby:
+            del self.server.rooms[self.key]
 
     def note_behind(self, peer):
         """peer came, went, fell behind or caught up: recompute how long the
@@ -727,7 +747,7 @@ class Room:
         if peer.turn != self.server.turn:
             peer.turn, peer.batch_pos = self.server.turn, 0
         for sender, line in self.batch[peer.batch_pos:]:
-            if sender is not peer:
+            if sender is not peer and not ignores(peer, sender, line):
                 peer.outbuf += line
         peer.batch_pos = len(self.batch)
 
@@ -735,18 +755,25 @@ class Room:
         """End of turn: join the batch once; a member with nothing else
         queued gets those same bytes in one send() of its own."""
         everything = b''.join(line for _, line in self.batch)
-        server = self.server
+        server, senders = self.server, None
         for peer in self.members.values():
             if peer.sock is None:
                 continue
+            lines = everything
+            if peer.ignoring:  # the rare member who ignores someone: its own copy
+                if senders is None:
+                    senders = {sender for sender, _ in self.batch}
+                if peer.ignoring & senders:
+                    lines = b''.join(line for sender, line in self.batch
+                                     if not ignores(peer, sender, line))
             if peer.turn == server.turn:  # it has its own order: use its outbuf
                 self.catch_up(peer)
                 server.dirty.add(peer)
             elif peer.outbuf:
-                peer.outbuf += everything
+                peer.outbuf += lines
                 server.dirty.add(peer)
-            else:
-                server.send_fresh(peer, everything)
+            elif lines:
+                server.send_fresh(peer, lines)
         self.batch = []
         self.batch_bytes = 0
 
@@ -778,7 +805,9 @@ class Room:
             self.broadcast(notice_line('%d people joined: %s' % (
                 len(arrivals), name_list([p.name for p in arrivals], NOTICE_NAMES))))
         if len(departures) == 1:
-            self.broadcast(notice_line('%s left (%s)' % departures[0]))
+            name, reason = departures[0]
+            self.broadcast(notice_line(('%s left %s' if reason.startswith('for #')
+                                        else '%s left (%s)') % (name, reason)))
         elif departures:
             self.broadcast(notice_line('%d people left: %s' % (len(departures), name_list(
                 ['%s (%s)' % departure for departure in departures], NOTICE_NAMES))))
@@ -791,14 +820,19 @@ class Room:
         costs O(1), not O(room)."""
         names = [p.name for p in itertools.islice(self.members.values(), WELCOME_NAMES)]
         more = ' (/who lists them)' if len(self.members) > WELCOME_NAMES else ''
-        return notice_line('%d online: %s%s' % (
-            len(self.members), name_list(names, WELCOME_NAMES, len(self.members)), more))
+        return notice_line('%d online in %s: %s%s' % (
+            len(self.members), self.shown, name_list(names, WELCOME_NAMES, len(self.members)),
+            more))
 
-    def recent_history(self, budget):
+    def recent_history(self, budget, peer=None):
         """The newest history lines that fit budget bytes: a newcomer must
-        not start life over its backlog cap (--history 100 of 4 KiB lines)."""
+        not start life over its backlog cap (--history 100 of 4 KiB lines).
+        None of those said by someone peer ignores."""
+        ignored = [said_by(other.name) for other in peer.ignoring] if peer else []
         replay, size = [], 0
         for line in reversed(self.history):
+            if ignored and line.startswith(tuple(prefix for pair in ignored for prefix in pair)):
+                continue
             size += len(line)
             if size > budget:
                 break
@@ -807,10 +841,22 @@ class Room:
 
     def names_matching(self, pattern):
         """The members whose name_key holds pattern, sorted (the sort is
-        kept until the room changes)."""
+        kept until the room changes), each marked if away."""
         if self.roster is None:
             self.roster = sorted(self.members.items())
-        return [peer.name for key, peer in self.roster if pattern in key]
+        return [peer.name + (' (away)' if peer.away is not None else '')
+                for key, peer in self.roster if pattern in key]
+
+
+def ignores(peer, sender, line):
+    """True if line, broadcast by sender, is one peer does not want: said by
+    someone it ignores (notices about them still come)."""
+    return sender in peer.ignoring and not line.startswith(b'-!- ')
+
+
+def said_by(name):
+    """How lines someone said start: their public lines and actions."""
+    return ('<%s> ' % name).encode(), ('* %s ' % name).encode()
 
 
 class Gate:
@@ -1119,6 +1165,28 @@ def command(usage, what, who=ANYONE, console=False):
     return mark
 
 
+def page_asked(argument):
+    """The page number in a command's words ("+2"), else 1."""
+    pages = [int(word[1:]) for word in argument.split()
+             if word.startswith('+') and NUMBER.match(word[1:])]
+    return max(1, pages[-1]) if pages else 1
+
+
+def page_note(page, count, size, hint):
+    """', page 2 of 5 (HINT for page N)' when count things fill several pages."""
+    pages = -(-count // size)
+    return ', page %d of %d (%s for page N)' % (page, pages, hint) if pages > 1 else ''
+
+
+def duration(seconds):
+    """'45 s', '12 min', '3 h 5 min': how long, roughly."""
+    if seconds < 60:
+        return '%d s' % seconds
+    if seconds < 3600:
+        return '%d min' % (seconds // 60)
+    return '%d h %d min' % (seconds // 3600, seconds % 3600 // 60)
+
+
 class Commands:
     """The commands, one handler each, dispatched by name from /WORD to
     cmd_WORD (as http.server does with do_GET).  Mixed into Server: the
@@ -1146,46 +1214,122 @@ class Commands:
     @command('/help', 'list the commands', console=True)
     def cmd_help(self, peer, argument):
         lines = ['Commands:']
-        for name, handler in vars(Commands).items():
-            if name.startswith('cmd_'):
-                lines.append('  %-28s %s%s' % (handler.usage, handler.what,
-                                               ' (operators)' if handler.who == OPERATORS
-                                               else ''))
-        lines.append('Lines starting with / are commands; start a line with // to say "/...".')
+        handlers = [h for name, h in vars(Commands).items() if name.startswith('cmd_')]
+        for handler in handlers:
+            if handler.who != OPERATORS:
+                lines.append('  %-27s %s' % (handler.usage, handler.what))
+        lines.append('Operators (/op PASSWORD) also have:')
+        for handler in handlers:
+            if handler.who == OPERATORS:
+                lines.append('  %-27s %s' % (handler.usage, handler.what))
+        lines.append('A line starting with / is a command; // says "/..." as text.')
         self.queue(peer, b''.join(notice_line(line) for line in lines))
 
-    @command('/who [TEXT] [+PAGE]', 'list who is online, or whose names hold TEXT',
+    # Rooms -------------------------------------------------------------------
+
+    @command('/join ROOM', 'go to a room (made if it is new)')
+    def cmd_join(self, peer, argument):
+        name = unicodedata.normalize('NFC', argument.strip()).lstrip('#')
+        if not name or ' ' in name:
+            self.usage(peer, self.cmd_join)
+            return
+        problem = name_problem(name)
+        if problem is not None:
+            self.queue(peer, error_line('cannot make the room #%s: %s' % (
+                name, problem.replace('a name', 'a room name'))))
+        elif name_key(name) == peer.room.key:
+            self.queue(peer, error_line('you are in %s already' % peer.room.shown))
+        else:
+            room = self.room_named(name)
+            self.log('%s went from %s to %s' % (peer.name, peer.room.shown, room.shown))
+            self.join(peer, room)
+
+    @command('/part', 'go back to the lobby')
+    def cmd_part(self, peer, argument):
+        if peer.room is self.lobby:
+            self.queue(peer, error_line('you are in the lobby; /quit leaves the server'))
+        else:
+            self.cmd_join(peer, LOBBY)
+
+    @command('/rooms [+PAGE]', 'list the rooms, busiest first', console=True)
+    def cmd_rooms(self, peer, argument):
+        """A page of ROOMS_PAGE lines, each a room, its size and its topic."""
+        page = page_asked(argument)
+        rooms = sorted(self.rooms.values(), key=lambda room: (-len(room.members), room.key))
+        shown = self.page_of(peer, '/rooms', rooms, page, ROOMS_PAGE)
+        if shown is None:
+            return
+        lines = [notice_line('%s%s:' % (plural(len(rooms), 'room'), page_note(
+            page, len(rooms), ROOMS_PAGE, '/rooms +N')))]
+        lines += [notice_line('  %s (%d)%s' % (room.shown, len(room.members),
+                                              ': ' + room.topic if room.topic else ''))
+                  for room in shown]
+        self.queue(peer, b''.join(lines))
+
+    @command('/who [#ROOM|TEXT] [+PAGE]', 'who is here, there, or named so',
              console=True)
     def cmd_who(self, peer, argument):
-        """A page at a time (WHO_PAGE_NAMES); '+' is never part of a name."""
-        page, pattern = 1, ''
+        """Your room, or another (#ROOM, or the name of one), or the people in
+        yours whose names hold TEXT; a page (WHO_PAGE_NAMES) at a time.  '+'
+        is never part of a name."""
+        page, pattern, room = page_asked(argument), '', peer.room or self.lobby
         for word in argument.split():
+            other = self.rooms.get(name_key(word.lstrip('#')))
             if word.startswith('+') and NUMBER.match(word[1:]):
-                page = max(1, int(word[1:]))
+                continue
+            if word.startswith('#') and other is None:
+                self.queue(peer, error_line('there is no room %s (/rooms lists them)' % word))
+                return
+            if other is not None:
+                room = other
             else:
                 pattern = name_key(word)
-        room = self.lobby
         names = room.names_matching(pattern)
-        pages = max(1, -(-len(names) // WHO_PAGE_NAMES))
-        if page > pages:
-            self.queue(peer, error_line('there is no page %d: /who has %s' % (
-                page, plural(pages, 'page'))))
+        shown = self.page_of(peer, '/who', names, page, WHO_PAGE_NAMES)
+        if shown is None:
             return
-        shown = names[(page - 1) * WHO_PAGE_NAMES:page * WHO_PAGE_NAMES]
-        what = '%d online' % len(room.members)
+        what = '%d online in %s' % (len(room.members), room.shown)
         if pattern:
             what = '%d of %s match "%s"' % (len(names), what, pattern)
-        if pages > 1:
-            what += ', page %d of %d (/who %s+N for page N)' % (
-                page, pages, pattern + ' ' if pattern else '')
+        what += page_note(page, len(names), WHO_PAGE_NAMES,
+                          '/who %s+N' % (pattern + ' ' if pattern else ''))
         self.queue(peer, notice_line('%s: %s' % (what, ', '.join(shown))))
+
+    def page_of(self, peer, command, things, page, size):
+        """Page page of things, size a page; None (and peer told) if there
+        is no such page."""
+        pages = max(1, -(-len(things) // size))
+        if page > pages:
+            self.queue(peer, error_line('there is no page %d: %s has %s' % (
+                page, command, plural(pages, 'page'))))
+            return None
+        return things[(page - 1) * size:page * size]
+
+    @command('/topic [TEXT]', 'show or set the topic of your room')
+    def cmd_topic(self, peer, text):
+        room = peer.room
+        if not text:
+            self.queue(peer, notice_line('Topic of %s: %s' % (room.shown, room.topic)
+                                         if room.topic else '%s has no topic' % room.shown))
+            return
+        room.topic = text[:MAX_TOPIC_CHARS]
+        self.log('%s set the topic of %s: %s' % (peer.name, room.shown, room.topic))
+        room.broadcast(notice_line('%s set the topic: %s' % (peer.name, room.topic)))
+
+    # People ------------------------------------------------------------------
 
     @command('/nick NAME', 'choose your name')
     def cmd_nick(self, peer, name):
         if not name:
             self.usage(peer, self.cmd_nick)
             return
-        name = unicodedata.normalize('NFC', name)
+        problem = self.rename(peer, unicodedata.normalize('NFC', name))
+        if problem is not None:
+            self.log('%s refused the name %s: %s' % (peer.name, name, problem))
+            self.queue(peer, error_line('cannot use the name %s: %s' % (name, problem)))
+
+    def rename(self, peer, name, by=None):
+        """Give peer the name, and tell its room; why not, if it may not."""
         key = name_key(name)
         holder = self.names.get(key)
         problem = name_problem(name)
@@ -1197,31 +1341,38 @@ class Commands:
         if problem is None and self.gate.name_banned(key):
             problem = 'the name is banned %s' % self.gate.name_banned(key).until_text()
         if problem is None and name == peer.name:
-            problem = 'you are already %s' % name
+            problem = 'that is the name already'
         if problem is not None:
-            self.log('%s refused the name %s: %s' % (peer.name, name, problem))
-            self.queue(peer, error_line('cannot use the name %s: %s' % (name, problem)))
-            return
+            return problem
         old, old_key = peer.name, peer.key
         del self.names[old_key]
         peer.name, peer.key = name, key
         self.names[key] = peer
         peer.room.rename(peer, old_key)
-        self.log('%s is now known as %s' % (old, name))
-        renamed = notice_line('%s is now known as %s' % (old, name))
+        self.log('%s is now known as %s%s' % (old, name, ' (renamed by %s)' % by if by else ''))
+        renamed = notice_line('%s is now known as %s%s' % (
+            old, name, ' (renamed by %s)' % by if by else ''))
         if peer in peer.room.arrivals:  # the others will hear it joined by this name
             self.queue(peer, renamed)
         else:
             peer.room.broadcast(renamed)
+        return None
 
     @command('/me ACTION', 'say what you are doing')
     def cmd_me(self, peer, action):
         if not action:
             self.usage(peer, self.cmd_me)
-            return
-        peer.room.say(peer, action_line(peer.name, action))
+        elif not self.refused_if_muted(peer):
+            peer.room.say(peer, action_line(peer.name, action))
 
-    @command('/msg NAME TEXT', 'send a private message')
+    def refused_if_muted(self, peer):
+        """True (and peer told why) if peer may not speak in public now."""
+        if peer.muted is not None:
+            self.queue(peer, error_line('you are muted by %s: only private messages to '
+                                        'operators go out' % peer.muted))
+        return peer.muted is not None
+
+    @command('/msg NAME TEXT', 'a private message, to anyone anywhere')
     def cmd_msg(self, peer, argument):
         name, _, text = argument.partition(' ')
         text = text.strip()
@@ -1232,10 +1383,101 @@ class Commands:
         if recipient is None:
             self.queue(peer, error_line('no one called %s is online' % name))
             return
-        self.queue(recipient, private_line(peer.name, text))
+        self.tell(peer, recipient, text)
+
+    @command('/reply TEXT', 'answer the last private message')
+    def cmd_reply(self, peer, text):
+        recipient = peer.replies_to
+        if not text:
+            self.usage(peer, self.cmd_reply)
+        elif recipient is None or self.names.get(recipient.key) is not recipient:
+            self.queue(peer, error_line('no one to reply to: no private message yet, or '
+                                        'its sender has left'))
+        else:
+            self.tell(peer, recipient, text)
+
+    def tell(self, peer, recipient, text):
+        """A private message: to recipient (unless it ignores peer, which is
+        not told so), confirmed to peer, and with recipient's away reason."""
+        if peer.muted is not None and not recipient.operator:
+            self.refused_if_muted(peer)
+            return
+        if peer not in recipient.ignoring:
+            self.queue(recipient, private_line(peer.name, text))
+            recipient.replies_to = peer
         self.queue(peer, sent_line(recipient.name, text))
+        if recipient.away is not None:
+            self.queue(peer, notice_line('%s is away: %s' % (recipient.name, recipient.away)))
         if recipient.behind_since is not None and recipient.room.holding():
             self.pause(peer, NUDGE_SEC)  # more would bury a reader that is catching up
+
+    @command('/away [REASON]', 'say you are away (for /who and /msg)')
+    def cmd_away(self, peer, reason):
+        peer.away = reason[:MAX_TOPIC_CHARS] or 'away'
+        self.queue(peer, notice_line('You are away: %s (/back when you are back)' % peer.away))
+        peer.room.roster = None
+
+    @command('/back', 'say you are back')
+    def cmd_back(self, peer, argument):
+        if peer.away is None:
+            self.queue(peer, error_line('you were not away'))
+            return
+        peer.away = None
+        peer.room.roster = None
+        self.queue(peer, notice_line('You are back'))
+
+    @command('/ignore [NAME]', 'stop hearing NAME (alone: who you ignore)')
+    def cmd_ignore(self, peer, name):
+        if not name:
+            names = sorted(other.name for other in peer.ignoring)
+            self.queue(peer, notice_line('You ignore %s' % (', '.join(names) or 'no one')))
+            return
+        other = self.names.get(name_key(name))
+        if other is None:
+            self.queue(peer, error_line('no one called %s is online' % name))
+        elif other is peer:
+            self.queue(peer, error_line('you cannot ignore yourself'))
+        else:
+            peer.ignoring.add(other)
+            other.ignored_by.add(peer)
+            self.queue(peer, notice_line('You ignore %s: nothing they say reaches you until '
+                                         'one of you leaves' % other.name))
+
+    @command('/unignore NAME', 'hear NAME again')
+    def cmd_unignore(self, peer, name):
+        other = self.names.get(name_key(name)) if name else None
+        if other not in peer.ignoring:
+            self.queue(peer, error_line('you do not ignore %s' % (name or 'anyone by that name')))
+            return
+        peer.ignoring.discard(other)
+        other.ignored_by.discard(peer)
+        self.queue(peer, notice_line('You hear %s again' % other.name))
+
+    @command('/whois NAME', 'where NAME is, idle time, away...', console=True)
+    def cmd_whois(self, peer, name):
+        other = self.names.get(name_key(name)) if name else None
+        if other is None:
+            self.queue(peer, error_line('no one called %s is online' % name) if name
+                       else error_line('usage: ' + self.cmd_whois.usage))
+            return
+        now = time.monotonic()
+        facts = ['in %s' % other.room.shown, 'here %s' % duration(now - other.since),
+                 'idle %s' % duration(now - other.active_at)]
+        if other.away is not None:
+            facts.append('away: %s' % other.away)
+        facts.append('TLS' if self.gate.tls else 'not encrypted')
+        if other.operator:
+            facts.append('operator')
+        if other.muted is not None:
+            facts.append('muted')
+        if peer.operator:  # where people are from is for operators only
+            facts.append('from %s' % other.address)
+        self.queue(peer, notice_line('%s: %s' % (other.name, ', '.join(facts))))
+
+    @command('/motd', 'show the message of the day')
+    def cmd_motd(self, peer, argument):
+        lines = self.motd or ['There is no message of the day.']
+        self.queue(peer, b''.join(notice_line(line) for line in lines))
 
     @command('/quit [REASON]', 'leave', who=AT_THE_DOOR)
     def cmd_quit(self, peer, reason):
@@ -1341,6 +1583,56 @@ class Commands:
             key=lambda ban: ban.shown)]
         self.queue(peer, notice_line('bans: %s' % (', '.join(bans) or 'none')))
 
+    @command('/mute NAME', 'stop NAME speaking in public', who=OPERATORS, console=True)
+    def cmd_mute(self, peer, name):
+        other = self.someone(peer, name, self.cmd_mute)
+        if other is not None:
+            other.muted = peer.name
+            self.log('%s muted %s' % (peer.name, other.name))
+            self.queue(other, error_line('you are muted by %s: only private messages to '
+                                         'operators go out' % peer.name))
+            self.queue(peer, notice_line('%s is muted' % other.name))
+
+    @command('/unmute NAME', 'let NAME speak again', who=OPERATORS, console=True)
+    def cmd_unmute(self, peer, name):
+        other = self.someone(peer, name, self.cmd_unmute)
+        if other is not None:
+            other.muted = None
+            self.log('%s unmuted %s' % (peer.name, other.name))
+            self.queue(other, notice_line('%s lets you speak again' % peer.name))
+            self.queue(peer, notice_line('%s may speak again' % other.name))
+
+    @command('/rename NAME NEWNAME', 'give NAME another name', who=OPERATORS, console=True)
+    def cmd_rename(self, peer, argument):
+        words = argument.split()
+        other = self.someone(peer, words[0] if len(words) == 2 else '', self.cmd_rename)
+        if other is not None:
+            problem = self.rename(other, unicodedata.normalize('NFC', words[1]), by=peer.name)
+            if problem is not None:
+                self.queue(peer, error_line('cannot rename %s %s: %s' % (
+                    other.name, words[1], problem)))
+
+    @command('/wall TEXT', 'a notice to every room', who=OPERATORS, console=True)
+    def cmd_wall(self, peer, text):
+        if not text:
+            self.usage(peer, self.cmd_wall)
+            return
+        self.log('%s to everyone: %s' % (peer.name, text))
+        self.wall(notice_line('%s to everyone: %s' % (peer.name, text)))
+
+    def someone(self, peer, name, handler):
+        """The peer called name, or None (and peer told why)."""
+        other = self.names.get(name_key(name)) if name else None
+        if not name:
+            self.usage(peer, handler)
+        elif other is None:
+            self.queue(peer, error_line('no one called %s is online' % name))
+        return other
+
+
+# The commands' names, which the terminal client completes with Tab.
+COMMAND_WORDS = sorted(name[len('cmd_'):] for name in vars(Commands) if name.startswith('cmd_'))
+
 
 class Server(Commands):
     """The chat server: one selector over the listening sockets and every
@@ -1357,9 +1649,10 @@ class Server(Commands):
                  rate=RATE_LINES_PER_SEC, burst=RATE_BURST_LINES,
                  max_clients=None, selector_class=selectors.DefaultSelector,
                  tls=None, password=None, op_password=None, allow=(), deny=(),
-                 max_per_address=MAX_PER_ADDRESS, console=False):
+                 max_per_address=MAX_PER_ADDRESS, console=False, motd=(), settings=None):
         self.listeners = listeners
         self.log = log or (lambda message: None)
+        self.history = history
         self.max_line = max_line
         self.max_backlog = max_backlog
         self.rate = rate
@@ -1373,8 +1666,12 @@ class Server(Commands):
         self.turn = 0
         self.turn_budget = max(1, max_backlog // TURN_SHARE)
         self.behind_bytes = max_backlog // BEHIND_SHARE
-        self.lobby = Room(self, 'lobby', history)
+        self.rooms = {}             # name_key -> Room; a room is made on first join
+        self.lobby = self.room_named(LOBBY)
         self.busy_rooms = []        # rooms with lines broadcast this turn
+        self.motd = list(motd)      # the message of the day, lines of text
+        self.settings = settings    # reads the MOTD and password files again (SIGHUP)
+        self.reload_wanted = False
         self.direct_bytes = 0       # output for one peer queued this turn (replies, /msg)
         self.dirty = set()          # peers to flush at the end of this turn
         self.held = collections.deque()  # peers with lines held over to next turn
@@ -1416,6 +1713,8 @@ class Server(Commands):
     def run_once(self, timeout=None):
         """One loop turn: wait for events, handle them, send what they queued."""
         events = self.selector.select(self.next_timeout(timeout))
+        if self.reload_wanted:
+            self.reload()
         self.continue_held()  # first come, first served: held input before new
         # Rotate the order so that when turn_budget cuts a turn short, it is
         # not the same peers that wait every time.
@@ -1477,10 +1776,33 @@ class Server(Commands):
     def stop(self):
         """Ask the loop to finish; safe from signal handlers and other threads."""
         self.stopping = True
+        self.wake()
+
+    def request_reload(self):
+        """Ask the loop to read the MOTD and password files again (SIGHUP);
+        safe from signal handlers."""
+        self.reload_wanted = True
+        self.wake()
+
+    def wake(self):
         try:
             self.wake_w.send(b'\0')
         except OSError:
             pass  # the buffer is full (so select() is awake) or it is closed
+
+    def reload(self):
+        """Read the MOTD and password files again, no one dropped.  A file
+        that cannot be read now keeps what was read before."""
+        self.reload_wanted = False
+        if self.settings is None:
+            return
+        try:
+            self.motd, self.gate.password, self.gate.op_password = self.settings()
+        except UserError as exc:
+            self.log('reload failed, keeping the old settings: %s' % exc)
+            return
+        self.log('reloaded: the MOTD (%s) and the password files'
+                 % plural(len(self.motd), 'line'))
 
     def call_later(self, delay, callback, peer=None):
         heapq.heappush(self.timers, (time.monotonic() + delay, next(self.timer_seq),
@@ -1507,13 +1829,13 @@ class Server(Commands):
             try:
                 sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
+                self.fds_exhausted = False  # no one waits: the episode is over
                 return
             except OSError as exc:
                 if exc.errno in FDS_EXHAUSTED:
                     self.pause_accepting(exc)
                     return
                 continue  # ECONNABORTED and the like: that one is gone
-            self.fds_exhausted = False
             try:
                 self.gate.admit(sock, address)
             except Exception as exc:  # a socket reset before it was set up, say
@@ -1550,14 +1872,29 @@ class Server(Commands):
         self.names[peer.key] = peer
         self.log('%s joined from %s' % (name, peer.address))
         self.queue(peer, notice_line(WELCOME_TEXT % name))
+        self.queue(peer, b''.join(notice_line(line) for line in self.motd))
         self.join(peer, self.lobby)
 
+    def room_named(self, name):
+        """The room called name (without "#"), made if it is new."""
+        room = self.rooms.get(name_key(name))
+        if room is None:
+            room = self.rooms[name_key(name)] = Room(self, name, self.history)
+        return room
+
     def join(self, peer, room):
-        """Put peer in room and tell it what a newcomer is told: who is
-        there and the room's recent lines."""
+        """Put peer in room and tell it what a newcomer is told: where it is,
+        the topic, who is there and the room's recent lines."""
+        if peer.room is not None:
+            old = peer.room
+            old.catch_up(peer)  # what it was sent there this turn comes first
+            old.remove(peer, 'for ' + room.shown)
         room.add(peer)
+        self.queue(peer, notice_line(YOU_ARE_IN % room.shown))
+        if room.topic:
+            self.queue(peer, notice_line('Topic of %s: %s' % (room.shown, room.topic)))
         self.queue(peer, room.welcome_list())
-        replay = room.recent_history(self.turn_budget)
+        replay = room.recent_history(self.turn_budget, peer)
         if replay:
             self.queue(peer, notice_line('Last %s:' % plural(len(replay), 'message')))
             self.queue(peer, b''.join(replay))
@@ -1584,6 +1921,10 @@ class Server(Commands):
                 del self.names[peer.key]
                 self.log('%s left (%s)' % (peer.name, peer.close_reason))
                 peer.room.remove(peer, peer.close_reason)
+                for other in peer.ignored_by:  # an ignore ends when either leaves
+                    other.ignoring.discard(peer)
+                for other in peer.ignoring:
+                    other.ignored_by.discard(peer)
             if peer.sock is not None:
                 if peer.lingering:
                     self.start_closing(peer)
@@ -1719,7 +2060,7 @@ class Server(Commands):
         encode them in one go.  How many lines it said (0: none, go line by
         line)."""
         end = peer.inbuf.rfind(b'\n')
-        if end < 0 or peer.skipping or not peer.lines or peer.room is None:
+        if end < 0 or peer.skipping or not peer.lines or peer.room is None or peer.muted:
             return 0  # a first line, or one before the password, goes line by line
         raw = bytes(peer.inbuf[:end])
         count = raw.count(b'\n') + 1
@@ -1741,6 +2082,7 @@ class Server(Commands):
             room.history.add([line + b'\n' for line in lines.rsplit(b'\n', most + 1)[-most - 1:-1]])
         room.broadcast(lines, sender=peer)
         peer.lines += count
+        peer.active_at = time.monotonic()
         return count
 
     def refuse_long_line(self, peer):
@@ -1797,6 +2139,7 @@ class Server(Commands):
         """One line from peer: a command, or a public message."""
         text = tidy(raw.decode('utf-8', 'replace'))
         peer.lines += 1
+        peer.active_at = time.monotonic()
         if is_blank(text):
             return  # empty lines, and lines of nothing but invisible characters
         if text.startswith('/') and not text.startswith('//'):
@@ -1806,7 +2149,7 @@ class Server(Commands):
             self.queue(peer, error_line('send /pass PASSWORD first'))
         elif peer is self.console:
             self.wall(notice_line('server: %s' % text))
-        else:
+        elif not self.refused_if_muted(peer):
             peer.room.say(peer, public_line(peer.name, text[1:] if text.startswith('//')
                                             else text))
 
@@ -1833,7 +2176,7 @@ class Server(Commands):
 
     def wall(self, line):
         """A notice for every room."""
-        for room in (self.lobby,):
+        for room in list(self.rooms.values()):
             room.broadcast(line)
 
     def queue(self, peer, data):
@@ -2130,10 +2473,12 @@ class Client:
     What the user sees and types goes through a screen: PlainScreen for
     pipes and files, TerminalScreen (a line editor) for a terminal."""
 
-    def __init__(self, sock, screen, name=None, stdin_fd=0, received=b'', history=True):
+    def __init__(self, sock, screen, name=None, stdin_fd=0, received=b'', history=True,
+                 room=None):
         self.sock = sock
         self.screen = screen
         self.wanted_name = name       # asked for on connect
+        self.wanted_room = room       # joined on connect
         self.history = history        # show the lines replayed on joining
         self.replayed = 0             # of those, how many are still to come
         self.naming = None            # piped: when we asked for our name, until answered
@@ -2159,6 +2504,8 @@ class Client:
             self.send_line('/nick ' + self.wanted_name)
             if self.screen.wakeup is None:  # piped: nothing is sent under a name refused
                 self.naming = time.monotonic()
+        if self.wanted_room:
+            self.send_line('/join ' + self.wanted_room)
         self.watch_input(self.naming is None)
         self.show_lines(b'')  # what authenticate() read past the password
         while True:
@@ -2226,6 +2573,7 @@ class Client:
         for text in texts:
             welcome, renamed = WELCOME.match(text), RENAMED.match(text)
             flood, replay = FLOOD_NOTICE.match(text), LAST_MESSAGES.match(text)
+            self.screen.people.hear(text)
             if self.replayed:  # a line said before we came
                 self.replayed -= 1
                 if not self.history:
@@ -2328,12 +2676,47 @@ class Client:
         self.reading_input = wanted
 
 
+class People:
+    """Who is in the client's room, as far as the lines it hears say: for
+    completing names with Tab, and for the room in the prompt."""
+
+    def __init__(self):
+        self.room = None          # '#dev'
+        self.names = set()
+
+    def hear(self, text):
+        """Learn from one line from the server."""
+        entered, listed = ENTERED.match(text), ROOM_LIST.match(text)
+        joined, left, renamed = JOINED.match(text), LEFT.match(text), RENAMED.match(text)
+        speaker = SPEAKER.match(text)
+        if entered:
+            self.room, self.names = entered.group(1), set()
+        elif listed and listed.group(1) == self.room:
+            self.names.update(name.split(' ')[0] for name in listed.group(2).split(', ')
+                              if ' others' not in name)
+        elif joined:
+            self.names.add(joined.group(1))
+        elif left:
+            self.names.discard(left.group(1))
+        elif renamed:
+            self.names.discard(renamed.group(1))
+            self.names.add(renamed.group(2))
+        elif speaker:
+            self.names.add(speaker.group(1) or speaker.group(2))
+
+
 # The lines that tell a client its own name (the welcome, and renames), and
 # the rate at which the server takes its lines.
 WELCOME = re.compile(r'^-!- Welcome, (\S+)!')
 LAST_MESSAGES = re.compile(r'^-!- Last (\d+) messages?:$')  # then that many replayed
 RENAMED = re.compile(r'^-!- (\S+) is now known as (\S+)$')
 FLOOD_NOTICE = re.compile(r'^-!- flood control: .* ([0-9.]+) per second$')
+# And those that tell it where it is and who is there.
+ENTERED = re.compile(r'^-!- You are in (#\S+)$')
+ROOM_LIST = re.compile(r'^-!- \d+ online in (#\S+): (.*?)( \(/who lists them\))?$')
+JOINED = re.compile(r'^-!- (\S+) joined$')
+LEFT = re.compile(r'^-!- (\S+) left ')
+SPEAKER = re.compile(r'^(?:<(\S+)> |\* (\S+) )')
 
 
 def own_line(name, line):
@@ -2357,6 +2740,7 @@ class PlainScreen:
 
     def __init__(self, out):
         self.out = out
+        self.people = People()
         self.typed = bytearray()  # input not yet a whole line
 
     def __enter__(self):
@@ -2485,7 +2869,7 @@ STYLES = {'time': '2', 'notice': '2', 'error': '1;31', 'private': '1;35',
 CONTROL_KEYS = {'\x01': 'home', '\x02': 'left', '\x04': 'eof', '\x05': 'end',
                 '\x06': 'right', '\x07': 'cancel', '\x08': 'backspace', '\x0b': 'kill_end',
                 '\x0c': 'redraw', '\r': 'enter', '\n': 'enter', '\x0e': 'down', '\x10': 'up',
-                '\x12': 'search', '\x14': 'transpose', '\x15': 'kill_start',
+                '\t': 'complete', '\x12': 'search', '\x14': 'transpose', '\x15': 'kill_start',
                 '\x17': 'kill_word', '\x7f': 'backspace'}
 # What follows ESC: xterm, VT100 keypad (SS3), rxvt and Linux console forms;
 # Alt and a key, or Alt and a sequence (PuTTY, rxvt), as readline reads them.
@@ -2625,7 +3009,8 @@ class LineEditor:
     """The line being typed: its characters, the cursor, and the lines sent
     earlier to recall.  Keys are dispatched to key_* methods by name."""
 
-    def __init__(self):
+    def __init__(self, people=None):
+        self.people = people     # whose names Tab completes
         self.chars = []
         self.cursor = 0
         self.history = []
@@ -2767,6 +3152,28 @@ class LineEditor:
             end += 1
         return end
 
+    def key_complete(self):
+        """Tab: complete the word before the cursor: a command's name at the
+        start of the line, else the name of someone in the room; as far as
+        all that fit agree, and with a space when only one does."""
+        start = self.cursor
+        while start > 0 and not self.chars[start - 1].isspace():
+            start -= 1
+        word = ''.join(self.chars[start:self.cursor])
+        if not word:
+            return
+        if start == 0 and word.startswith('/'):
+            pool = ['/' + command for command in COMMAND_WORDS]
+        else:
+            pool = sorted(self.people.names) if self.people else []
+        matches = [choice for choice in pool if choice.casefold().startswith(word.casefold())]
+        if not matches:
+            return
+        common = os.path.commonprefix([choice.casefold() for choice in matches])
+        completion = matches[0][:len(common)] + (' ' if len(matches) == 1 else '')
+        self.chars[start:self.cursor] = list(completion)
+        self.cursor = start + len(completion)
+
     def key_transpose(self):
         """Ctrl-T: swap the characters before and under the cursor (the last
         two at the end of the line), and move on."""
@@ -2817,7 +3224,8 @@ class TerminalScreen:
         self.fd_in, self.fd_out = fd_in, fd_out
         self.colour = colour
         self.keys = KeyReader()
-        self.editor = LineEditor()
+        self.people = People()
+        self.editor = LineEditor(self.people)
         self.name = None          # ours, once the server has said it
         self.scroll = 0           # first character shown, for lines wider than the screen
         self.drawn_column = 0     # where the cursor was left by the last redraw
@@ -3003,8 +3411,8 @@ class TerminalScreen:
         columns = self.columns()
         if self.editor.query is not None:
             prompt = "(search) '%s': " % cut_to_width(self.editor.query, columns // 2 - 14)
-        else:
-            prompt = cut_to_width(self.name or '', columns // 2 - 2) + '> '
+        else:  # the room we are in
+            prompt = cut_to_width(self.people.room or '', columns // 2 - 2) + '> '
         room = max(2, columns - text_width(prompt) - 1)
         chars = [LINE_BREAK_SHOWN if ch == '\n' else ch for ch in self.editor.chars]
         cursor = self.editor.cursor
@@ -3238,6 +3646,26 @@ def read_secret(path, variable):
     if not secret:
         raise UserError('password file %s is empty' % path)
     return secret
+
+
+def read_motd(path):
+    """The message of the day: the lines of a UTF-8 file, cleaned of control
+    characters (each will be a notice), blank ones at the ends dropped."""
+    if path is None:
+        return []
+    try:
+        with open(path, 'rb') as handle:
+            text = handle.read(MAX_MOTD_BYTES).decode('utf-8-sig')
+    except OSError as exc:
+        raise UserError('cannot read MOTD file %s: %s' % (path, exc.strerror))
+    except UnicodeDecodeError:
+        raise UserError('MOTD file %s is not UTF-8 text' % path)
+    lines = [tidy(line) for line in text.splitlines()]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    return lines
 
 
 def usable_secret(secret, where):
@@ -3795,6 +4223,8 @@ def build_parser():
     server.add_argument('--max-clients', type=at_least(1), metavar='N',
                         help='connections at once (default: what the open-files limit allows)')
     server.add_argument('--quiet', action='store_true', help='log nothing')
+    server.add_argument('--motd', metavar='FILE', help='a message of the day from FILE, shown '
+                        'to every newcomer and on /motd (SIGHUP reads it again)')
     server.add_argument('--tls', action='store_true', help='speak TLS, with a certificate '
                         'made once and kept in %s' % config_dir().replace(
                             os.path.expanduser('~'), '~'))
@@ -3821,6 +4251,7 @@ def build_parser():
                           '(default localhost)')
     client.add_argument('--name', '--nick', help='the name to ask for (default: your login '
                         'name)')
+    client.add_argument('--room', help='the room to join (default: the lobby)')
     client.add_argument('--history', action='store_true', help='piped, print the recent '
                         'lines the server replays on joining too (a terminal always shows them)')
     client.add_argument('--no-color', action='store_true',
@@ -3873,18 +4304,23 @@ def run_server(args):
     raise_open_files_limit()
     port = one_of('port', args.port, args.port_flag)
     listeners = open_listeners(args.host, DEFAULT_PORT if port is None else port)
+    def settings():  # read at start, and again on SIGHUP
+        return (read_motd(args.motd),
+                usable_secret(read_secret(args.password_file, 'CHAT_PASSWORD'),
+                              args.password_file or 'CHAT_PASSWORD'),
+                usable_secret(read_secret(args.op_password_file, 'CHAT_OP_PASSWORD'),
+                              args.op_password_file or 'CHAT_OP_PASSWORD'))
+    motd, password, op_password = settings()
     server = Server(listeners, log=log, history=args.history,
                     max_line=args.max_line, max_backlog=args.max_backlog,
                     rate=args.rate, burst=args.burst, max_clients=args.max_clients, tls=tls,
-                    password=usable_secret(read_secret(args.password_file, 'CHAT_PASSWORD'),
-                                           args.password_file or 'CHAT_PASSWORD'),
-                    op_password=usable_secret(read_secret(args.op_password_file,
-                                                          'CHAT_OP_PASSWORD'),
-                                              args.op_password_file or 'CHAT_OP_PASSWORD'),
+                    password=password, op_password=op_password,
                     allow=args.allow, deny=args.deny, max_per_address=args.max_per_address,
-                    console=console_in_foreground())
+                    console=console_in_foreground(), motd=motd, settings=settings)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
+    if hasattr(signal, 'SIGHUP'):  # POSIX: reload without dropping anyone
+        signal.signal(signal.SIGHUP, lambda *_: server.request_reload())
     print(server_banner(listeners, cert_fingerprint, server.gate.password is not None,
                         server.gate.op_password is not None), flush=True)
     server.serve_forever()
@@ -3919,7 +4355,8 @@ def run_client(args):
         with open_screen(args.no_color) as screen:
             screen.note('connected to %s: %s' % (printable_address((host, port)), protection))
             history = args.history or screen.wakeup is not None  # a terminal shows it
-            return Client(sock, screen, name=name, received=received, history=history).run()
+            return Client(sock, screen, name=name, received=received, history=history,
+                          room=args.room).run()
     finally:
         sock.close()
 

@@ -1,6 +1,6 @@
 """Tests for chat.py: real sockets, real processes, no mocks of the network.
 
-Run with:  python -m unittest -v test_chat      (pytest finds them too)
+Run with:  python3 -m unittest -v test_chat     (pytest finds them too)
 
 Servers listen on port 0 on loopback.  Most tests run a chat.Server in a
 daemon thread of this process so that they can also look at its buffers;
@@ -10,6 +10,7 @@ has a deadline (TIMEOUT) and fails instead of hanging.
 
 import errno
 import glob
+import itertools
 import os
 import queue
 import re
@@ -29,6 +30,7 @@ import chat
 TIMEOUT = 10.0        # the longest any single expectation may take
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHAT = os.path.join(HERE, 'chat.py')
+PROMPT = '#lobby> '   # the terminal client's prompt: the room it is in
 # Clients and servers keep files (known hosts, a certificate) under
 # $XDG_CONFIG_HOME: a folder of the tests' own, not the user's.
 os.environ['XDG_CONFIG_HOME'] = tempfile.mkdtemp(prefix='chat-test-config-')
@@ -163,6 +165,14 @@ def need(tool):
     return path
 
 
+def roundtrip(conn, tokens=itertools.count()):
+    """Every line conn sent before this is handled once it returns: a
+    private message to itself, which nothing else can answer."""
+    token = 'sync-%d' % next(tokens)
+    conn.send('/msg %s %s\n' % (conn.name, token))
+    return conn.expect(r'^\[PM from %s\] %s$' % (re.escape(conn.name), token))[0]
+
+
 def came(name):
     """What others hear when name comes in and names itself at once: its
     joining under that name, or (if that was announced before the name
@@ -292,7 +302,7 @@ class ServerTestCase(unittest.TestCase):
         self.addCleanup(conn.close)
         _, match = conn.expect(r'^-!- Welcome, (\S+)!')
         conn.name = match.group(1)
-        conn.expect(r'^-!- \d+ online: ')
+        conn.expect(r'^-!- \d+ online in #')
         if name:
             conn.send('/nick %s\n' % name)
             conn.expect(r'^-!- %s is now known as %s$' % (re.escape(conn.name), re.escape(name)))
@@ -308,7 +318,7 @@ class ServerTestCase(unittest.TestCase):
     def sync(self, conn):
         """Round trip: every line conn sent before this is handled once it returns."""
         conn.send('/who\n')
-        return conn.expect(r'^-!- \d+ online: ')[0]
+        return conn.expect(r'^-!- \d+ online in #')[0]
 
 
 def run_chat(*args, stdin_data=None, timeout=TIMEOUT, **kw):
@@ -536,7 +546,8 @@ class ProtocolTests:
         conn = Conn(self.srv.port)
         self.addCleanup(conn.close)
         self.assertEqual(conn.line(), '-!- ' + chat.WELCOME_TEXT % 'guest-2')
-        self.assertEqual(conn.line(), '-!- 2 online: alice, guest-2')
+        self.assertEqual(conn.line(), '-!- You are in #lobby')
+        self.assertEqual(conn.line(), '-!- 2 online in #lobby: alice, guest-2')
         alice.expect(r'^-!- guest-2 joined$')
 
     def test_a_newcomer_that_names_itself_at_once_is_announced_by_that_name(self):
@@ -638,7 +649,7 @@ class ProtocolTests:
                  ('guest-99', 'the server keeps "server" and names starting with "guest-"'),
                  ('Server', 'the server keeps "server"'),
                  ('alice\u3164', 'may not hold invisible characters'),
-                 ('bob', 'you are already bob')]
+                 ('bob', 'that is the name already')]
         for name, reason in cases:
             bob.send('/nick %s\n' % name)
             bob.expect(r'^!!! cannot use the name .*: .*%s' % re.escape(reason))
@@ -655,7 +666,7 @@ class ProtocolTests:
         bob = self.connect('bob')
         self.assertEqual(self.sync(bob), [])
         bob.send('/WHO\n')
-        bob.expect(r'^-!- 2 online: alice, bob$')
+        bob.expect(r'^-!- 2 online in #lobby: alice, bob$')
 
     def test_me(self):
         alice, bob = self.connect('alice'), self.connect('bob')
@@ -688,7 +699,7 @@ class ProtocolTests:
     def test_help_and_unknown_commands_go_to_the_sender_only(self):
         alice, bob = self.connect('alice'), self.connect('bob')
         alice.send('/help\n')
-        lines, _ = alice.expect(r'^-!- .*start a line with //')
+        lines, _ = alice.expect(r'^-!- A line starting with / is a command; // says')
         for command in ('/nick', '/who', '/me', '/msg', '/quit', '/help'):
             self.assertTrue(any(command in line for line in lines), command)
         alice.send('/frobnicate now\n')
@@ -744,6 +755,289 @@ class TestProtocolDefaultSelector(ProtocolTests, ServerTestCase):
 class TestProtocolSelectSelector(ProtocolTests, ServerTestCase):
     SELECTOR = selectors.SelectSelector
 
+
+# --- Server: rooms and the social commands ---------------------------------------
+
+class TestRooms(ServerTestCase):
+    SERVER_OPTIONS = {'rate': 0}
+
+    def go(self, conn, room):
+        """conn joins room; wait until it is there."""
+        conn.send('/join %s\n' % room)
+        conn.expect(r'^-!- You are in #%s$' % re.escape(room.lstrip('#')))
+        conn.expect(r'^-!- \d+ online in #')
+
+    def test_three_in_dev_and_two_in_the_lobby_do_not_hear_each_other(self):
+        alice, bob, carol, dave, erin = (self.connect(n) for n in
+                                         ('alice', 'bob', 'carol', 'dave', 'erin'))
+        for conn in (alice, bob, carol):
+            self.go(conn, '#dev')
+        alice.send('in dev\n/me waves in dev\n')
+        dave.send('in the lobby\n')
+        for listener in (bob, carol):
+            listener.expect(r'^<alice> in dev$')
+            listener.expect(r'^\* alice waves in dev$')
+        erin.expect(r'^<dave> in the lobby$')
+        for listener, said in ((bob, 'dave'), (carol, 'dave'), (erin, 'alice'), (dave, 'alice')):
+            self.assertFalse([l for l in self.sync(listener) if l.startswith(('<' + said,
+                                                                               '* ' + said))])
+        alice.send('/msg dave across rooms\n')  # private messages reach anyone anywhere
+        dave.expect(r'^\[PM from alice\] across rooms$')
+
+    def test_moving_is_announced_and_the_newcomer_gets_the_room(self):
+        alice, bob, carol = self.connect('alice'), self.connect('bob'), self.connect('carol')
+        self.go(bob, 'dev')
+        bob.send('/topic fixing the build\ndev history\n')
+        bob.expect(r'^-!- bob set the topic: fixing the build$')
+        alice.expect(r'^-!- bob left for #dev$')
+        carol.expect(r'^-!- bob left for #dev$')
+        self.sync(bob)
+        carol.send('/join #dev\n')
+        self.assertEqual(carol.expect(r'^-!- You are in #dev$')[0], [])
+        self.assertEqual(carol.line(), '-!- Topic of #dev: fixing the build')
+        self.assertEqual(carol.line(), '-!- 2 online in #dev: bob, carol')
+        self.assertEqual(carol.line(), '-!- Last 1 message:')
+        self.assertEqual(carol.line(), '<bob> dev history')
+        bob.expect(r'^-!- carol joined$')
+        alice.expect(r'^-!- carol left for #dev$')
+        carol.send('/part\n')
+        carol.expect(r'^-!- You are in #lobby$')
+        bob.expect(r'^-!- carol left for #lobby$')
+        carol.send('/part\n/join lobby\n/join #a<b\n/join\n')
+        carol.expect(r'^!!! you are in the lobby; /quit leaves the server$')
+        carol.expect(r'^!!! you are in #lobby already$')
+        carol.expect(r'^!!! cannot make the room #a<b: a room name may hold only letters')
+        carol.expect(r'^!!! usage: /join ROOM$')
+
+    def test_an_empty_room_goes_with_its_history(self):
+        alice = self.connect('alice')
+        self.go(alice, 'tmp')
+        alice.send('soon forgotten\n')
+        self.go(alice, 'lobby')
+        self.assertNotIn(chat.name_key('tmp'), self.srv.server.rooms)
+        alice.send('/join tmp\n')
+        before, _ = alice.expect(r'^-!- 1 online in #tmp: alice$')
+        self.assertNotIn('soon forgotten', ''.join(before + self.sync(alice)))
+        alice.send('/topic\n')
+        alice.expect(r'^-!- #tmp has no topic$')
+
+    def test_rooms_busiest_first_and_who_in_another_room(self):
+        alice, bob, carol, dave = (self.connect(n) for n in ('alice', 'bob', 'carol', 'dave'))
+        for conn, room in ((bob, 'dev'), (carol, 'dev'), (dave, 'ops')):
+            self.go(conn, room)
+        dave.send('/topic pager duty\n')
+        dave.expect(r'set the topic')
+        alice.send('/rooms\n')
+        alice.expect(r'^-!- 3 rooms:$')
+        self.assertEqual([alice.line() for _ in range(3)],
+                         ['-!-   #dev (2)', '-!-   #lobby (1)', '-!-   #ops (1): pager duty'])
+        alice.send('/who #dev\n/who ops\n/who #nope\n/rooms +2\n')
+        alice.expect(r'^-!- 2 online in #dev: bob, carol$')
+        alice.expect(r'^-!- 1 online in #ops: dave$')
+        alice.expect(r'^!!! there is no room #nope \(/rooms lists them\)$')
+        alice.expect(r'^!!! there is no page 2: /rooms has 1 page$')
+
+    def test_away_and_back(self):
+        alice, bob = self.connect('alice'), self.connect('bob')
+        bob.send('/away at lunch\n')
+        bob.expect(r'^-!- You are away: at lunch \(/back when you are back\)$')
+        alice.send('/who\n/msg bob are you there?\n/whois bob\n')
+        alice.expect(r'^-!- 2 online in #lobby: alice, bob \(away\)$')
+        alice.expect(r'^\[PM to bob\] are you there\?$')
+        alice.expect(r'^-!- bob is away: at lunch$')
+        alice.expect(r'^-!- bob: in #lobby, here \d+ s, idle \d+ s, away: at lunch, '
+                     r'not encrypted$')
+        bob.expect(r'^\[PM from alice\] are you there\?$')  # delivered all the same
+        bob.send('/back\n/back\n')
+        bob.expect(r'^-!- You are back$')
+        bob.expect(r'^!!! you were not away$')
+        alice.send('/who\n')
+        alice.expect(r'^-!- 2 online in #lobby: alice, bob$')
+
+    def test_ignore_follows_a_rename_and_ends_when_they_leave(self):
+        alice, bob, carol = self.connect('alice'), self.connect('bob'), self.connect('carol')
+        alice.send('/ignore bob\n/ignore\n')
+        alice.expect(r'^-!- You ignore bob: nothing they say reaches you')
+        alice.expect(r'^-!- You ignore bob$')
+        bob.send('/nick robert\n')
+        alice.expect(r'^-!- bob is now known as robert$')  # notices about them still come
+        bob.send('hello all\n/me waves\n/msg alice psst\n')
+        bob.expect(r'^\[PM to alice\] psst$')  # robert is not told
+        carol.expect(r'^<robert> hello all$')
+        carol.expect(r'^\* robert waves$')
+        carol.send('carol here\n')
+        before, _ = alice.expect(r'^<carol> carol here$')
+        self.assertEqual(before, [])  # nothing of robert's: public, action or private
+        alice.send('/unignore robert\n')
+        alice.expect(r'^-!- You hear robert again$')
+        bob.send('heard now\n')
+        alice.expect(r'^<robert> heard now$')
+        alice.send('/ignore robert\n')
+        alice.expect(r'^-!- You ignore robert')
+        bob.send('/quit\n')
+        alice.expect(r'^-!- robert left \(quit\)$')
+        alice.send('/ignore\n')
+        alice.expect(r'^-!- You ignore no one$')
+
+    def test_reply_answers_the_last_private_message(self):
+        alice, bob, carol = self.connect('alice'), self.connect('bob'), self.connect('carol')
+        bob.send('/reply nobody yet\n')
+        bob.expect(r'^!!! no one to reply to')
+        alice.send('/msg bob hi bob\n')
+        bob.expect(r'^\[PM from alice\] hi bob$')
+        carol.send('/msg bob hi from carol\n')  # the last one
+        bob.expect(r'^\[PM from carol\] hi from carol$')
+        bob.send('/reply hi carol\n')
+        carol.expect(r'^\[PM from bob\] hi carol$')
+        self.assertFalse([l for l in self.sync(alice) if 'hi carol' in l])
+
+    def test_motd_is_shown_after_the_welcome_and_on_request(self):
+        self.srv.server.motd = ['Welcome to the lab.', 'Be kind.']
+        conn = Conn(self.srv.port)
+        self.addCleanup(conn.close)
+        conn.expect(r'^-!- Welcome, ')
+        self.assertEqual([conn.line(), conn.line()], ['-!- Welcome to the lab.', '-!- Be kind.'])
+        conn.expect(r'^-!- You are in #lobby$')
+        conn.expect(r'^-!- 1 online in #lobby')
+        conn.send('/motd\n')
+        self.assertEqual([conn.line(), conn.line()], ['-!- Welcome to the lab.', '-!- Be kind.'])
+
+
+class TestOperatorsOfRooms(ServerTestCase):
+    SERVER_OPTIONS = {'rate': 0, 'op_password': 'op'}
+
+    def operator(self):
+        op = self.connect('op')
+        op.send('/op op\n')
+        op.expect(r'^-!- op is now an operator$')
+        return op
+
+    def test_mute_and_unmute(self):
+        op, bob, carol = self.operator(), self.connect('bob'), self.connect('carol')
+        op.send('/mute bob\n')
+        op.expect(r'^-!- bob is muted$')
+        bob.expect(r'^!!! you are muted by op: only private messages to operators go out$')
+        bob.send('let me speak\n/me shouts\n/msg carol psst\n/msg op please\n')
+        for _ in range(3):
+            bob.expect(r'^!!! you are muted by op')
+        op.expect(r'^\[PM from bob\] please$')
+        self.assertFalse([l for l in self.sync(carol) if 'bob' in l and not l.startswith('-!-')])
+        op.send('/unmute bob\n')
+        bob.expect(r'^-!- op lets you speak again$')
+        bob.send('thank you\n')
+        carol.expect(r'^<bob> thank you$')
+        bob.send('/mute carol\n')
+        bob.expect(r'^!!! /mute is for operators')
+
+    def test_rename_and_wall(self):
+        op, bob, carol = self.operator(), self.connect('bob'), self.connect('carol')
+        carol.send('/join dev\n')
+        carol.expect(r'^-!- You are in #dev$')
+        op.send('/rename bob robert\n/rename bob x<\n/wall maintenance at noon\n')
+        bob.expect(r'^-!- bob is now known as robert \(renamed by op\)$')
+        op.expect(r'^!!! no one called bob is online$')
+        for conn in (op, bob, carol):  # every room
+            conn.expect(r'^-!- op to everyone: maintenance at noon$')
+        op.send('/whois robert\n')
+        op.expect(r'^-!- robert: in #lobby, .*, from 127\.0\.0\.1:\d+$')  # operators see where from
+
+
+class TestRoomFuzz(ServerTestCase):
+    """Random joins, parts and messages across 5 rooms and 20 peers: each
+    peer must receive exactly the public lines its rooms heard while it was
+    there, in order, and nothing else."""
+    SERVER_OPTIONS = {'rate': 0, 'history': 0}
+
+    def test_no_line_leaks_between_rooms(self):
+        import random
+        rng = random.Random(20261201)
+        rooms = ['lobby', 'dev', 'ops', 'qa', 'art']
+        peers = [self.connect('p%d' % i) for i in range(20)]
+        where = ['lobby'] * len(peers)
+        expected = [[] for _ in peers]
+        for step in range(400):
+            i = rng.randrange(len(peers))
+            conn = peers[i]
+            if rng.random() < 0.3:
+                room = rng.choice(rooms)
+                conn.send('/join %s\n' % room)
+                where[i] = room if room != where[i] else where[i]
+            else:
+                line = 'm%d' % step
+                conn.send(line + '\n')
+                for j in range(len(peers)):
+                    if j != i and where[j] == where[i]:
+                        expected[j].append('<p%d> %s' % (i, line))
+            roundtrip(conn)  # handled before the next step
+        for i, conn in enumerate(peers):
+            roundtrip(conn)
+            got = [l for l in conn.seen if l.startswith('<')]
+            self.assertEqual(got, expected[i], 'p%d' % i)
+
+
+class TestTenThousand(unittest.TestCase):
+    """/who and /rooms with 10,000 people and 5,000 rooms, over real
+    connections: each answer is a page that fits one turn's output share."""
+
+    def test_who_and_rooms_stay_within_the_output_share(self):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 12000:
+            self.fail('needs 12,000 open files; the hard limit here is %d' % hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536) if hard != resource.RLIM_INFINITY
+                                                    else 65536, hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        server = ServerProcess('--rate=0', '--quiet')
+        self.addCleanup(server.stop)
+        observer = Conn(server.port)
+        self.addCleanup(observer.close)
+        observer.expect(r'^-!- 1 online')
+        selector = selectors.DefaultSelector()
+        self.addCleanup(selector.close)
+        socks = []
+        for i in range(10000):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(('127.0.0.1', server.port))
+            self.addCleanup(sock.close)
+            greeting = b'\n' + (b'/join r%d\n' % i if i % 2 else b'')
+            selector.register(sock, selectors.EVENT_WRITE | selectors.EVENT_READ, greeting)
+            socks.append(sock)
+
+        def pump():  # say each one's lines once it is connected; read and drop what comes
+            for key, mask in selector.select(0.05):
+                if mask & selectors.EVENT_WRITE and key.data:
+                    key.fileobj.send(key.data)
+                    selector.modify(key.fileobj, selectors.EVENT_READ, b'')
+                if mask & selectors.EVENT_READ:
+                    try:
+                        key.fileobj.recv(65536)
+                    except OSError:
+                        pass
+        deadline = time.monotonic() + 60
+        while True:  # until everyone is where it is going
+            self.assertLess(time.monotonic(), deadline, 'no one is where they are going')
+            for _ in range(20):
+                pump()
+            observer.send('/rooms\n')
+            header = observer.expect(r'^-!- (\d+) rooms')[1].string
+            lobby = observer.line()
+            if header.startswith('-!- 5001 rooms') and lobby == '-!-   #lobby (5001)':
+                break
+        self.assertEqual(header, '-!- 5001 rooms, page 1 of 101 (/rooms +N for page N):')
+        page = [observer.line() for _ in range(chat.ROOMS_PAGE - 1)]
+        self.assertTrue(all(re.match(r'^-!-   #r\d+ \(1\)$', line) for line in page), page)
+        turn_share = chat.MAX_BACKLOG_BYTES // chat.TURN_SHARE
+        self.assertLess(len(''.join(page)) * 2, turn_share)
+        observer.send('/rooms +101\n/who\n/who +26\n')
+        observer.expect(r'^-!- 5001 rooms, page 101 of 101 ')
+        observer.expect(r'^-!-   #r\d+ \(1\)$')
+        who = observer.expect(r'^-!- 5001 online in #lobby, page 1 of 26 \(/who \+N for page N\): ')
+        names = who[1].string.split(': ', 1)[1].split(', ')
+        self.assertEqual(len(names), chat.WHO_PAGE_NAMES)
+        self.assertLess(len(who[1].string.encode()) * 2, turn_share)
+        last = observer.expect(r'^-!- 5001 online in #lobby, page 26 of 26 .*: ')[1]
+        self.assertEqual(len(last.string.split(': ', 1)[1].split(', ')), 5001 - 25 * 200)
 
 # --- Server: limits ------------------------------------------------------------
 
@@ -1095,26 +1389,25 @@ class TestBigRooms(ServerTestCase):
         self.raw_peers(chat.WELCOME_NAMES + 5)
         conn = Conn(self.srv.port)
         self.addCleanup(conn.close)
-        conn.line()
-        text = conn.line()
-        self.assertRegex(text, r'^-!- 26 online: (guest-\d+, ){19}guest-\d+ and 6 others '
-                               r'\(/who lists them\)$')
+        conn.expect(r'^-!- You are in #lobby$')
+        self.assertRegex(conn.line(), r'^-!- 26 online in #lobby: (guest-\d+, ){19}guest-\d+ '
+                                      r'and 6 others \(/who lists them\)$')
 
     def test_who_pages_and_filters(self):
         self.patch_who_page(3)
         peers = [self.connect(name) for name in ('kim1', 'kim2', 'lee', 'Kimura', 'park')]
         asker = peers[0]
         asker.send('/who\n')
-        asker.expect(r'^-!- 5 online, page 1 of 2 \(/who \+N for page N\): '
+        asker.expect(r'^-!- 5 online in #lobby, page 1 of 2 \(/who \+N for page N\): '
                      r'kim1, kim2, Kimura$')
         asker.send('/who +2\n')
-        asker.expect(r'^-!- 5 online, page 2 of 2 .*: lee, park$')
+        asker.expect(r'^-!- 5 online in #lobby, page 2 of 2 .*: lee, park$')
         asker.send('/who +3\n')
         asker.expect(r'^!!! there is no page 3: /who has 2 pages$')
         asker.send('/who KIM\n')
-        asker.expect(r'^-!- 3 of 5 online match "kim": kim1, kim2, Kimura$')
+        asker.expect(r'^-!- 3 of 5 online in #lobby match "kim": kim1, kim2, Kimura$')
         asker.send('/who nobody\n')
-        asker.expect(r'^-!- 0 of 5 online match "nobody": $')
+        asker.expect(r'^-!- 0 of 5 online in #lobby match "nobody": $')
 
     def patch_who_page(self, size):
         original = chat.WHO_PAGE_NAMES
@@ -1131,8 +1424,8 @@ class TestNoHistory(ServerTestCase):
         self.sync(alice)
         conn = Conn(self.srv.port)
         self.addCleanup(conn.close)
-        conn.line()
-        self.assertEqual(conn.line(), '-!- 2 online: alice, guest-2')
+        conn.expect(r'^-!- You are in #lobby$')
+        self.assertEqual(conn.line(), '-!- 2 online in #lobby: alice, guest-2')
         alice.send('live\n')
         self.assertEqual(conn.line(), '<alice> live')
 
@@ -1181,7 +1474,7 @@ class TestRobustness(ServerTestCase):
         alice, bob = self.connect('alice'), self.connect('bob')
         bob.send('last words\n/who\n')
         bob.sock.shutdown(socket.SHUT_WR)
-        self.assertEqual(bob.expect_closed(), ['-!- 2 online: alice, bob'])
+        self.assertEqual(bob.expect_closed(), ['-!- 2 online in #lobby: alice, bob'])
         alice.expect(r'^<bob> last words$')
         alice.expect(r'^-!- bob left \(connection closed\)$')
 
@@ -1285,6 +1578,34 @@ class TestServerProcess(unittest.TestCase):
         proc.send_signal(signal.SIGTERM)
         self.assertEqual(proc.wait(TIMEOUT), 0)
         proc.stdout.close()
+
+    def test_sighup_reads_the_motd_and_passwords_again_dropping_no_one(self):
+        folder = tempfile.mkdtemp(prefix='chat-test-')
+        self.addCleanup(shutil.rmtree, folder, True)
+        motd, password = os.path.join(folder, 'motd'), os.path.join(folder, 'pw')
+        for path, text in ((motd, 'Old news\n\x1b[31mred\n'), (password, 'first\n')):
+            with open(path, 'w') as handle:
+                handle.write(text)
+        server = self.start('--motd', motd, '--password-file', password)
+        member = Conn(server.port)
+        self.addCleanup(member.close)
+        member.expect(re.escape(chat.PASSWORD_PROMPT))
+        member.send('/pass first\n')
+        member.expect(r'^-!- Welcome, ')
+        self.assertEqual([member.line(), member.line()], ['-!- Old news', '-!- [31mred'])
+        for path, text in ((motd, 'New news\n'), (password, 'second\n')):
+            with open(path, 'w') as handle:
+                handle.write(text)
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_log(r'reloaded: the MOTD \(1 line\) and the password files')
+        member.send('/motd\n')  # still here, and the new MOTD
+        member.expect(r'^-!- New news$')
+        newcomer = Conn(server.port)
+        self.addCleanup(newcomer.close)
+        newcomer.expect(re.escape(chat.PASSWORD_PROMPT))
+        newcomer.send('/pass first\n/pass second\n')
+        newcomer.expect(r'^!!! wrong password')
+        newcomer.expect(r'^-!- New news$')
 
     def test_quiet_logs_nothing(self):
         server = self.start('--quiet')
@@ -1820,13 +2141,23 @@ class TestOtherClients(ServerTestCase):
         out = self.run_tool(['nc', '-N', '127.0.0.1', str(self.srv.port)],
                             '/nick netcat\nhello from nc\n/who\n')
         self.assertIn('<py1> hi all', out)  # the history
-        self.assertIn('-!- 4 online: bob, netcat, py1, py2', out)
+        self.assertIn('-!- 4 online in #lobby: bob, netcat, py1, py2', out)
         for client in clients:
             client.expect(r'^<netcat> hello from nc$')
         clients[1].send('hi py1\n')
         clients[0].expect(r'^<py2> hi py1$')
         for client in clients:
             self.assertEqual(client.finish(), (0, ''))
+
+    def test_nc_in_a_room(self):
+        bob = self.connect('bob')
+        bob.send('/join dev\n')
+        bob.expect(r'^-!- You are in #dev$')
+        out = self.run_tool(['nc', '-N', '127.0.0.1', str(self.srv.port)],
+                            '/nick netcat\n/join #dev\nhello dev\n/rooms\n')
+        self.assertIn('-!- You are in #dev', out)
+        self.assertIn('-!-   #dev (2)', out)
+        bob.expect(r'^<netcat> hello dev$')
 
     def test_socat_with_crlf_line_endings(self):
         bob = self.connect('bob')
@@ -2030,19 +2361,19 @@ class TestTerminalClient(PtySession, ServerTestCase):
         """Start the client as name and wait for its prompt; a peer watching."""
         watcher = self.connect('watcher')
         self.spawn('--name', name, *args, **kw)
-        self.read_until(lambda s: s.line().startswith(name + '>'), 'the prompt')
+        self.read_until(lambda s: s.line().startswith(PROMPT.rstrip()), 'the prompt')
         watcher.expect(came(name))
         return watcher
 
     def test_typed_text_stays_intact_while_messages_arrive(self):
         watcher = self.join()
         self.type('hello wor')
-        self.read_until(lambda s: s.line() == 'tty> hello wor', 'the typed text')
+        self.read_until(lambda s: s.line() == PROMPT + 'hello wor', 'the typed text')
         for i in range(20):
             watcher.send('message %d\n' % i)
         self.read_until(lambda s: 'message 19' in s.text(), 'the messages')
-        self.assertEqual(self.prompt_line(), 'tty> hello wor')
-        self.assertEqual(self.screen.col, len('tty> hello wor'))
+        self.assertEqual(self.prompt_line(), PROMPT + 'hello wor')
+        self.assertEqual(self.screen.col, len(PROMPT + 'hello wor'))
         shown = [line for line in self.screen.text().split('\n') if 'message' in line]
         self.assertEqual(len(shown), 20)
         for i, line in enumerate(shown):
@@ -2096,7 +2427,7 @@ class TestTerminalClient(PtySession, ServerTestCase):
     def test_alt_enter_makes_a_message_of_several_lines(self):
         watcher = self.join()
         self.type('line one\x1b\rline two')
-        self.read_until(lambda s: s.line() == 'tty> line one%sline two' % chat.LINE_BREAK_SHOWN,
+        self.read_until(lambda s: s.line() == PROMPT + 'line one%sline two' % chat.LINE_BREAK_SHOWN,
                         'the line break shown')
         self.type('\x1b[27;2;13~third\r')  # Shift-Enter, as xterm tells it apart
         watcher.expect(r'^<tty> line one$')
@@ -2117,7 +2448,7 @@ class TestTerminalClient(PtySession, ServerTestCase):
         self.join()
         text = 'abcdefghij' * 5  # 50 columns of the 60
         self.type(text)
-        self.read_until(lambda s: s.line() == 'tty> ' + text, 'the typed text')
+        self.read_until(lambda s: s.line() == PROMPT + text, 'the typed text')
         rows = len(self.screen.rows)
         self.screen.narrow(30)  # the terminal rewraps the line onto two rows...
         set_window_size(self.slave, 24, 30)  # ...and says so
@@ -2126,17 +2457,17 @@ class TestTerminalClient(PtySession, ServerTestCase):
         self.assertLessEqual(chat.text_width(self.screen.line()), 30)  # scrolled sideways
         self.screen.columns = 60
         set_window_size(self.slave, 24, 60)  # wider again: all of it shows, not scrolled
-        self.read_until(lambda s: s.line() == 'tty> ' + text, 'the whole line again')
+        self.read_until(lambda s: s.line() == PROMPT + text, 'the whole line again')
 
     def test_wide_characters_split_across_writes(self):
         watcher = self.join()
         for byte in '한글😀'.encode():
             self.type(bytes([byte]))
             time.sleep(0.002)  # separate reads, not a condition to wait for
-        self.read_until(lambda s: s.line() == 'tty> 한글😀', 'the wide characters')
-        self.assertEqual(self.screen.col, len('tty> ') + 6)
+        self.read_until(lambda s: s.line() == PROMPT + '한글😀', 'the wide characters')
+        self.assertEqual(self.screen.col, len(PROMPT) + 6)
         self.type('\x1b[D')
-        self.read_until(lambda s: s.col == len('tty> ') + 4, 'the cursor over the emoji')
+        self.read_until(lambda s: s.col == len(PROMPT) + 4, 'the cursor over the emoji')
         self.type('\x1b[D\x1b[DX\r')  # to the start, then type before it
         watcher.expect(r'^<tty> X한글😀$')
 
@@ -2152,26 +2483,26 @@ class TestTerminalClient(PtySession, ServerTestCase):
         self.read_until(lambda s: s.line().endswith('789'), 'the end of the line')
         self.assertLessEqual(len(self.prompt_line()), self.COLUMNS)
         self.type('\x01')
-        self.read_until(lambda s: s.line().startswith('tty> 0123'), 'the start of the line')
-        self.assertEqual(self.screen.col, len('tty> '))
+        self.read_until(lambda s: s.line().startswith(PROMPT + '0123') and s.col == len(PROMPT),
+                        'the start of the line, and the cursor there')
         self.type('\r')
         watcher.expect(r'^<tty> %s$' % text)
 
     def test_ctrl_l_redraws(self):
         self.join()
         self.type('abc')
-        self.read_until(lambda s: s.line() == 'tty> abc', 'the typed text')
+        self.read_until(lambda s: s.line() == PROMPT + 'abc', 'the typed text')
         self.screen.feed(b'\r\x1b[K')  # forget it, so only a redraw brings it back
         self.type('\x0c')
-        self.read_until(lambda s: s.line() == 'tty> abc', 'the line redrawn')
+        self.read_until(lambda s: s.line() == PROMPT + 'abc', 'the line redrawn')
 
     def test_a_resize_redraws(self):
         self.join()
         self.type('abc')
-        self.read_until(lambda s: s.line() == 'tty> abc', 'the typed text')
+        self.read_until(lambda s: s.line() == PROMPT + 'abc', 'the typed text')
         self.screen.feed(b'\r\x1b[K')  # forget it, so only a redraw brings it back
         set_window_size(self.slave, 24, 40)  # the kernel sends SIGWINCH
-        self.read_until(lambda s: s.line() == 'tty> abc', 'the line redrawn')
+        self.read_until(lambda s: s.line() == PROMPT + 'abc', 'the line redrawn')
 
     def test_ctrl_c_restores_the_terminal(self):
         self.join()
@@ -2215,7 +2546,7 @@ class TestTerminalClient(PtySession, ServerTestCase):
         for args, env in (((), {'NO_COLOR': '1'}), (('--no-color',), None)):
             watcher = self.connect('w%d' % len(self.conns))
             self.spawn('--name', 'plain', *args, env=env)
-            self.read_until(lambda s: s.line().startswith('plain>'), 'the prompt')
+            self.read_until(lambda s: s.line().startswith(PROMPT.rstrip()), 'the prompt')
             watcher.send('hi plain, from %s\n' % watcher.name)
             self.read_until(lambda s: 'from ' + watcher.name in s.text(), 'the message')
             self.assertEqual(self.screen.colours, 0)
@@ -2236,7 +2567,7 @@ class TestTerminalClient(PtySession, ServerTestCase):
     def test_wrapped_lines_never_start_at_column_zero(self):
         watcher = self.join()
         watcher.send('x' * 150 + '\n')
-        self.read_until(lambda s: 'xxx' in s.text() and s.line().startswith('tty>'),
+        self.read_until(lambda s: 'xxx' in s.text() and s.line().startswith(PROMPT.rstrip()),
                         'the long line')
         rows = [row for row in self.screen.text().split('\n') if 'x' in row]
         self.assertEqual(len(rows), 3)
@@ -2246,15 +2577,31 @@ class TestTerminalClient(PtySession, ServerTestCase):
 
     def test_a_prompt_wider_than_the_terminal_is_cut(self):
         self.COLUMNS = 40
-        name = '\ud55c' * 24  # 48 columns of Hangul
+        room = '\ud55c' * 24  # 48 columns of Hangul, and the prompt shows the room
         self.connect('watcher')
-        self.spawn('--name', name, env={'COLUMNS': '200'})  # a stale COLUMNS: not believed
+        self.spawn('--room', room, env={'COLUMNS': '200'})  # a stale COLUMNS: not believed
         self.read_until(lambda s: s.line().endswith('\u2026>'), 'the cut prompt')
         rows_before = len(self.screen.rows)
         self.type('abc' + 'd' * 60)
         self.read_until(lambda s: s.line().endswith('dd'), 'the typed text')
         self.assertEqual(len(self.screen.rows), rows_before)  # redrawn in place, not repeated
         self.assertLessEqual(chat.text_width(self.screen.line()), 40)
+
+    def test_room_in_the_prompt_and_tab_completes_names_and_commands(self):
+        watcher = self.connect('watcher')
+        watcher.send('/join dev\n')
+        watcher.expect(r'^-!- You are in #dev$')
+        self.spawn('--name', 'tty', '--room', 'dev')
+        self.read_until(lambda s: s.line().startswith('#dev>'), 'the room in the prompt')
+        watcher.expect(came('tty'))
+        self.type('/jo\t')
+        self.read_until(lambda s: s.line() == '#dev> /join', 'a command completed')
+        self.type('\x15wat\t')
+        self.read_until(lambda s: s.line() == '#dev> watcher', 'a name completed')
+        self.type('hello\r')
+        watcher.expect(r'^<tty> watcher hello$')
+        self.type('/part\r')
+        self.read_until(lambda s: s.line().startswith(PROMPT.rstrip()), 'the lobby')
 
     def test_the_stdin_thread_works_with_the_editor(self):
         watcher = self.join(env={'CHAT_STDIN_THREAD': '1'})
@@ -2271,15 +2618,15 @@ class TestTerminalClient(PtySession, ServerTestCase):
         self.type('%s %s client 127.0.0.1 %d --name tty\n'
                   % (sys.executable, CHAT, self.srv.port))
         watcher.expect(came('tty'))
-        self.read_until(lambda s: s.line().startswith('tty>'), 'the prompt')
+        self.read_until(lambda s: s.line().startswith(PROMPT.rstrip()), 'the prompt')
         self.type('half')
-        self.read_until(lambda s: s.line() == 'tty> half', 'the typed text')
+        self.read_until(lambda s: s.line() == PROMPT + 'half', 'the typed text')
         self.type('\x1a')
         self.read_until(lambda s: 'Stopped' in s.text(), 'the shell taking over')
         attrs = termios.tcgetattr(self.slave)
         self.assertTrue(attrs[3] & termios.ICANON and attrs[3] & termios.ECHO)
         self.type('fg\n')
-        self.read_until(lambda s: s.line() == 'tty> half', 'the line redrawn')
+        self.read_until(lambda s: s.line() == PROMPT + 'half', 'the line redrawn')
         self.type(' done\r')
         watcher.expect(r'^<tty> half done$')
         self.type('\x04')
@@ -2643,7 +2990,7 @@ class TestPassword(PtySession, ServerTestCase):
         self.spawn('--name', 'asked', env={'CHAT_PASSWORD': None})
         self.read_until(lambda s: 'Password for the room:' in s.text(), 'the prompt')
         self.type('sesame\n')
-        self.read_until(lambda s: s.line().startswith('asked>'), 'the line editor')
+        self.read_until(lambda s: s.line().startswith(PROMPT.rstrip()), 'the line editor')
         self.assertNotIn('sesame', self.screen.text())
         self.type('typed after\r')
         alice.expect(r'^<asked> typed after$')
@@ -3061,7 +3408,7 @@ class TestTlsCommandLine(PtySession, unittest.TestCase):
         self.read_until(lambda s: 'connected to 127.0.0.1:%s: TLS 1.' % port in s.text()
                         and 'certificate pinned' in s.text().replace('\n      ', ''),
                         'what protects the session')
-        self.read_until(lambda s: s.line().startswith('tofu>'), 'the room')
+        self.read_until(lambda s: s.line().startswith(PROMPT.rstrip()), 'the room')
         self.type('/quit\r')
         self.assertEqual(self.wait_exit(), 0)
         again = run_chat('client', '127.0.0.1', port, '--tls', stdin_data='hi\n', env=env)
@@ -3221,7 +3568,7 @@ class TestReviewFindings(unittest.TestCase):
         while answers < 300 and time.monotonic() < deadline:
             server.run_once(timeout=0.01)
             data = drain()
-            answers += data.count(b'-!- 40 online: ')
+            answers += data.count(b'-!- 40 online in #lobby: ')
         self.assertEqual(answers, 300)  # all of them, and never cut off
 
     def test_a_bug_in_held_input_or_admission_closes_one_peer_not_the_server(self):
@@ -3254,7 +3601,7 @@ class TestReviewFindings(unittest.TestCase):
                       % ('9' * 400)).encode())
         received = b''
         sock.setblocking(False)
-        while received.count(b'1 online: guest-1\n') < 2:  # the welcome's, then /who's
+        while received.count(b'1 online in #lobby: guest-1\n') < 2:  # the welcome's, then /who's
             server.run_once(timeout=0.1)
             try:
                 data = sock.recv(65536)
@@ -3263,7 +3610,7 @@ class TestReviewFindings(unittest.TestCase):
             self.assertTrue(data, 'dropped; it said: %r' % received)
             received += data
         self.assertEqual(received.decode().count('!!! usage: /ban NAME|ADDRESS [MINUTES]'), 2)
-        self.assertIn('-!- 1 online: guest-1\n', received.decode())  # "+²" is just text
+        self.assertIn('-!- 1 online in #lobby: guest-1\n', received.decode())  # "+²" is just text
 
     def test_two_listeners_out_of_descriptors_in_one_turn(self):
         server, _ = stepped_server(self)
