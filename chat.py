@@ -35,6 +35,7 @@ messages scroll above it.  `python3 chat.py bench` measures a server.
 f'chat.py needs Python 3.6 or newer: run it with python3'
 
 import argparse
+import base64
 import codecs
 import collections
 import difflib
@@ -51,6 +52,7 @@ import selectors
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -178,6 +180,12 @@ MAX_MOTD_BYTES = 16 * 1024     # of the MOTD file, read; every newcomer is sent 
 KEEPALIVE_IDLE_SEC = 60
 KEEPALIVE_INTERVAL_SEC = 15
 KEEPALIVE_PROBES = 4
+
+# The web side.  Request heads are bounded as TLS handshakes are (slowloris).
+HTTP_HEAD_SEC = 10.0           # a request head not complete by then is dropped
+WS_PING_SEC = 30.0             # a WebSocket idle this long is pinged, and dropped if
+# it has not answered half as long after; looked at every quarter of it, so a
+# vanished phone leaves within a minute
 
 # Who gets in.
 TLS_HANDSHAKE_SEC = 10.0       # a TLS handshake not done by then is dropped (slowloris)
@@ -313,35 +321,12 @@ def error_line(text):
 WELCOME_TEXT = 'Welcome, %s! /help lists commands; /nick NAME picks a name.'
 YOU_ARE_IN = 'You are in %s'  # on joining, and after every /join and /part
 LOBBY = 'lobby'                # where everyone starts
+ENTER_TO_JOIN = 'chat.py here: press Enter to join the chat'
 PASSWORD_PROMPT = 'This room needs a password: send /pass PASSWORD within %d s' % PASSWORD_SEC
 PASSWORD_ACCEPTED = 'Password accepted'
 NOT_TLS = 'this server speaks TLS: join with python3 chat.py client HOST --tls'
 FLOOD_TEXT = 'flood control: your lines wait, %g per second'
 GOODBYE = 'Goodbye'            # the answer to /quit: a client that sees it left cleanly
-# How an HTTP request starts: a method, a space, and a path ("/..."), "*" or
-# a scheme or host ("http:", "example.org:443").  A browser can be made to
-# send one to any port (a web page's fetch()), with a request line of any
-# length, so a connection is judged on its first bytes, not its first line.
-HTTP_METHODS = ('GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'OPTIONS', 'PATCH', 'CONNECT',
-                'TRACE')
-HTTP_START = re.compile(br'^(?:%s) (?:[/*]|[A-Za-z][-A-Za-z0-9+.]*:)'
-                        % '|'.join(HTTP_METHODS).encode())
-SCHEME_SO_FAR = re.compile(br'^[A-Za-z][-A-Za-z0-9+.]{0,15}$')
-
-
-def http_verdict(first):
-    """Whether the first bytes of a connection are an HTTP request: True,
-    False, or None when too few have come to tell."""
-    if HTTP_START.match(first):
-        return True
-    for method in HTTP_METHODS:
-        head = method.encode() + b' '
-        if head.startswith(first) or (first.startswith(head)
-                                      and SCHEME_SO_FAR.match(first[len(head):])):
-            return None
-    return False
-
-
 NUMBER = re.compile(r'^[0-9]{1,6}$')  # str.isdigit() also takes '²', which int() refuses
 
 NAME_PUNCTUATION = '_-.'
@@ -473,6 +458,470 @@ def printable_address(address):
     return ('[%s]:%d' if ':' in host else '%s:%d') % (host, port)
 
 
+# --- Wire formats: HTTP and WebSocket ----------------------------------------
+
+# How an HTTP request starts: a method, a space, and a path ("/..."), "*" or
+# a scheme or host ("http:", "example.org:443").  A browser can be made to
+# send one to any port (a web page's fetch()), with a request line of any
+# length, so a connection is judged on its first bytes, not its first line.
+HTTP_METHODS = ('GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'OPTIONS', 'PATCH', 'CONNECT',
+                'TRACE')
+HTTP_START = re.compile(br'^(?:%s) (?:[/*]|[A-Za-z][-A-Za-z0-9+.]*:)'
+                        % '|'.join(HTTP_METHODS).encode())
+SCHEME_SO_FAR = re.compile(br'^[A-Za-z][-A-Za-z0-9+.]{0,15}$')
+
+
+def http_verdict(first):
+    """Whether the first bytes of a connection are an HTTP request: True,
+    False, or None when too few have come to tell."""
+    if HTTP_START.match(first):
+        return True
+    for method in HTTP_METHODS:
+        head = method.encode() + b' '
+        if head.startswith(first) or (first.startswith(head)
+                                      and SCHEME_SO_FAR.match(first[len(head):])):
+            return None
+    return False
+
+
+
+HTTP_MAX_HEAD_BYTES = 8192     # request line and headers; nginx's default buffer is 8 KiB
+HEAD_END = re.compile(br'\r?\n\r?\n')  # bare LF is tolerated, as RFC 9112 allows
+LINE_END = re.compile(br'\r?\n')
+TOKEN = br"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+REQUEST_LINE = re.compile(b'(' + TOKEN + br') ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])\Z')
+# A field value may hold tabs, printable ASCII and (obsolete) Latin-1, never other controls.
+HEADER_LINE = re.compile(b'(' + TOKEN + br'):([\t\x20-\x7e\x80-\xff]*)\Z')
+# A DNS name or IPv4 address, or a bracketed IPv6 one, and a port.  Stricter
+# than RFC 3986 on purpose: page_csp() puts this value in a header.
+HOST_VALUE = re.compile(r'(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?\Z')
+
+
+class HttpRequest:
+    """A parsed request head.  headers maps lowercase names to stripped
+    values (repeats joined by ', '); head_length counts the bytes the head
+    took, blank line included, so buf[head_length:] is what followed it."""
+
+    def __init__(self, method, target, version, headers, head_length):
+        self.method = method
+        self.target = target
+        self.path, _, self.query = target.partition('?')
+        self.version = version
+        self.headers = headers
+        self.head_length = head_length
+
+
+class HttpError:
+    """Why a request is refused: the status, its reason phrase, and any
+    (name, value) headers the answer must carry."""
+
+    def __init__(self, status, reason, headers=()):
+        self.status = status
+        self.reason = reason
+        self.headers = tuple(headers)
+
+    def response(self, head_only=False):
+        """The complete plain-text HTTP answer for this error."""
+        return http_response(self.status, self.reason, ('%s\n' % self.reason).encode(),
+                             headers=self.headers, head_only=head_only)
+
+
+def read_request_head(buf):
+    """Parse the request head at the start of buf: None while it is
+    incomplete, else an HttpRequest or an HttpError (431 or 400)."""
+    end = HEAD_END.search(buf, 0, HTTP_MAX_HEAD_BYTES)
+    if end is None:
+        if len(buf) > HTTP_MAX_HEAD_BYTES:
+            return HttpError(431, 'Request Header Fields Too Large')
+        return None
+    lines = LINE_END.split(bytes(buf[:end.start()]))
+    request_line = REQUEST_LINE.match(lines[0])
+    if request_line is None:
+        return HttpError(400, 'Bad Request: malformed request line')
+    method, target, version = (part.decode('ascii') for part in request_line.groups())
+    if version not in ('HTTP/1.0', 'HTTP/1.1'):
+        return HttpError(400, 'Bad Request: only HTTP/1.0 and HTTP/1.1 are spoken here')
+    headers = {}
+    for line in lines[1:]:
+        header = HEADER_LINE.match(line)
+        if header is None:  # no colon, a control byte, or an obs-fold continuation
+            return HttpError(400, 'Bad Request: malformed header line')
+        name = header.group(1).decode('ascii').lower()
+        value = header.group(2).strip(b' \t').decode('latin-1')
+        headers[name] = headers[name] + ', ' + value if name in headers else value
+    # Two Host headers fail here too: joined, they hold ', '.
+    if 'host' in headers and not HOST_VALUE.match(headers['host']):
+        return HttpError(400, 'Bad Request: malformed Host header')
+    if version == 'HTTP/1.1' and 'host' not in headers:
+        return HttpError(400, 'Bad Request: HTTP/1.1 needs a Host header')
+    return HttpRequest(method, target, version, headers, end.end())
+
+
+# HTTP responses and the page's content security policy.
+
+DEFAULT_CSP = "default-src 'none'"
+# Sent with every response: no sniffing a text answer into HTML, no leaking
+# the page address, no framing (clickjacking), no keeping chat in caches.
+SECURITY_HEADER_LINES = ['X-Content-Type-Options: nosniff', 'Referrer-Policy: no-referrer',
+                         'X-Frame-Options: DENY', 'Cache-Control: no-store']
+
+
+def http_response(status, reason, body=b'', content_type='text/plain; charset=utf-8',
+                  headers=(), csp=DEFAULT_CSP, head_only=False):
+    """A complete HTTP/1.1 response that closes the connection; headers are
+    extra (name, value) pairs.  With head_only the body is left out but
+    still counted in Content-Length, as a HEAD answer must."""
+    lines = ['HTTP/1.1 %d %s' % (status, reason), 'Content-Type: %s' % content_type,
+             'Content-Length: %d' % len(body), 'Connection: close',
+             'Content-Security-Policy: %s' % csp] + SECURITY_HEADER_LINES
+    lines.extend('%s: %s' % pair for pair in headers)
+    for line in lines:
+        if '\r' in line or '\n' in line:  # a value from a request must not add headers
+            raise ValueError('line break in response header %r' % line)
+    head = ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
+    return head if head_only else head + body
+
+
+def csp_hash(text):
+    """The CSP source "'sha256-...'" that allows one inline script or style."""
+    digest = hashlib.sha256(text.encode('utf-8')).digest()
+    return "'sha256-%s'" % base64.b64encode(digest).decode('ascii')
+
+
+def page_csp(host, scheme='http', script_hash=None, style_hash=None):
+    """The CSP for the chat page: only its own inline script and style (by
+    csp_hash(), or none), and WebSockets back to host, the request's checked
+    Host header.  'self' covers ws: in CSP level 3 browsers; the explicit
+    ws(s)://host is for older ones.  The socket's scheme follows the page's:
+    an https page may not open ws: (mixed content), so it is not offered."""
+    if not HOST_VALUE.match(host):
+        raise ValueError('not a host: %r' % host)
+    socket_scheme = 'wss' if scheme == 'https' else 'ws'
+    return ("default-src 'none'; script-src %s; style-src %s; connect-src 'self' %s://%s; "
+            "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+            % (script_hash or "'none'", style_hash or "'none'", socket_scheme, host))
+
+
+# The WebSocket handshake (RFC 6455 section 4).
+
+WEBSOCKET_GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11'
+DEFAULT_PORTS = {'http': 80, 'https': 443, 'ws': 80, 'wss': 443}
+ORIGIN = re.compile(r'([a-z][a-z0-9+.-]*)://([^/?#@]+?)(?::([0-9]{1,5}))?/?\Z')
+
+
+def websocket_accept(key):
+    """The Sec-WebSocket-Accept value that answers a Sec-WebSocket-Key."""
+    digest = hashlib.sha1((key + WEBSOCKET_GUID).encode('ascii')).digest()
+    return base64.b64encode(digest).decode('ascii')
+
+
+def header_tokens(request, name):
+    """The lowercase comma-separated tokens of a header, as a set."""
+    return set(token.strip().lower() for token in request.headers.get(name, '').split(','))
+
+
+def websocket_problem(request):
+    """None if request is a valid WebSocket upgrade, else the HttpError to answer."""
+    if request.method != 'GET' or request.version != 'HTTP/1.1':
+        return HttpError(400, 'Bad Request: a WebSocket upgrade is a GET over HTTP/1.1')
+    if 'websocket' not in header_tokens(request, 'upgrade'):
+        return HttpError(400, 'Bad Request: Upgrade: websocket is missing')
+    if 'upgrade' not in header_tokens(request, 'connection'):
+        return HttpError(400, 'Bad Request: Connection: Upgrade is missing')
+    if request.headers.get('sec-websocket-version') != '13':  # missing or another (RFC 6455 4.4)
+        return HttpError(426, 'Upgrade Required', [('Sec-WebSocket-Version', '13')])
+    try:
+        key = base64.b64decode(request.headers.get('sec-websocket-key', ''), validate=True)
+    except ValueError:  # binascii.Error, or a non-ASCII key
+        key = b''
+    if len(key) != 16:
+        return HttpError(400, 'Bad Request: Sec-WebSocket-Key is not 16 bytes in base64')
+    return None
+
+
+def normal_origin(origin):
+    """An origin in the form origins are compared in: lowercase, without a
+    default port.  Anything that does not parse (such as 'null') stays as is."""
+    origin = origin.strip().lower()
+    parsed = ORIGIN.match(origin)
+    if parsed is None:
+        return origin
+    scheme, host, port = parsed.groups()
+    if port is None or int(port) == DEFAULT_PORTS.get(scheme):
+        return '%s://%s' % (scheme, host)
+    return '%s://%s:%d' % (scheme, host, int(port))
+
+
+def origin_allowed(request, scheme, allowed_origins):
+    """Whether a WebSocket request may go on: it comes from no browser (no
+    Origin), from a page of this server (scheme plus the Host header), or
+    from one of allowed_origins.  This is what stops another site's page
+    from opening a socket in its visitor's name (cross-site WebSocket hijacking)."""
+    origin = request.headers.get('origin')
+    if origin is None:
+        return True
+    origin = normal_origin(origin)
+    host = request.headers.get('host')
+    if host is not None and origin == normal_origin('%s://%s' % (scheme, host)):
+        return True
+    return origin in set(normal_origin(allowed) for allowed in allowed_origins)
+
+
+def websocket_response(request):
+    """The 101 Switching Protocols answer to a valid upgrade request."""
+    return ('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n'
+            'Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n'
+            % websocket_accept(request.headers['sec-websocket-key'])).encode('ascii')
+
+
+# WebSocket framing (RFC 6455 section 5).
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
+OPCODES = (OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG)
+MAX_CONTROL_PAYLOAD = 125
+MAX_CLOSE_REASON_BYTES = MAX_CONTROL_PAYLOAD - 2
+# Close codes a peer may send: 1004-1006 and 1015 are reserved for local use,
+# 1016-2999 are unassigned, 3000-4999 belong to libraries and applications.
+CLOSE_CODES_ON_WIRE = set(range(1000, 1004)) | set(range(1007, 1015)) | set(range(3000, 5000))
+UTF8_DECODER = codecs.getincrementaldecoder('utf-8')
+# The heads of short text frames (FIN, OP_TEXT, a length below 126), prebuilt
+# for text_frames(): most chat lines are short.
+SHORT_TEXT_HEADS = tuple(bytes((0x80 | OP_TEXT, n)) for n in range(126))
+
+
+def mask_payload(data, mask):
+    """XOR data with a 4-byte mask; masking twice unmasks."""
+    # One big-integer XOR: 2.5-5 us for 1 KB where a loop over the bytes takes
+    # 70-170 us (3.6-3.13).  bytes.translate() on every 4th byte wins only
+    # above 4 KB, past any chat line, and needs a 64 KB table.
+    size = len(data)
+    pad = (mask * (size // 4 + 1))[:size]
+    return (int.from_bytes(data, 'big') ^ int.from_bytes(pad, 'big')).to_bytes(size, 'big')
+
+
+class ProtocolFailure(Exception):
+    """A frame broke RFC 6455: args are the close code and a reason."""
+
+
+class WebSocketReader:
+    """Turn the bytes of a WebSocket connection into events, as tuples:
+
+        ('text', str)            a complete text message
+        ('lines', bytes)         complete short text messages, each ended by
+                                 a newline (the common case, read in bulk)
+        ('ping', bytes)          answer with a pong carrying the same bytes
+        ('pong', bytes)
+        ('close', code, reason)  answer close_frame(code), echoing the code;
+                                 None if the peer sent none (then no code)
+        ('fail', code, reason)   the peer broke the protocol: send
+                                 close_frame(code, reason) and hang up
+
+    After a close or fail event the reader ignores all further input.  A
+    message may span fragments, with control frames between them; its size
+    is checked against max_message_bytes from each frame's header, before
+    the payload is buffered, so a peer can make it hold at most one
+    message (max_message_bytes plus a 14-byte header)."""
+
+    def __init__(self, max_message_bytes, client_side=False):
+        self.max_message_bytes = max_message_bytes
+        self.client_side = client_side  # True: read a server's unmasked frames
+        self.inbuf = bytearray()
+        self.decoder = None             # a UTF-8 decoder while a message is open
+        self.message_parts = []         # its text so far
+        self.message_bytes = 0          # its payload bytes so far
+        self.finished = False
+
+    def feed(self, data):
+        """Take more bytes from the peer; return the list of events they complete."""
+        if self.finished:
+            return []
+        self.inbuf += data
+        events = []
+        try:
+            while not self.finished:
+                lines = self.short_messages()
+                if lines:
+                    events.append(('lines', lines))
+                frame = self.next_frame()
+                if frame is None:
+                    break
+                event = self.frame_event(*frame)
+                if event is not None:
+                    events.append(event)
+        except ProtocolFailure as failure:
+            self.finished = True
+            events.append(('fail',) + failure.args)
+        if self.finished:
+            del self.inbuf[:]
+        return events
+
+    def short_messages(self):
+        """The common case in bulk: a run of whole, masked, short (one-byte
+        length) text frames at the start of inbuf, unmasked with one big XOR
+        and checked as UTF-8 in one decode, as newline-ended lines.  The
+        newline between two payloads meets a zero in the mask stream, so it
+        survives the XOR.  b'' if there is no such run, or if it is not valid
+        UTF-8 (next_frame then reads it frame by frame, to say which)."""
+        buf = self.inbuf
+        if self.decoder is not None or self.client_side:
+            return b''
+        end, size, payloads, masks = 0, len(buf), [], []
+        while end + 6 <= size and buf[end] == 0x81 and 0x80 <= buf[end + 1] < 0x80 + 126:
+            start = end + 6
+            end = start + buf[end + 1] - 0x80
+            if end > size:
+                end = start - 6
+                break
+            payloads.append(buf[start:end])
+            masks.append((buf[start - 4:start] * 32)[:end - start])  # 32 x 4 > 125
+        if len(payloads) < 2:  # nothing to gain in bulk: frame by frame
+            return b''
+        joined, stream = b'\n'.join(payloads) + b'\n', b'\0'.join(masks) + b'\0'
+        lines = (int.from_bytes(joined, 'big') ^ int.from_bytes(stream, 'big')).to_bytes(
+            len(joined), 'big')
+        try:
+            lines.decode('utf-8')
+        except UnicodeDecodeError:
+            return b''
+        del buf[:end]
+        return lines
+
+    def next_frame(self):
+        """Cut the next complete frame from inbuf as (opcode, fin, payload),
+        or None while it is incomplete; raise ProtocolFailure as soon as the
+        header shows a rule broken."""
+        buf = self.inbuf
+        if len(buf) < 2:
+            return None
+        fin, opcode, masked, length = buf[0] & 0x80, buf[0] & 0x0F, buf[1] & 0x80, buf[1] & 0x7F
+        if buf[0] & 0x70:
+            raise ProtocolFailure(1002, 'reserved bits set without an extension')
+        if opcode not in OPCODES:
+            raise ProtocolFailure(1002, 'unknown opcode %d' % opcode)
+        if bool(masked) == self.client_side:
+            raise ProtocolFailure(1002, 'masked frame' if masked else 'unmasked client frame')
+        size_bytes = {126: 2, 127: 8}.get(length, 0)
+        header_bytes = 2 + size_bytes + (4 if masked else 0)
+        if len(buf) < header_bytes:
+            return None
+        if size_bytes:
+            length = struct.unpack_from('!H' if size_bytes == 2 else '!Q', buf, 2)[0]
+        if length >> 63:
+            raise ProtocolFailure(1002, 'frame length has its top bit set')
+        if opcode >= OP_CLOSE and (not fin or length > MAX_CONTROL_PAYLOAD):
+            raise ProtocolFailure(1002, 'control frame fragmented or over 125 bytes')
+        if opcode < OP_CLOSE:
+            self.check_data_frame(opcode, length)
+        end = header_bytes + length
+        if len(buf) < end:
+            return None
+        payload = buf[header_bytes:end]
+        if masked:
+            payload = mask_payload(payload, buf[header_bytes - 4:header_bytes])
+        del buf[:end]  # cheap: a bytearray drops its head without moving the rest
+        return opcode, fin, payload
+
+    def check_data_frame(self, opcode, length):
+        """Refuse a data frame, from its header alone, that does not fit the
+        open message or would make it too long."""
+        if opcode == OP_CONT and self.decoder is None:
+            raise ProtocolFailure(1002, 'continuation frame without a message')
+        if opcode != OP_CONT and self.decoder is not None:
+            raise ProtocolFailure(1002, 'new message before the last one ended')
+        if opcode == OP_BINARY:
+            raise ProtocolFailure(1003, 'only text messages are accepted')
+        if self.message_bytes + length > self.max_message_bytes:
+            raise ProtocolFailure(1009, 'message longer than %d bytes' % self.max_message_bytes)
+
+    def frame_event(self, opcode, fin, payload):
+        """The event a complete, well-formed frame makes, or None for a
+        fragment that leaves its message open."""
+        if opcode == OP_PING:
+            return ('ping', bytes(payload))
+        if opcode == OP_PONG:
+            return ('pong', bytes(payload))
+        if opcode == OP_CLOSE:
+            self.finished = True
+            return ('close',) + parse_close(payload)
+        if self.decoder is None:
+            self.decoder = UTF8_DECODER('strict')
+        try:  # incremental: a character split between fragments is fine
+            text = self.decoder.decode(payload, bool(fin))
+        except UnicodeDecodeError:
+            raise ProtocolFailure(1007, 'text message is not valid UTF-8')
+        if text:  # empty fragments add nothing, so they cannot grow the list
+            self.message_parts.append(text)
+        self.message_bytes += len(payload)
+        if not fin:
+            return None
+        message = ''.join(self.message_parts)
+        self.decoder, self.message_parts, self.message_bytes = None, [], 0
+        return ('text', message)
+
+
+def parse_close(payload):
+    """The (code, reason) of a close frame's payload; code None if empty."""
+    if not payload:
+        return None, ''
+    if len(payload) == 1:
+        raise ProtocolFailure(1002, 'close frame with a 1-byte payload')
+    code = struct.unpack_from('!H', payload)[0]
+    if code not in CLOSE_CODES_ON_WIRE:
+        raise ProtocolFailure(1002, 'close code %d may not be sent' % code)
+    try:
+        return code, bytes(payload[2:]).decode('utf-8')
+    except UnicodeDecodeError:
+        raise ProtocolFailure(1007, 'close reason is not valid UTF-8')
+
+
+def frame_head(opcode, size, fin=True, masked=False):
+    """The 2, 4 or 10 bytes that start a frame, before any mask."""
+    first, mask_bit = (0x80 if fin else 0) | opcode, 0x80 if masked else 0
+    if size < 126:
+        return bytes((first, mask_bit | size))
+    if size < 65536:
+        return struct.pack('!BBH', first, mask_bit | 126, size)
+    return struct.pack('!BBQ', first, mask_bit | 127, size)
+
+
+def encode_frame(opcode, payload, mask=None, fin=True):
+    """One frame: unmasked as a server sends it, or masked with a 4-byte
+    mask as a client must.  fin=False starts or continues a fragmented message."""
+    head = frame_head(opcode, len(payload), fin, mask is not None)
+    if mask is None:
+        return head + payload
+    return head + mask + mask_payload(payload, mask)
+
+
+def close_frame(code=None, reason=''):
+    """A server's close frame; the reason (only sent with a code) is cut to
+    fit 125 bytes without splitting a character."""
+    if code is None:
+        return encode_frame(OP_CLOSE, b'')
+    reason = reason.encode('utf-8')[:MAX_CLOSE_REASON_BYTES].decode('utf-8', 'ignore')
+    return encode_frame(OP_CLOSE, struct.pack('!H', code) + reason.encode('utf-8'))
+
+
+def text_frames(blob):
+    """One unmasked text frame per line of blob (complete lines of valid
+    UTF-8, each ending in b'\\n', which is dropped).  Built once per room
+    and loop turn for every WebSocket in it, so it is tuned for many short
+    lines: prebuilt heads, and the lines joined without copying them twice."""
+    lines = blob.split(b'\n')
+    lines.pop()  # the empty piece after the last newline
+    parts = [None] * (2 * len(lines))
+    parts[::2] = [SHORT_TEXT_HEADS[size] if size < 126 else frame_head(OP_TEXT, size)
+                  for size in map(len, lines)]
+    parts[1::2] = lines
+    return b''.join(parts)
+
+
+def client_text_frame(text, mask=None):
+    """A masked text frame as a client sends it (tests, the load generator);
+    a random mask unless one is given."""
+    return encode_frame(OP_TEXT, text.encode('utf-8'), mask or os.urandom(4))
+
+
 # --- Wire formats: telnet ----------------------------------------------------
 
 # Telnet commands (RFC 854).  A byte 0xFF never occurs in UTF-8, so in what
@@ -532,7 +981,8 @@ class Peer:
                  'lingering', 'events', 'turn', 'batch_pos', 'behind_since', 'handshaking',
                  'wants_write', 'sniffing', 'heard', 'telnet', 'authorized', 'operator',
                  'strikes', 'lines', 'since', 'active_at', 'away', 'muted', 'ignoring',
-                 'ignored_by', 'replies_to')
+                 'ignored_by', 'replies_to', 'http', 'websocket', 'closed_ws', 'heard_at',
+                 'pinged')
 
     def __init__(self, sock, address, burst, ip=None):
         self.sock = sock
@@ -571,6 +1021,11 @@ class Peer:
         self.ignoring = set()       # Peers it does not want to hear (by object: renames
         self.ignored_by = set()     # follow), and those that do not want to hear it
         self.replies_to = None      # who last sent it a private message
+        self.http = False           # its first bytes were an HTTP request: being answered
+        self.websocket = None       # a WebSocketReader, if it is a WebSocket
+        self.closed_ws = False      # a WebSocket close frame went to it
+        self.heard_at = self.since  # when it last sent anything (WebSockets are pinged)
+        self.pinged = None          # when a ping went to it since, if one did
 
     def wanted_events(self):
         """The selector events this peer needs now: read unless paused or
@@ -748,14 +1203,16 @@ class Room:
             peer.turn, peer.batch_pos = self.server.turn, 0
         for sender, line in self.batch[peer.batch_pos:]:
             if sender is not peer and not ignores(peer, sender, line):
-                peer.outbuf += line
+                peer.outbuf += line if peer.websocket is None else text_frames(line)
+                self.server.lines_out += 1
         peer.batch_pos = len(self.batch)
 
     def deliver(self):
         """End of turn: join the batch once; a member with nothing else
         queued gets those same bytes in one send() of its own."""
         everything = b''.join(line for _, line in self.batch)
-        server, senders = self.server, None
+        server, senders, framed = self.server, None, None
+        lines_in_batch = len(self.batch)  # for the count: an ignorer's copy counts all
         for peer in self.members.values():
             if peer.sock is None:
                 continue
@@ -766,14 +1223,21 @@ class Room:
                 if peer.ignoring & senders:
                     lines = b''.join(line for sender, line in self.batch
                                      if not ignores(peer, sender, line))
+            if peer.websocket is not None:  # framed once for all WebSockets here
+                if lines is not everything:
+                    lines = text_frames(lines)
+                else:
+                    framed = lines = framed or text_frames(everything)
             if peer.turn == server.turn:  # it has its own order: use its outbuf
                 self.catch_up(peer)
                 server.dirty.add(peer)
             elif peer.outbuf:
                 peer.outbuf += lines
                 server.dirty.add(peer)
+                server.lines_out += lines_in_batch
             elif lines:
                 server.send_fresh(peer, lines)
+                server.lines_out += lines_in_batch
         self.batch = []
         self.batch_bytes = 0
 
@@ -902,6 +1366,7 @@ class Gate:
             line = error_line('you are ' + refusal)
         if refusal:
             server.log('refused %s: %s' % (printable_address(address), refusal))
+            server.refusals[refusal.split(' ')[0].strip('(')] += 1  # denied, banned, server...
             refuse_at_once(sock, line)
             return
         sock.setblocking(False)
@@ -956,7 +1421,7 @@ class Gate:
         chat client that speaks first (ours sends an empty line) is let in
         as soon as its bytes arrive."""
         peer.sniffing = True
-        self.server.call_later(HTTP_SNIFF_SEC, self.open_door, peer)
+        self.server.call_later(HTTP_SNIFF_SEC, self.knock, peer)
 
     def shake_hands(self, peer):
         """Move a TLS handshake on, inside the loop: it never blocks, and
@@ -998,13 +1463,30 @@ class Gate:
             self.listen_first(peer)
         server.set_interest(peer)
 
+    def knock(self, peer):
+        """HTTP_SNIFF_SEC of silence: not a browser's request.  Ask for the
+        password, or for a first line: a connection joins the room only
+        once it has said something, because browsers open spare connections
+        that never speak (Chromium keeps one beside each page it loads), and
+        those must not show up as guests.  Its first line is then handled as
+        any other, so an nc user who just types loses nothing."""
+        if not peer.sniffing or peer.sock is None or peer.close_reason is not None:
+            return  # spoke already, or dropped (banned, say) while it waited
+        if peer.authorized:
+            self.server.queue(peer, notice_line(ENTER_TO_JOIN))
+        else:
+            self.open_door(peer)
+
     def open_door(self, peer):
-        """The connection has spoken first, or kept quiet long enough: let it
-        in, or ask for the password (and show it nothing of the room until
-        then)."""
+        """The connection has spoken first, or is asked for the password:
+        let it in, or ask (and show it nothing of the room until then)."""
         if not peer.sniffing or peer.sock is None or peer.close_reason is not None:
             return  # done already, or dropped (banned, say) while it waited
         peer.sniffing = False
+        self.greet(peer)
+
+    def greet(self, peer):
+        """Let peer in, or ask it for the password."""
         if peer.authorized:
             self.server.let_in(peer)
         else:
@@ -1649,7 +2131,8 @@ class Server(Commands):
                  rate=RATE_LINES_PER_SEC, burst=RATE_BURST_LINES,
                  max_clients=None, selector_class=selectors.DefaultSelector,
                  tls=None, password=None, op_password=None, allow=(), deny=(),
-                 max_per_address=MAX_PER_ADDRESS, console=False, motd=(), settings=None):
+                 max_per_address=MAX_PER_ADDRESS, console=False, motd=(), settings=None,
+                 web=True, web_origins=(), metrics=False):
         self.listeners = listeners
         self.log = log or (lambda message: None)
         self.history = history
@@ -1672,6 +2155,11 @@ class Server(Commands):
         self.motd = list(motd)      # the message of the day, lines of text
         self.settings = settings    # reads the MOTD and password files again (SIGHUP)
         self.reload_wanted = False
+        self.web = Web(self, web_origins, metrics) if web else None  # or HTTP is refused
+        # What --metrics tells: bytes, lines, peers cut, refusals, and loop turns.
+        self.bytes_in = self.bytes_out = self.lines_in = self.lines_out = self.cut_slow = 0
+        self.refusals = collections.Counter()  # reason -> connections refused
+        self.turn_seconds = self.turn_max = 0.0
         self.direct_bytes = 0       # output for one peer queued this turn (replies, /msg)
         self.dirty = set()          # peers to flush at the end of this turn
         self.held = collections.deque()  # peers with lines held over to next turn
@@ -1713,6 +2201,7 @@ class Server(Commands):
     def run_once(self, timeout=None):
         """One loop turn: wait for events, handle them, send what they queued."""
         events = self.selector.select(self.next_timeout(timeout))
+        started = time.monotonic()
         if self.reload_wanted:
             self.reload()
         self.continue_held()  # first come, first served: held input before new
@@ -1740,6 +2229,9 @@ class Server(Commands):
             _, _, callback, peer = heapq.heappop(self.timers)
             self.guarded(callback, peer)
         self.end_turn()
+        took = time.monotonic() - started
+        self.turn_seconds += took
+        self.turn_max = max(self.turn_max, took)
 
     def guarded(self, handler, peer, *args):
         """Run a handler for one peer; a bug it trips over closes that peer,
@@ -1907,6 +2399,9 @@ class Server(Commands):
             peer.close_reason = reason
             peer.lingering = linger
             self.doomed.append(peer)
+            if linger and peer.websocket is not None and not peer.closed_ws:
+                peer.closed_ws = True  # after what it was told, before the FIN
+                self.queue_frame(peer, close_frame(1000))
 
     def lose(self, peer, reason):
         """The connection cannot go on: close it now, announce it later."""
@@ -1931,10 +2426,14 @@ class Server(Commands):
                 else:
                     self.close(peer)
 
-    def start_closing(self, peer):
-        """Let peer read what is queued for it, then close.  Its input is read
-        and thrown away meanwhile: closing a socket with unread input sends a
-        reset, which can destroy output the peer has not read yet."""
+    def start_closing(self, peer, code=1000):
+        """Let peer read what is queued for it, then close (a WebSocket is
+        sent a close frame with code first).  Its input is read and thrown
+        away meanwhile: closing a socket with unread input sends a reset,
+        which can destroy output the peer has not read yet."""
+        if peer.websocket is not None and not peer.closed_ws:
+            peer.closed_ws = True
+            peer.outbuf += close_frame(code)
         self.gate.forget(peer)
         self.closing.add(peer)
         peer.lingering = True
@@ -1955,6 +2454,8 @@ class Server(Commands):
         peer.events = 0
         peer.inbuf, peer.outbuf = bytearray(), bytearray()
         self.gate.forget(peer)
+        if self.web is not None:
+            self.web.sockets.discard(peer)
         self.closing.discard(peer)
         self.dirty.discard(peer)
 
@@ -1993,16 +2494,25 @@ class Server(Commands):
             self.set_interest(peer)
         elif self.gate.tls is not None and peer.sock.pending():
             self.unread.add(peer)  # decrypted, but no socket event will say so
-        if b'\xff' in data or peer.telnet:  # telnet talks in-band: answer, never say
+        self.bytes_in += len(data)
+        if peer.websocket is not None:  # frames in, lines out
+            data = self.web.unframe(peer, data)
+        elif b'\xff' in data or peer.telnet:  # telnet talks in-band: answer, never say
             data, replies, peer.telnet = strip_telnet(peer.telnet + data)
             if replies:
                 self.queue(peer, replies)
         peer.inbuf += data
+        if peer.http:  # the rest of a request head
+            self.web.on_request(peer)
+            return
         if not peer.heard:
             verdict = http_verdict(bytes(peer.inbuf[:32]))
             if verdict is None and not peer.eof:
                 return  # "GE": the rest will tell
             peer.heard = True
+            if verdict and self.web is not None:
+                self.web.take(peer)
+                return
             if verdict:
                 self.refuse_http(peer)
                 return
@@ -2015,6 +2525,7 @@ class Server(Commands):
         room, so no one is told, and its body is no password guess."""
         first = decode(bytes(peer.inbuf[:200]).split(b'\n')[0]).strip()
         self.log('refused %s: an HTTP request (%s)' % (peer.address, first[:60]))
+        self.refusals['HTTP'] += 1
         self.lose(peer, 'HTTP request')
 
     def handle_input(self, peer):
@@ -2082,6 +2593,7 @@ class Server(Commands):
             room.history.add([line + b'\n' for line in lines.rsplit(b'\n', most + 1)[-most - 1:-1]])
         room.broadcast(lines, sender=peer)
         peer.lines += count
+        self.lines_in += count
         peer.active_at = time.monotonic()
         return count
 
@@ -2139,6 +2651,7 @@ class Server(Commands):
         """One line from peer: a command, or a public message."""
         text = tidy(raw.decode('utf-8', 'replace'))
         peer.lines += 1
+        self.lines_in += 1
         peer.active_at = time.monotonic()
         if is_blank(text):
             return  # empty lines, and lines of nothing but invisible characters
@@ -2189,8 +2702,16 @@ class Server(Commands):
             return
         if peer.room is not None:
             peer.room.catch_up(peer)
-        peer.outbuf += data
+        peer.outbuf += data if peer.websocket is None else text_frames(data)
         self.direct_bytes += len(data)  # it counts against this turn's share
+        self.dirty.add(peer)
+
+    def queue_frame(self, peer, frame):
+        """Queue a WebSocket control frame (ping, pong, close) for peer, in
+        order with its lines."""
+        if peer.room is not None:
+            peer.room.catch_up(peer)
+        peer.outbuf += frame
         self.dirty.add(peer)
 
     def end_turn(self):
@@ -2215,6 +2736,7 @@ class Server(Commands):
         except OSError:
             self.lose(peer, 'connection lost')
             return
+        self.bytes_out += sent
         if sent < len(data):
             peer.outbuf += memoryview(data)[sent:]
             self.judge(peer)
@@ -2226,6 +2748,7 @@ class Server(Commands):
         except OSError:
             self.lose(peer, 'connection lost')
             return
+        self.bytes_out += sent
         del peer.outbuf[:sent]
         if peer.lingering and not peer.outbuf:
             self.finish_closing(peer)
@@ -2237,6 +2760,7 @@ class Server(Commands):
         slow: it goes, and its memory with it; no one else waits for it."""
         if len(peer.outbuf) > self.max_backlog and not peer.lingering:
             self.log('%s is too slow: %d bytes unsent' % (peer.name, len(peer.outbuf)))
+            self.cut_slow += 1
             self.lose(peer, 'too slow')
             return
         self.set_interest(peer)
@@ -2276,7 +2800,7 @@ class Server(Commands):
         for peer in list(self.peers):
             if peer.name is not None:
                 self.queue(peer, notice_line('server shutting down'))
-            self.start_closing(peer)
+            self.start_closing(peer, code=1001)  # WebSocket's "going away"
         deadline = time.monotonic() + SHUTDOWN_FLUSH_SEC
         while self.closing and time.monotonic() < deadline:
             self.run_once(timeout=deadline - time.monotonic())
@@ -2287,6 +2811,182 @@ class Server(Commands):
         for sock in self.listeners + [self.wake_r, self.wake_w]:
             sock.close()
         self.selector.close()
+
+
+class Web:
+    """The chat port's web side, in the same loop.  A connection whose first
+    bytes are an HTTP request gets the page (GET /), becomes a WebSocket
+    (GET /ws), or gets a short error, and nothing of it reaches a room.  A
+    WebSocket is then a peer like any other: its text frames are its lines,
+    flood control, caps, bans and the password apply unchanged, and its
+    lines go out as text frames, framed once per room and turn (Room.deliver)."""
+
+    def __init__(self, server, origins=(), metrics=False):
+        self.server = server
+        self.origins = list(origins)  # other origins whose pages may open /ws
+        self.metrics = metrics        # serve GET /metrics
+        # The page refuses a line over the server's limit before sending it.
+        page = PAGE.replace('const MAX_LINE_BYTES = 4096;',
+                            'const MAX_LINE_BYTES = %d;' % server.max_line)
+        self.page = page.encode('utf-8')
+        self.hashes = tuple(csp_hash(re.search('<%s>(.*?)</%s>' % (tag, tag), page,
+                                               re.DOTALL).group(1))
+                            for tag in ('script', 'style'))
+        self.sockets = set()          # WebSocket peers, pinged when idle
+        self.pinging = False          # a timer will look at them
+
+    # The request --------------------------------------------------------------
+
+    def take(self, peer):
+        """peer spoke HTTP: read its request head (at most 8 KiB, within
+        HTTP_HEAD_SEC, as a TLS handshake) instead of lines."""
+        peer.http, peer.sniffing = True, False
+        self.server.call_later(HTTP_HEAD_SEC, self.expire_request, peer)
+        self.on_request(peer)
+
+    def expire_request(self, peer):
+        if peer.http and peer.sock is not None and peer.close_reason is None:
+            self.server.log('dropped %s: no HTTP request in %d s' % (peer.address, HTTP_HEAD_SEC))
+            self.server.lose(peer, 'no HTTP request')
+
+    def on_request(self, peer):
+        """Answer the request head in peer.inbuf once it is complete."""
+        request = read_request_head(peer.inbuf)
+        if request is None:
+            if peer.eof:
+                self.server.lose(peer, 'half an HTTP request')
+            return
+        if isinstance(request, HttpError):
+            self.answer(peer, request.response(), '%d %s' % (request.status, request.reason))
+            return
+        rest = bytes(peer.inbuf[request.head_length:])
+        del peer.inbuf[:]
+        head_only = request.method == 'HEAD'
+        if request.path == '/ws':
+            self.upgrade(peer, request, rest)
+        elif request.path == '/metrics' and self.metrics and request.method in ('GET', 'HEAD'):
+            self.answer(peer, http_response(200, 'OK', self.metrics_text().encode(),
+                                            'text/plain; version=0.0.4; charset=utf-8',
+                                            head_only=head_only), '200 /metrics')
+        elif request.path not in ('/', '/index.html'):
+            self.answer(peer, HttpError(404, 'Not Found').response(head_only), '404 %s' % (
+                request.path[:60]))
+        elif request.method not in ('GET', 'HEAD'):
+            self.answer(peer, HttpError(405, 'Method Not Allowed', [('Allow', 'GET, HEAD')])
+                        .response(), '405 %s' % request.method)
+        else:
+            csp = page_csp(request.headers.get('host', 'localhost'), self.scheme(), *self.hashes)
+            self.answer(peer, http_response(200, 'OK', self.page, 'text/html; charset=utf-8',
+                                            csp=csp, head_only=head_only), '200 the page')
+
+    def scheme(self):
+        return 'https' if self.server.gate.tls else 'http'
+
+    def answer(self, peer, response, what):
+        """Send an HTTP response and close: the connection is done."""
+        self.server.log('%s %s: %s' % (peer.address, 'HTTP', what))
+        peer.http = False
+        peer.outbuf += response
+        self.server.dirty.add(peer)
+        self.server.drop(peer, 'HTTP %s' % what.split(' ')[0], linger=True)
+
+    def upgrade(self, peer, request, rest):
+        """GET /ws: a WebSocket, if the handshake is right and the page that
+        asks is this server's own (or --web-origin's): a page elsewhere must
+        not open a socket in its visitor's name (cross-site hijacking)."""
+        problem = websocket_problem(request)
+        if problem is None and not origin_allowed(request, self.scheme(), self.origins):
+            problem = HttpError(403, 'Forbidden: WebSockets from %s are not allowed here'
+                                % request.headers.get('origin', '')[:80].replace('\r', ''))
+        if problem is not None:
+            self.answer(peer, problem.response(), '%d %s' % (problem.status, problem.reason))
+            return
+        peer.http = False
+        peer.websocket = WebSocketReader(self.server.max_line)
+        peer.outbuf += websocket_response(request)
+        self.server.dirty.add(peer)
+        self.sockets.add(peer)
+        if not self.pinging:
+            self.pinging = True
+            self.server.call_later(WS_PING_SEC / 4, self.ping_idle)
+        self.server.gate.greet(peer)
+        peer.inbuf += self.unframe(peer, rest)
+        self.server.handle_input(peer)
+
+    # Frames -------------------------------------------------------------------
+
+    def unframe(self, peer, data):
+        """The lines in the frames that data completes (each text message a
+        line); control frames are answered here."""
+        peer.heard_at, peer.pinged = time.monotonic(), None
+        lines = []
+        for event in peer.websocket.feed(data):
+            kind = event[0]
+            if kind == 'lines':
+                lines.append(event[1])
+            elif kind == 'text':
+                lines.append(event[1].encode('utf-8') + b'\n')
+            elif kind == 'ping':
+                self.server.queue_frame(peer, encode_frame(OP_PONG, event[1]))
+            elif kind in ('close', 'fail'):
+                code = event[1]
+                peer.closed_ws = True  # the answer, echoing its code, is the last frame
+                self.server.queue_frame(peer, close_frame(code, event[2] if kind == 'fail'
+                                                          else ''))
+                if kind == 'fail':
+                    self.server.log('WebSocket %s broke the protocol: %s' % (
+                        peer.name or peer.address, event[2]))
+                self.server.drop(peer, 'connection closed' if kind == 'close'
+                                 else 'WebSocket error: %s' % event[2], linger=True)
+        return b''.join(lines)
+
+    def ping_idle(self, _=None):
+        """Every WS_PING_SEC / 4: ping a WebSocket idle for WS_PING_SEC; drop
+        one that has not answered a ping within half of it.  A phone that
+        walked out of Wi-Fi sends no FIN: it leaves within a minute.  Only a
+        ping unanswered drops a peer, however late this runs."""
+        now = time.monotonic()
+        for peer in list(self.sockets):
+            if peer.sock is None or peer.close_reason is not None:
+                continue
+            if peer.pinged is not None and now - peer.pinged >= WS_PING_SEC / 2:
+                self.server.log('%s did not answer a ping' % (peer.name or peer.address))
+                self.server.lose(peer, 'no answer to ping')
+            elif peer.pinged is None and now - peer.heard_at >= WS_PING_SEC:
+                peer.pinged = now
+                self.server.queue_frame(peer, encode_frame(OP_PING, b''))
+        self.pinging = bool(self.sockets)
+        if self.pinging:
+            self.server.call_later(WS_PING_SEC / 4, self.ping_idle)
+
+    def metrics_text(self):
+        """The server's counters in Prometheus's text format."""
+        server = self.server
+        lines = []
+        for name, kind, value, what in (
+                ('chat_peers', 'gauge', len(server.names), 'people in rooms'),
+                ('chat_connections', 'gauge', len(server.peers), 'open connections'),
+                ('chat_websockets', 'gauge', len(self.sockets), 'WebSocket connections'),
+                ('chat_rooms', 'gauge', len(server.rooms), 'rooms'),
+                ('chat_lines_in_total', 'counter', server.lines_in, 'lines received'),
+                ('chat_lines_out_total', 'counter', server.lines_out,
+                 'room lines delivered, one per recipient'),
+                ('chat_bytes_in_total', 'counter', server.bytes_in, 'bytes received'),
+                ('chat_bytes_out_total', 'counter', server.bytes_out, 'bytes sent'),
+                ('chat_slow_peers_cut_total', 'counter', server.cut_slow,
+                 'peers cut off as too slow'),
+                ('chat_loop_turns_total', 'counter', server.turn, 'loop turns'),
+                ('chat_loop_turn_seconds_total', 'counter', round(server.turn_seconds, 6),
+                 'time spent in loop turns'),
+                ('chat_loop_turn_seconds_max', 'gauge', round(server.turn_max, 6),
+                 'the longest loop turn')):
+            lines += ['# HELP %s %s' % (name, what), '# TYPE %s %s' % (name, kind),
+                      '%s %s' % (name, value)]
+        lines += ['# HELP chat_refused_total connections refused, by reason',
+                  '# TYPE chat_refused_total counter']
+        lines += ['chat_refused_total{reason="%s"} %d' % (reason, count)
+                  for reason, count in sorted(server.refusals.items())]
+        return '\n'.join(lines) + '\n'
 
 
 def drain(sock):
@@ -2409,7 +3109,7 @@ def lan_addresses():
     return found
 
 
-def server_banner(listeners, fingerprint=None, password=False, operators=False):
+def server_banner(listeners, fingerprint=None, password=False, operators=False, web=False):
     """What the server prints on start: where it listens, how to join (with
     TLS, the certificate's fingerprint for clients to check), and what
     protects the room."""
@@ -2432,6 +3132,9 @@ def server_banner(listeners, fingerprint=None, password=False, operators=False):
             lines.append('join with: python3 chat.py client %s   (or: nc %s %d)'
                          % (join_address(host, port), address.rsplit(':', 1)[0].strip('[]'),
                             port))
+        if web:
+            lines.append('       or open %s://%s/ in a browser' % (
+                'https' if fingerprint else 'http', address))
     lines.append('security: %s, %s, %s' % (
         'TLS' if fingerprint else 'no TLS (anyone on the network can read the room)',
         'a room password' if password else 'no room password',
@@ -2464,6 +3167,665 @@ def make_log(quiet=False, stream=None):
         except (OSError, ValueError):  # ValueError: the stream was closed
             broken.append(True)
     return log
+
+
+# --- The web page --------------------------------------------------------------
+
+# The browser client: one document, no external resource.  Its script and
+# style are inline, allowed by their hashes in the Content-Security-Policy
+# (page_csp); it holds no backslash, so this plain string is the page.
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1, interactive-widget=resizes-content">
+<meta name="color-scheme" content="light dark">
+<title>chat</title>
+<link rel="icon" href="data:,">
+<style>
+/* Light and dark colours; each name colour has 4.5:1 contrast or more on its background. */
+:root {
+  --bg: #fff; --fg: #1d1f23; --dim: #5f6368; --rule: #d0d4da; --panel: #f3f4f6;
+  --mark: #fff1b8; --pm: #f1e9ff; --error: #b3261e;
+  --n31: #b3261e; --n32: #1b7a2a; --n33: #806400; --n34: #1f5fbf; --n35: #9c2f96; --n36: #00756a;
+  --n91: #c2410c; --n92: #4b7a0f; --n93: #925500; --n94: #4545c8; --n95: #be185d; --n96: #0369a1;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #16181d; --fg: #e6e8eb; --dim: #9aa0a6; --rule: #343842; --panel: #20232a;
+    --mark: #4a3f10; --pm: #2e2542; --error: #ff8a80;
+    --n31: #ff8a80; --n32: #7ee787; --n33: #e3c84b; --n34: #79b8ff; --n35: #f08de6; --n36: #5fd7d7;
+    --n91: #ffab70; --n92: #b5e550; --n93: #ffd866; --n94: #a5a5ff; --n95: #ff79c6; --n96: #67e8f9;
+  }
+}
+.n31 { color: var(--n31); } .n32 { color: var(--n32); } .n33 { color: var(--n33); }
+.n34 { color: var(--n34); } .n35 { color: var(--n35); } .n36 { color: var(--n36); }
+.n91 { color: var(--n91); } .n92 { color: var(--n92); } .n93 { color: var(--n93); }
+.n94 { color: var(--n94); } .n95 { color: var(--n95); } .n96 { color: var(--n96); }
+
+/* A column as tall as the visible screen, of which only the log scrolls:
+   100dvh shrinks when a phone's keyboard opens, so the input stays above it. */
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+body {
+  display: flex; flex-direction: column; height: 100vh; height: 100dvh; margin: 0;
+  background: var(--bg); color: var(--fg); font: 16px/1.45 system-ui, sans-serif;
+}
+button, input {
+  min-height: 44px; padding: 0 .75rem; font: inherit; color: inherit;
+  background: var(--panel); border: 1px solid var(--rule); border-radius: 6px;
+}
+input { min-width: 0; background: var(--bg); }
+.sr-only { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0); }
+header, #banner, .panel, #send-form {
+  flex: none; display: flex; flex-wrap: wrap; align-items: center; gap: .25rem .75rem;
+  padding: .4rem .75rem; border-bottom: 1px solid var(--rule);
+}
+h1 { margin: 0; font-size: 1.15rem; }
+#security { font-size: .85rem; color: var(--dim); }
+#security.plain { color: var(--error); }
+#topic { flex: 1 1 12rem; margin: 0; color: var(--dim); overflow-wrap: anywhere; }
+#notify-button { margin-left: auto; }
+#banner { background: var(--mark); }
+.panel { background: var(--panel); }
+.panel input { flex: 1 1 10rem; }
+.panel p { flex-basis: 100%; margin: 0; color: var(--error); }
+
+main { flex: 1; min-height: 0; display: flex; }
+#log { flex: 1; min-width: 0; overflow-y: auto; margin: 0; padding: .5rem .75rem; list-style: none; }
+#people { flex: none; width: 13rem; overflow-y: auto; padding: 0 .75rem; border-left: 1px solid var(--rule); }
+summary { min-height: 44px; display: flex; align-items: center; cursor: pointer; font-weight: 600; }
+summary::before { content: "▸"; width: 1.2em; }
+[open] > summary::before { content: "▾"; }
+#members { list-style: none; margin: 0; padding: 0; overflow-wrap: anywhere; }
+#members .away, #members .more { color: var(--dim); }
+#members .me .who { text-decoration: underline; }
+
+/* A line of the log; pre-wrap keeps the spaces people typed. */
+.line { padding: .1rem .25rem; white-space: pre-wrap; overflow-wrap: anywhere; border-radius: 4px; }
+.time { color: var(--dim); font-size: .8rem; font-variant-numeric: tabular-nums; }
+.who { font-weight: 600; }
+.action { font-style: italic; }
+.notice, .private .label, .replay { color: var(--dim); }
+.error { color: var(--error); }
+.private { background: var(--pm); }
+.mention { background: var(--mark); }
+mark { background: none; color: inherit; font-weight: 700; text-decoration: underline; }
+
+#send-form { border: 0; border-top: 1px solid var(--rule); padding-bottom: max(.4rem, env(safe-area-inset-bottom)); }
+#line { flex: 1; }
+
+/* A phone: the member list folds into a bar above the log. */
+@media (max-width: 40rem) {
+  main { flex-direction: column; }
+  #people { order: -1; width: auto; max-height: 40%; border: 0; border-bottom: 1px solid var(--rule); }
+  #topic { order: 1; flex-basis: 100%; }
+}
+</style>
+</head>
+<body>
+<header>
+  <h1 id="room">chat</h1>
+  <span id="security"></span>
+  <p id="topic" hidden></p>
+  <button id="notify-button" type="button" aria-label="Notify me of mentions and private messages" hidden>Notify me</button>
+</header>
+<div id="banner" role="status" hidden>
+  <span id="banner-text"></span>
+  <button id="retry-button" type="button">Connect now</button>
+</div>
+<form id="name-form" class="panel" hidden>
+  <label for="name-input">Your name</label>
+  <input id="name-input" autocomplete="nickname" autocapitalize="off" spellcheck="false" required>
+  <button type="submit">Join</button>
+  <button id="guest-button" type="button">Continue as guest</button>
+  <p id="name-hint" aria-live="polite"></p>
+</form>
+<form id="password-form" class="panel" hidden>
+  <label for="password-input">Room password</label>
+  <input id="password-input" type="password" autocomplete="off" required>
+  <button type="submit">Enter</button>
+</form>
+<main>
+  <ol id="log" role="log" aria-live="polite" aria-label="Messages" tabindex="0"></ol>
+  <details id="people" open>
+    <summary id="people-heading">Online</summary>
+    <ul id="members" aria-labelledby="people-heading"></ul>
+  </details>
+</main>
+<form id="send-form" hidden>
+  <label for="line" class="sr-only">Message, or a command such as /help</label>
+  <input id="line" autocomplete="off" enterkeyhint="send" placeholder="Message, or /help">
+  <button type="submit">Send</button>
+</form>
+<script>
+'use strict';
+// The browser client of chat.py: the terminal client's line protocol over
+// a WebSocket at /ws, one text frame per line each way (README "Protocol").
+// Text from the network reaches the page only as text nodes, never markup.
+// This file holds no backslash, so chat.py keeps it in a plain Python
+// string unchanged; BACKSLASH serves the one pattern that needs one.
+
+// --- Settings ---
+
+const MAX_LINE_BYTES = 4096;       // the server's limit, UTF-8, newline excluded
+const BACKOFF_MS = [1000, 2000, 4000, 8000, 16000, 30000];   // the last repeats
+const JITTER = 0.2;                // +-20 %: a restarted server is not hit all at once
+const MAX_LOG_LINES = 2000;        // older lines go: a tab open for days stays light
+const NAME_KEY = 'chat.name';      // localStorage: the name asked for on connect
+const PALETTE = [31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96];   // the terminal's
+// Test hook: window.CHAT_BACKOFF_MS = [100, 200] shortens the reconnect
+// waits; it is read at each drop, so it may be set any time before one.
+
+const BACKSLASH = String.fromCharCode(92);
+const ENCODER = new TextEncoder();
+const $ = id => document.getElementById(id);
+const log = $('log'), line = $('line');
+
+// --- State ---
+
+let socket = null, isOpen = false;   // the current WebSocket, and whether it is open
+let reconnectTimer = null;
+let attempt = 0;              // drops since the server last let us in
+let stopReason = null;        // goodbye or a refusal: no reconnect
+let chosen = storedName();    // the name we ask for on connect
+let name = null;              // ours, as the server last said
+let room = null, topic = '';
+const members = new Map();    // name -> away, in our room
+let memberTotal = 0;          // the server's count: a big room lists only some
+let replaying = 0;            // history lines still due after "Last N messages:"
+let greetAgain = false;       // a password prompt swallowed the greeting
+let unechoed = [];            // our lines sent before we knew our name
+let mentionPattern = null;    // our name as a whole word
+let unread = 0;               // lines that came while the tab was hidden
+let stickToEnd = true;        // the log follows new lines unless scrolled up
+let composing = false;        // an IME is composing in the input line
+const sent = [];              // lines sent, for Up and Down
+let recallAt = 0, draft = '';
+
+// --- Helpers ---
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function clock() {
+  const now = new Date(), pad = n => String(n).padStart(2, '0');
+  return pad(now.getHours()) + ':' + pad(now.getMinutes());
+}
+
+// zlib's CRC-32, so that a name has the colour the terminal client gives it.
+const CRC_TABLE = Array.from({length: 256}, (_, n) => {
+  for (let k = 0; k < 8; k++) n = n & 1 ? 0xEDB88320 ^ (n >>> 1) : n >>> 1;
+  return n >>> 0;
+});
+function crc32(bytes) {
+  let crc = 0xFFFFFFFF;
+  for (const byte of bytes) crc = CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >>> 8);
+  return (crc ^ 0xFFFFFFFF) >>> 0;
+}
+
+// The server keys names by NFKC(NFKC(name).casefold()); toLowerCase stands in for casefold.
+function nameColour(who) {
+  const key = who.normalize('NFKC').toLowerCase().normalize('NFKC');
+  return 'n' + PALETTE[crc32(ENCODER.encode(key)) % PALETTE.length];
+}
+
+// localStorage may be off (private windows, policies): then the name lives in memory.
+function storedName() {
+  try { return localStorage.getItem(NAME_KEY); } catch (error) { return null; }
+}
+function remember(who) {
+  chosen = who;
+  try {
+    if (who) localStorage.setItem(NAME_KEY, who); else localStorage.removeItem(NAME_KEY);
+  } catch (error) { /* in memory only */ }
+}
+
+// --- Connection ---
+
+function connect() {
+  clearTimeout(reconnectTimer);
+  reconnectTimer = null;
+  const ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws');
+  socket = ws;
+  setBanner(attempt ? 'reconnecting…' : 'connecting…');
+  // Events of a socket given up on are ignored.
+  ws.addEventListener('open', () => ws === socket && onOpen());
+  ws.addEventListener('message', event => ws === socket && onLine(String(event.data)));
+  ws.addEventListener('close', () => ws === socket && onClose());
+}
+
+// The one place that decides what a new connection says first.  A session
+// resume goes here: send the resume token, if one is known, instead of greet().
+function onOpen() {
+  isOpen = true;
+  replaying = 0;
+  greetAgain = false;
+  setBanner(null);
+  if (attempt) showLocal('notice', 'connected again');
+  greet();
+}
+
+// Ask for our name, and after a reconnect go back to our room.
+function greet() {
+  if (chosen) send('/nick ' + chosen);
+  if (room && room !== '#lobby') send('/join ' + room);
+}
+
+function onClose() {
+  if (isOpen && !stopReason) showLocal('error', 'connection lost');
+  socket = null;
+  isOpen = false;
+  $('password-form').hidden = true;
+  if (stopReason) setBanner('Disconnected: ' + stopReason, 'Connect again');
+  else scheduleReconnect();
+}
+
+function scheduleReconnect() {
+  const steps = window.CHAT_BACKOFF_MS || BACKOFF_MS;
+  const delay = steps[Math.min(attempt, steps.length - 1)] * (1 - JITTER + 2 * JITTER * Math.random());
+  attempt += 1;
+  setBanner('reconnecting… (next try in ' + Math.ceil(delay / 1000) + ' s)', 'Connect now');
+  reconnectTimer = setTimeout(connect, delay);
+}
+
+function setBanner(text, buttonLabel) {
+  $('banner').hidden = !text;
+  $('banner-text').textContent = text || '';
+  $('retry-button').textContent = buttonLabel || '';
+  $('retry-button').hidden = !buttonLabel;
+}
+
+function send(text) {
+  if (!isOpen) return false;
+  socket.send(text);
+  return true;
+}
+
+// --- Lines from the server ---
+
+// A line's kind, by its marker, and its parts: {kind, name, body}.
+function classify(text) {
+  let head = /^<([^ <>]+)> /.exec(text);
+  if (head) return {kind: 'public', name: head[1], body: text.slice(head[0].length)};
+  head = /^[*] ([^ ]+) /.exec(text);
+  if (head) return {kind: 'action', name: head[1], body: text.slice(head[0].length)};
+  head = /^[[]PM (from|to) ([^ ]+?)] /.exec(text);   // a lone ] matches itself
+  if (head) return {kind: 'pm-' + head[1], name: head[2], body: text.slice(head[0].length)};
+  const kind = {'-!- ': 'notice', '!!! ': 'error'}[text.slice(0, 4)];
+  return kind ? {kind, body: text.slice(4)} : {kind: 'plain', body: text};
+}
+
+function onLine(text) {
+  const parts = classify(text);
+  const replayed = replaying > 0;   // history: said before we came
+  if (replayed) replaying -= 1;
+  else learn(parts);
+  const item = render(parts.kind, parts);
+  const mention = !replayed && mentionsMe(parts);
+  item.classList.toggle('replay', replayed);
+  item.classList.toggle('mention', mention);
+  appendLine(item, false);
+  if (!replayed) noteArrival(parts, mention);
+}
+
+// The notices of fixed form, and what each tells us.  Anchored at the start,
+// so text someone typed (a topic, a quit reason) cannot pass for one.
+const NOTICES = [
+  [/^Welcome, ([^ ]+)! /, m => { attempt = 0; setName(m[1]); }],
+  [/^([^ ]+) is now known as ([^ ]+)( [(]renamed by [^ ]+[)])?$/, m => renamed(m[1], m[2])],
+  [/^You are in (#[^ ]+)$/, m => enterRoom(m[1])],
+  [/^Topic of (#[^ ]+): (.*)$/, m => m[1] === room && setTopic(m[2])],
+  [/^(#[^ ]+) has no topic$/, m => m[1] === room && setTopic('')],
+  [/^[^ ]+ set the topic: (.*)$/, m => setTopic(m[1])],
+  [/^([0-9]+) online in (#[^ ]+)(, page [0-9]+ of [0-9]+ [(][^)]*[)])?: (.*)$/,
+   m => m[2] === room && listed(Number(m[1]), Boolean(m[3]), m[4])],
+  [/^([^ ]+) joined$/, m => joined(1, [m[1]])],
+  [/^([0-9]+) people joined: (.*)$/, m => joined(Number(m[1]), namesIn(m[2]))],
+  [/^([^ ]+) left (?:[(]|for #)/, m => left(1, [m[1]])],
+  [/^([0-9]+) people left: (.*)$/, m => left(Number(m[1]), leaverNames(m[2]))],
+  [/^Last ([0-9]+) messages?:$/, m => { replaying = Number(m[1]); }],
+  [/^This room needs a password/, askPassword],
+  [/^Password accepted$/, passwordAccepted],
+  [/^Goodbye$/, () => { stopReason = 'you left the chat'; }],
+];
+// Errors after which the server closes, and reconnecting would only repeat them.
+const REFUSAL = /^(you were (kicked|banned) by |you are banned|server full|too many connections)|: goodbye$/;
+
+function learn(parts) {
+  if (parts.kind === 'notice') {
+    const rule = NOTICES.find(([pattern]) => pattern.test(parts.body));
+    if (rule) rule[1](rule[0].exec(parts.body));
+  } else if (parts.kind === 'error') {
+    if (REFUSAL.test(parts.body)) stopReason = parts.body;
+    const refused = /^cannot use the name (.+?): /.exec(parts.body);
+    if (refused && refused[1] === chosen) {   // the remembered name: ask again
+      remember(null);
+      showNameForm(refused[1], 'That name cannot be used now: pick another, or try again later.');
+    }
+  }
+}
+
+function setName(who) {
+  name = who;
+  // Any case, not inside a longer name ("malice", "alice.b"), though a full
+  // stop may end the sentence ("see alice.").  The u flag allows escaping
+  // only syntax characters (names hold none, but to be safe).
+  const letter = ['p{L}', 'p{N}', 'p{M}'].map(p => BACKSLASH + p).join('') + '_';
+  const escaped = Array.from(who, ch => '^$.*+?()[]{}|/'.includes(ch) ? BACKSLASH + ch : ch).join('');
+  mentionPattern = new RegExp('(?<![' + letter + '.-])' + escaped
+    + '(?![' + letter + ']|[.-][' + letter + '])', 'giu');
+  renderMembers();
+  unechoed.splice(0).forEach(echo);
+}
+
+function renamed(old, now) {
+  if (members.has(old)) {
+    members.set(now, members.get(old));
+    members.delete(old);
+  }
+  if (old !== name) return renderMembers();
+  if (!/^guest-/.test(now)) remember(now);
+  setName(now);
+}
+
+function enterRoom(where) {
+  room = where;
+  members.clear();
+  memberTotal = 0;
+  setTopic('');
+  $('room').textContent = where;
+  renderMembers();
+  updateTitle();
+}
+
+function setTopic(text) {
+  topic = text;
+  $('topic').textContent = text;
+  $('topic').hidden = !text;
+}
+
+// "a, b (away), c", or "a, b and 12 others (/who lists them)".
+function listed(count, paged, list) {
+  list = list.replace(/ [(][/]who lists them[)]$/, '');
+  if (!paged && !/ and [0-9]+ others$/.test(list)) members.clear();   // the whole room
+  for (const item of namesIn(list)) {
+    const away = item.endsWith(' (away)');
+    members.set(away ? item.slice(0, -7) : item, away);
+  }
+  memberTotal = count;
+  renderMembers();
+}
+
+function namesIn(list) {
+  return list.replace(/ and [0-9]+ others$/, '').split(', ').filter(Boolean);
+}
+
+// "a (quit), b (for #dev) and 3 others": a quit reason is free text that
+// may hold ", " and brackets, so walk to each reason's closing bracket.
+function leaverNames(list) {
+  const names = [];
+  for (let at = 0, open; (open = list.indexOf(' (', at)) > 0;) {
+    names.push(list.slice(at, open));
+    let depth = 0, end = open + 1;
+    for (; end < list.length; end++) {
+      if (list[end] === '(') depth += 1;
+      else if (list[end] === ')' && --depth === 0) break;
+    }
+    if (!list.startsWith(', ', end + 1)) break;
+    at = end + 3;
+  }
+  return names;
+}
+
+function joined(count, names) {
+  for (const who of names) {
+    if (members.has(who)) count -= 1;
+    else members.set(who, false);
+  }
+  memberTotal += count;
+  renderMembers();
+}
+
+function left(count, names) {
+  names.forEach(who => members.delete(who));
+  memberTotal -= count;
+  renderMembers();
+}
+
+function renderMembers() {
+  const names = Array.from(members.keys()).sort((a, b) => a.localeCompare(b));
+  $('members').replaceChildren(...names.map(who => {
+    const item = el('li', (members.get(who) ? 'away' : '') + (who === name ? ' me' : ''));
+    item.append(el('span', 'who ' + nameColour(who), who), members.get(who) ? ' (away)' : '');
+    return item;
+  }));
+  memberTotal = Math.max(memberTotal, members.size);
+  const more = memberTotal - members.size;
+  if (more) $('members').append(el('li', 'more', 'and ' + more + ' more (/who)'));
+  $('people-heading').textContent = 'Online (' + memberTotal + ')';
+}
+
+function askPassword() {
+  greetAgain = true;   // the server answered our greeting with this prompt
+  $('password-form').hidden = false;
+  $('password-input').focus();
+}
+
+function passwordAccepted() {
+  $('password-form').hidden = true;
+  line.focus();
+  if (greetAgain) greet();
+  greetAgain = false;
+}
+
+// --- Showing lines ---
+
+function render(kind, parts) {
+  const item = el('li', 'line ' + kind + (kind.startsWith('pm-') ? ' private' : ''));
+  const who = parts.name && el('span', 'who ' + nameColour(parts.name), parts.name);
+  const heads = {public: [who, ': '], action: ['* ', who, ' '],
+    'pm-from': [el('span', 'label', 'private from '), who, ': '],
+    'pm-to': [el('span', 'label', 'private to '), who, ': ']};
+  item.append(el('span', 'time', clock()), ' ', ...(heads[kind] || []));
+  const text = el('span', 'text');
+  // Our name is marked in what others say to us (as text nodes, like the rest).
+  let last = 0;
+  if (parts.name && parts.name !== name && kind !== 'pm-to' && mentionPattern) {
+    for (const match of parts.body.matchAll(mentionPattern)) {
+      text.append(parts.body.slice(last, match.index), el('mark', '', match[0]));
+      last = match.index + match[0].length;
+    }
+  }
+  text.append(parts.body.slice(last));
+  item.append(text);
+  return item;
+}
+
+function mentionsMe(parts) {
+  return Boolean(mentionPattern && parts.name && parts.name !== name && parts.kind !== 'pm-to'
+    && parts.body.search(mentionPattern) >= 0);
+}
+
+function appendLine(item, force) {
+  log.append(item);
+  while (log.childElementCount > MAX_LOG_LINES) log.firstElementChild.remove();
+  if (stickToEnd || force) log.scrollTop = log.scrollHeight;
+}
+
+// A line of the page's own, not from the server.
+function showLocal(kind, text) {
+  const item = render(kind, {body: text});
+  item.classList.add('local');
+  appendLine(item, true);
+}
+
+// The server does not echo our public lines and actions: show them ourselves.
+function echo(text) {
+  if (!name) return unechoed.push(text);   // until the welcome names us
+  const action = /^[/]me (.*[^ ].*)$/.exec(text);
+  if (text.startsWith('/') && !text.startsWith('//') && !action) return;
+  const parts = action ? {kind: 'action', body: action[1].trim()}
+    : {kind: 'public', body: text.startsWith('//') ? text.slice(1) : text};
+  const item = render(parts.kind, Object.assign(parts, {name}));
+  item.classList.add('own');
+  appendLine(item, true);
+}
+
+// While the tab is hidden: count unread lines (not notices) in the title,
+// and raise a notification for a mention or a private message.
+function noteArrival(parts, mention) {
+  if (parts.kind === 'notice' || document.visibilityState !== 'hidden') return;
+  unread += 1;
+  updateTitle();
+  if ((mention || parts.kind === 'pm-from') && window.Notification && Notification.permission === 'granted') {
+    try {
+      new Notification(parts.name + (parts.kind === 'pm-from' ? ' (private)' : ' in ' + room),
+                       {body: parts.body, tag: 'chat'});
+    } catch (error) { /* Chrome on Android notifies only from a service worker */ }
+  }
+}
+
+function updateTitle() {
+  document.title = (unread ? '(' + unread + ') ' : '') + (room ? room + ' — ' : '') + 'chat';
+}
+
+function updateNotifyButton() {
+  $('notify-button').hidden = !window.Notification || Notification.permission !== 'default';
+}
+
+// --- Typing ---
+
+function submitLine() {
+  const text = line.value;
+  const size = ENCODER.encode(text).length;
+  if (!text.trim()) return;
+  if (size > MAX_LINE_BYTES) {   // the text stays in the input, to be cut
+    return showLocal('error', 'line too long (' + size + ' bytes; at most ' + MAX_LINE_BYTES + '): not sent');
+  }
+  if (!send(text)) return showLocal('error', 'not connected: the line is kept, to send once connected');
+  if (!/^[/](pass|op) /i.test(text) && sent[sent.length - 1] !== text) sent.push(text);   // no passwords
+  if (/^[/]quit( |$)/i.test(text)) stopReason = 'you left the chat';
+  echo(text);
+  line.value = draft = '';
+  recallAt = sent.length;
+}
+
+function handleKey(event) {
+  const imeBusy = event.isComposing || event.keyCode === 229 || composing;
+  if (event.key === 'Enter') {
+    // Enter sends from here, not by the form's implicit submission.  A real
+    // IME's key (keyCode 229) is left alone: the IME needs it, and it submits nothing.
+    if (event.keyCode !== 229) event.preventDefault();
+    if (!imeBusy) submitLine();
+  } else if ((event.key === 'ArrowUp' || event.key === 'ArrowDown') && !imeBusy
+             && !(event.altKey || event.ctrlKey || event.metaKey || event.shiftKey)) {
+    event.preventDefault();
+    recall(event.key === 'ArrowUp' ? -1 : 1);
+  }
+}
+
+// Up and Down walk the lines sent; past the newest is the draft being typed.
+function recall(step) {
+  const to = recallAt + step;
+  if (to < 0 || to > sent.length) return;
+  if (recallAt === sent.length) draft = line.value;
+  recallAt = to;
+  line.value = to === sent.length ? draft : sent[to];
+  line.setSelectionRange(line.value.length, line.value.length);
+}
+
+function showNameForm(value, hint) {
+  $('name-input').value = value;
+  $('name-hint').textContent = hint;
+  $('name-form').hidden = false;
+  $('name-input').focus();
+}
+
+// The name form: remember the name, then connect, or rename if connected.
+function chooseName(event) {
+  event.preventDefault();
+  const wanted = $('name-input').value.trim();
+  if (!wanted || /[ <>*[]/.test(wanted) || wanted.includes(']')) {
+    $('name-hint').textContent = 'A name is letters and digits (and _ - .), without spaces.';
+    return;
+  }
+  remember(wanted);
+  startChatting();
+  if (!send('/nick ' + wanted) && !socket) connect();   // else greet() asks for it
+}
+
+function startChatting() {
+  $('name-form').hidden = true;
+  $('send-form').hidden = false;
+  line.focus();
+}
+
+// --- Start ---
+
+function start() {
+  const https = location.protocol === 'https:';
+  $('security').textContent = https ? 'encrypted' : 'not encrypted';
+  $('security').className = https ? 'tls' : 'plain';
+  $('people').open = !matchMedia('(max-width: 40rem)').matches;
+  $('name-form').addEventListener('submit', chooseName);
+  $('guest-button').addEventListener('click', () => { startChatting(); if (!socket) connect(); });
+  $('password-form').addEventListener('submit', event => {
+    event.preventDefault();   // the password is sent, never kept
+    if (send('/pass ' + $('password-input').value)) $('password-input').value = '';
+  });
+  $('send-form').addEventListener('submit', event => {   // the Send button
+    event.preventDefault();
+    if (!composing) submitLine();
+    line.focus();
+  });
+  line.addEventListener('keydown', handleKey);
+  line.addEventListener('compositionstart', () => { composing = true; });
+  line.addEventListener('compositionend', () => { composing = false; });
+  $('retry-button').addEventListener('click', () => {
+    stopReason = null;
+    attempt = Math.max(attempt, 1);   // so that onOpen says "connected again"
+    if (!socket) connect();
+  });
+  $('notify-button').addEventListener('click', () => {   // asked only on a click
+    Notification.requestPermission().then(updateNotifyButton);
+  });
+  log.addEventListener('scroll', () => {
+    stickToEnd = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+  });
+  // A phone's keyboard opening shrinks the log: keep its end in view.
+  window.addEventListener('resize', () => { if (stickToEnd) log.scrollTop = log.scrollHeight; });
+  document.addEventListener('visibilitychange', () => {
+    if (document.visibilityState === 'visible') unread = 0;
+    updateTitle();
+  });
+  window.addEventListener('online', () => reconnectTimer && connect());
+  updateNotifyButton();
+  renderMembers();
+  if (chosen) {
+    startChatting();
+    connect();
+  } else {
+    showNameForm('', '');
+  }
+}
+
+// For tests and debugging only: a read-only summary of the state.
+window.chat = Object.freeze({
+  state: () => ({name, room, topic, members: Array.from(members.keys()), connected: isOpen,
+    reconnecting: Boolean(reconnectTimer) || (attempt > 0 && !isOpen && !stopReason),
+    stopped: stopReason}),
+});
+
+start();
+</script>
+</body>
+</html>
+"""
 
 
 # --- Client ------------------------------------------------------------------
@@ -3840,8 +5202,8 @@ class Bench:
                 raise UserError('bench: cannot connect to %s: %s'
                                 % (printable_address(self.address[1]), os.strerror(error)))
             conn = BenchConn(sock, index)
-            conn.outbuf += b'\n'  # speak first, as chat.py client does: no wait to be
-            self.conns.append(conn)  # told from a browser
+            conn.outbuf += self.hello()
+            self.conns.append(conn)
             self.selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
         last_greeted = None
         deadline = started + self.args.timeout
@@ -3868,6 +5230,15 @@ class Bench:
             pass
         self.delivered = 0
 
+    def hello(self):
+        """What a client says first: an empty line, as chat.py client does (no
+        wait to be told from a browser), or a WebSocket handshake."""
+        if not self.args.websocket:
+            return b'\n'
+        return ('GET /ws HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\n'
+                'Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13'
+                '\r\n\r\n' % base64.b64encode(os.urandom(16)).decode()).encode()
+
     def open_slow(self):
         """A client that joins, reads its first line (so it is surely in the
         room when the load starts), and never reads again."""
@@ -3875,7 +5246,7 @@ class Bench:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.settimeout(self.args.timeout)
         sock.connect(self.address[1])
-        sock.sendall(b'\n')
+        sock.sendall(self.hello())
         byte = None
         try:
             while byte != b'\n':
@@ -3961,6 +5332,9 @@ class Bench:
             else:
                 head = '~ %d %d ' % (conn.index, conn.seq)
             lines.append(head + 'x' * max(0, size - 1 - len(head)) + '\n')
+        if self.args.websocket:  # a frame each; the mask is zeros, so no XOR to pay
+            return b''.join(frame_head(OP_TEXT, len(line) - 1, masked=True) + b'\0\0\0\0'
+                            + line[:-1].encode() for line in lines)
         return ''.join(lines).encode()
 
     def send(self, conn):
@@ -4012,8 +5386,14 @@ class Bench:
         conn.bytes += size
         conn.greeted = conn.greeted or data.find(b'\n', 0, size) >= 0
         self.delivered += data.count(BENCH_MARK, 0, size)
+        end_mark = b'\n'
+        if self.args.websocket:
+            if self.args.size + 3 + MAX_NAME_CHARS >= 126:  # "<NAME> " and the line:
+                # a frame this long has a 16-bit length, whose first byte is "~"
+                self.delivered -= data.count(b'\x81~', 0, size)
+            end_mark = b'\x81'  # a timed line ends where the next frame starts
         start = data.find(BENCH_TIMED, 0, size)
-        end = data.find(b'\n', start, size) if start >= 0 else -1
+        end = data.find(end_mark, start, size) if start >= 0 else -1
         if end >= 0:  # else the line goes on in the next read: skip it
             self.latencies.append(now - int(data[start:end].split(b' ', 4)[3]) / 1e6)
         return True
@@ -4223,6 +5603,13 @@ def build_parser():
     server.add_argument('--max-clients', type=at_least(1), metavar='N',
                         help='connections at once (default: what the open-files limit allows)')
     server.add_argument('--quiet', action='store_true', help='log nothing')
+    server.add_argument('--no-web', action='store_true', help='no web page and no '
+                        'WebSocket on the port: HTTP requests are closed unheard')
+    server.add_argument('--web-origin', action='append', default=[], metavar='ORIGIN',
+                        help='another origin whose pages may open the WebSocket, such as '
+                        'https://chat.example.org (repeatable)')
+    server.add_argument('--metrics', action='store_true', help='serve GET /metrics in '
+                        "Prometheus's text format (off: it tells the world how busy you are)")
     server.add_argument('--motd', metavar='FILE', help='a message of the day from FILE, shown '
                         'to every newcomer and on /motd (SIGHUP reads it again)')
     server.add_argument('--tls', action='store_true', help='speak TLS, with a certificate '
@@ -4288,6 +5675,8 @@ def build_parser():
                        help='extra clients that never read (default %(default)s)')
     bench.add_argument('--timeout', type=at_least(1), default=60, metavar='SECONDS',
                        help='give up on any phase after this long (default %(default)s)')
+    bench.add_argument('--websocket', action='store_true', help='the clients speak '
+                       'WebSocket (as the web page does) instead of plain lines')
     bench.add_argument('--server-pid', type=at_least(1), metavar='PID',
                        help='a local server process to report CPU and memory for')
     return parser
@@ -4316,13 +5705,15 @@ def run_server(args):
                     rate=args.rate, burst=args.burst, max_clients=args.max_clients, tls=tls,
                     password=password, op_password=op_password,
                     allow=args.allow, deny=args.deny, max_per_address=args.max_per_address,
-                    console=console_in_foreground(), motd=motd, settings=settings)
+                    console=console_in_foreground(), motd=motd, settings=settings,
+                    web=not args.no_web, web_origins=args.web_origin, metrics=args.metrics)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
     if hasattr(signal, 'SIGHUP'):  # POSIX: reload without dropping anyone
         signal.signal(signal.SIGHUP, lambda *_: server.request_reload())
     print(server_banner(listeners, cert_fingerprint, server.gate.password is not None,
-                        server.gate.op_password is not None), flush=True)
+                        server.gate.op_password is not None, server.web is not None),
+          flush=True)
     server.serve_forever()
     return 0
 

@@ -8,18 +8,24 @@ the command line, signals and the client run as subprocesses.  Every wait
 has a deadline (TIMEOUT) and fails instead of hanging.
 """
 
+import base64
+import collections
 import errno
 import glob
+import http.server
 import itertools
+import json
 import os
 import queue
 import re
+import select
 import selectors
 import shutil
 import signal
 import socket
-import tempfile
+import struct
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -91,6 +97,15 @@ def stepped_server(test, **options):
     return server, listener.getsockname()
 
 
+def step_until(server, condition, what):
+    """Step server's loop until condition() holds, within TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError('timed out waiting for ' + what)
+        server.run_once(timeout=0.1)
+
+
 # Peers on hosts other than loopback: in a network namespace of the test's
 # own (unshare -n), whose lo is given these addresses; nothing leaves it.
 NETNS_HOSTS = ('10.200.0.1', '10.200.0.2')
@@ -153,7 +168,7 @@ def in_own_network(test):
 # (.ci/run installs them).  One that is missing fails its tests: a skip
 # would read as a pass.
 TOOLS = {'nc': 'netcat-openbsd', 'socat': 'socat', 'openssl': 'openssl', 'telnet': 'telnet',
-         'bash': 'bash'}
+         'bash': 'bash', 'chromium': 'chromium'}
 
 
 def need(tool):
@@ -332,8 +347,8 @@ class ServerProcess:
     """chat.py server as a subprocess on a free port (read from its banner);
     its log lines are collected in self.logs as they come."""
 
-    def __init__(self, *args, host='127.0.0.1', python=(sys.executable,), **popen_kw):
-        command = list(python) + [CHAT, 'server', '0'] + list(args)
+    def __init__(self, *args, host='127.0.0.1', port=0, python=(sys.executable,), **popen_kw):
+        command = list(python) + [CHAT, 'server', str(port)] + list(args)
         if host:
             command += ['--host', host]
         popen_kw.setdefault('stdin', subprocess.DEVNULL)
@@ -725,17 +740,24 @@ class ProtocolTests:
             self.addCleanup(probe.close)
             probe.send('POST %s HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\n'
                        'Content-Length: 26\r\n\r\n/nick webpage\nhello\n/me hi\n' % path)
-            self.assertEqual(probe.expect_closed(), [])
-        self.srv.wait_log(r'refused 127\.0\.0\.1:\d+: an HTTP request \(POST /aaa')
+            answer = probe.expect_closed()  # the web side's short error, nothing else
+            self.assertRegex(answer[0], r'^HTTP/1\.1 40[45] ')
+            self.assertEqual(answer[-1], 'Method Not Allowed' if path == '/' else 'Not Found')
+        self.srv.wait_log(r'127\.0\.0\.1:\d+ HTTP: 404 /aaa')
         self.assertEqual(self.sync(alice), [])  # no message, and no join or leave either
 
-    def test_a_quiet_client_is_welcomed_once_it_cannot_be_a_browser(self):
+    def test_a_quiet_connection_joins_with_its_first_line(self):
+        # Browsers keep spare connections that never speak: no guest for them.
         alice = self.connect('alice')
         quiet = Conn(self.srv.port, hello=False)  # nc: says nothing first
         self.addCleanup(quiet.close)
+        self.assertEqual(quiet.expect(r'^-!- ')[1].string, '-!- ' + chat.ENTER_TO_JOIN)
+        alice.send('/who\n')
+        before, listed = alice.expect(r'^-!- \d+ online')
+        self.assertEqual((before, listed.string), ([], '-!- 1 online in #lobby: alice'))
+        quiet.send('GET lunch, anyone?\n')  # a chat line, not HTTP: sent as one
         quiet.expect(r'^-!- Welcome, guest-2!')
         alice.expect(r'^-!- guest-2 joined$')
-        quiet.send('GET lunch, anyone?\n')  # a chat line, not HTTP
         alice.expect(r'^<guest-2> GET lunch, anyone\?$')
 
     def test_leaving_is_announced_with_its_reason(self):
@@ -1039,6 +1061,887 @@ class TestTenThousand(unittest.TestCase):
         last = observer.expect(r'^-!- 5001 online in #lobby, page 26 of 26 .*: ')[1]
         self.assertEqual(len(last.string.split(': ', 1)[1].split(', ')), 5001 - 25 * 200)
 
+# --- A real browser: Chromium over the DevTools pipe ---------------------------
+#
+# With --remote-debugging-pipe, Chromium reads JSON commands from its fd 3 and
+# writes replies and events to its fd 4, each message ended by a NUL byte:
+# the standard library is enough to drive it.  Every wait has a deadline.
+
+BROWSER_TIMEOUT_SEC = 10.0     # a start takes ~0.5 s here; leave room for slow CI
+CLOSE_TIMEOUT_SEC = 5.0        # Browser.close ends Chromium in ~0.15 s
+POLL_INTERVAL_SEC = 0.02       # wait_for; one evaluate round trip is ~1 ms
+PIPE_CHUNK_BYTES = 1 << 16     # one pipe buffer
+MAX_QUEUED_EVENTS = 1000       # unwanted events are dropped oldest first
+VIEWPORT = (800, 600)          # CSS pixels; screenshots have this size
+
+CHROMIUM_FLAGS = [
+    # Since Chromium 132 --headless means the "new" mode (the real browser
+    # without a window); the old mode is gone and --headless=old is ignored.
+    '--headless', '--disable-gpu', '--remote-debugging-pipe',
+    '--no-sandbox',                 # root cannot use Chromium's sandbox
+    '--disable-dev-shm-usage',      # containers often have a 64 MiB /dev/shm
+    # The network is closed here: stop Chromium's own calls home.
+    '--disable-background-networking', '--disable-component-update',
+    '--disable-sync', '--disable-quic', '--disable-extensions',
+    '--no-first-run', '--no-default-browser-check', '--mute-audio', '--hide-scrollbars',
+]
+
+# Popen can place fds only at 0, 1 and 2, and a preexec_fn that dup2()s them
+# to 3 and 4 is unsafe when threads run (the tests serve HTTP from one).  So
+# sh gets Chromium's pipe ends as stdin and stdout and moves them to 3 and 4
+# before exec'ing Chromium: no Python code runs between fork and exec.
+FD_TRAMPOLINE = 'exec 3<&0 4>&1 0</dev/null 1>&2; exec "$0" "$@"'
+
+# key (which for these keys is also the code): (windowsVirtualKeyCode, text).
+# A key with text is sent as 'keyDown', so Chromium also fires keypress: the
+# '\r' keypress is what submits a form.
+KEYS = {'Enter': (13, '\r'), 'Tab': (9, ''), 'Backspace': (8, ''),
+        'ArrowUp': (38, ''), 'ArrowDown': (40, '')}
+
+class CDPError(Exception):
+    """Chromium refused a command or went away, or the page's JavaScript threw."""
+
+
+def wait_ready(fd, for_write, deadline, what):
+    """Wait until fd is readable (or writable); AssertionError at the deadline."""
+    # Past the deadline still look once: the answer may already be there.
+    remaining = max(0, deadline - time.monotonic())
+    readers, writers = ([], [fd]) if for_write else ([fd], [])
+    if not any(select.select(readers, writers, [], remaining)):
+        raise AssertionError('timed out waiting for ' + what)
+
+
+def describe_exception(details):
+    """Return the message of a Runtime exceptionDetails, with its stack if any."""
+    exception = details.get('exception') or {}
+    return exception.get('description') or details.get('text', 'exception')
+
+
+def describe_remote_object(remote):
+    """Return a Runtime RemoteObject as console.log would show it."""
+    if 'value' in remote and not isinstance(remote['value'], str):
+        return json.dumps(remote['value'])   # null, true, 42
+    # Objects, functions, undefined and NaN come without a value.
+    return remote.get('value', remote.get('description', remote['type']))
+
+
+class Browser:
+    """One headless Chromium with one attached page, driven over the pipe."""
+
+    def __init__(self, timeout=BROWSER_TIMEOUT_SEC):
+        self.timeout = timeout
+        self.console_messages = []    # console calls, uncaught exceptions, dialogs
+        self._events = collections.deque(maxlen=MAX_QUEUED_EVENTS)
+        self._inbuf = bytearray()     # bytes read but not yet a whole message
+        self._last_id, self._session = 0, None
+        self._proc = self._to_chromium = self._from_chromium = None
+        self._profile_dir = tempfile.mkdtemp(prefix='cdp-profile-')
+        self._stderr_log = os.path.join(self._profile_dir, 'stderr.log')
+        try:
+            self._start_chromium()
+            self._attach_page()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self):
+        """Return the browser itself, for with-statements."""
+        return self
+
+    def __exit__(self, *exc_info):
+        """Close the browser, whether or not the block raised."""
+        self.close()
+
+    def _start_chromium(self):
+        """Start Chromium with its fds 3 and 4 on two new pipes."""
+        child_reads, self._to_chromium = os.pipe()
+        self._from_chromium, child_writes = os.pipe()
+        try:
+            with open(self._stderr_log, 'wb') as stderr:
+                self._proc = subprocess.Popen(
+                    ['/bin/sh', '-c', FD_TRAMPOLINE, need('chromium')] + CHROMIUM_FLAGS
+                    + ['--user-data-dir=' + self._profile_dir, 'about:blank'],
+                    stdin=child_reads, stdout=child_writes, stderr=stderr,
+                    start_new_session=True)   # a group close() can kill whole
+        finally:
+            os.close(child_reads)
+            os.close(child_writes)
+        os.set_blocking(self._to_chromium, False)
+        os.set_blocking(self._from_chromium, False)
+
+    def _attach_page(self):
+        """Open a page target, route later commands to it, enable its events."""
+        target = self.send('Target.createTarget', {'url': 'about:blank'}, session=False)
+        self._session = self.send('Target.attachToTarget', {
+            'targetId': target['targetId'], 'flatten': True}, session=False)['sessionId']
+        # New headless mode keeps room for a tab strip and toolbar inside the
+        # window (--window-size=800,600 gave an 800x513 page): size the page itself.
+        self.send('Emulation.setDeviceMetricsOverride', {'width': VIEWPORT[0],
+                  'height': VIEWPORT[1], 'deviceScaleFactor': 1, 'mobile': False})
+        self.send('Page.enable')
+        self.send('Runtime.enable')
+
+    # --- Protocol ---
+
+    def send(self, method, params=None, session=True):
+        """Send one command, to the page unless session=False; return its result."""
+        deadline = time.monotonic() + self.timeout
+        command_id = self._post(method, params, session, deadline)
+        # Other ids answer commands that timed out earlier: nobody waits for them.
+        reply = self._read_message(deadline, 'reply to ' + method)
+        while reply.get('id') != command_id:
+            reply = self._read_message(deadline, 'reply to ' + method)
+        if 'error' in reply:
+            raise CDPError('%s: %s' % (method, reply['error'].get('message')))
+        return reply['result']
+
+    def wait_event(self, method, timeout=None):
+        """Return the params of the page's next event named method, queued or new."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            for event in self._events:
+                if event['method'] == method and event.get('sessionId') == self._session:
+                    self._events.remove(event)
+                    return event['params']
+            self._read_message(deadline, method)   # which queues any event
+
+    def _post(self, method, params, session, deadline):
+        """Write one command to Chromium's fd 3 by the deadline; return its id."""
+        self._last_id += 1
+        message = {'id': self._last_id, 'method': method, 'params': params or {}}
+        if session:
+            message['sessionId'] = self._session
+        unsent = memoryview(json.dumps(message).encode('utf-8') + b'\0')
+        while unsent:
+            wait_ready(self._to_chromium, True, deadline, 'Chromium to read ' + method)
+            try:
+                unsent = unsent[os.write(self._to_chromium, unsent):]
+            except BrokenPipeError:
+                raise self._chromium_gone(method)
+        return self._last_id
+
+    def _read_message(self, deadline, what):
+        """Return the next message from Chromium's fd 4, reading by the deadline."""
+        end = self._inbuf.find(b'\0')
+        while end < 0:
+            wait_ready(self._from_chromium, False, deadline, what)
+            chunk = os.read(self._from_chromium, PIPE_CHUNK_BYTES)
+            if not chunk:
+                raise self._chromium_gone(what)
+            scanned = len(self._inbuf)
+            self._inbuf += chunk
+            end = self._inbuf.find(b'\0', scanned)
+        message = json.loads(self._inbuf[:end].decode('utf-8'))
+        del self._inbuf[:end + 1]
+        if 'method' in message:
+            self._events.append(message)
+            self._note_event(message)
+        return message
+
+    def _note_event(self, message):
+        """Keep the text of console calls, uncaught exceptions and dialogs."""
+        params = message['params']
+        if message['method'] == 'Runtime.consoleAPICalled':
+            self.console_messages.append('%s: %s' % (params['type'], ' '.join(
+                describe_remote_object(arg) for arg in params['args'])))
+        elif message['method'] == 'Runtime.exceptionThrown':
+            self.console_messages.append(
+                'exception: ' + describe_exception(params['exceptionDetails']))
+        elif message['method'] == 'Page.javascriptDialogOpening':
+            # An open alert() blocks the page and every wait after it: close
+            # it now.  send() skips the reply, as it does any unknown id.
+            self.console_messages.append('%s: %s' % (params['type'], params['message']))
+            self._post('Page.handleJavaScriptDialog', {'accept': True}, True,
+                       time.monotonic() + self.timeout)
+
+    def _chromium_gone(self, what):
+        """Return the error for a pipe Chromium closed, with its last words."""
+        with open(self._stderr_log, 'rb') as stderr:
+            last_lines = b''.join(stderr.readlines()[-10:]).decode('utf-8', 'replace')
+        return CDPError('Chromium closed the pipe during %s; its stderr ends:\n%s'
+                        % (what, last_lines))
+
+    # --- Page ---
+
+    def goto(self, url):
+        """Navigate the page to url and wait for its load event."""
+        self._events.clear()   # an earlier page's load event must not answer
+        result = self.send('Page.navigate', {'url': url})
+        if result.get('errorText'):
+            raise CDPError('%s: %s' % (url, result['errorText']))
+        if 'loaderId' in result:   # absent for #fragment moves: no load event
+            self.wait_event('Page.loadEventFired')
+
+    def evaluate(self, expression):
+        """Return the JSON value of a JS expression, awaited if it is a promise."""
+        result = self.send('Runtime.evaluate', {
+            'expression': expression, 'returnByValue': True, 'awaitPromise': True})
+        if 'exceptionDetails' in result:
+            raise CDPError('%s threw %s' % (
+                expression, describe_exception(result['exceptionDetails'])))
+        return result['result'].get('value')
+
+    def wait_for(self, expression, what, timeout=None):
+        """Evaluate expression until it is truthy and return that value."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                raise AssertionError('timed out waiting for ' + what)
+            time.sleep(POLL_INTERVAL_SEC)
+
+    def insert_text(self, text):
+        """Type text into the focused element, as a paste or an IME commit does."""
+        self.send('Input.insertText', {'text': text})
+
+    def press(self, key):
+        """Press and release one key named in KEYS in the focused element."""
+        key_code, text = KEYS[key]
+        event = {'key': key, 'code': key, 'windowsVirtualKeyCode': key_code,
+                 'text': text, 'unmodifiedText': text}
+        self.send('Input.dispatchKeyEvent', dict(event, type='keyDown' if text else 'rawKeyDown'))
+        self.send('Input.dispatchKeyEvent', dict(event, type='keyUp'))
+
+    def compose(self, text):
+        """Show text as an uncommitted IME composition, like a half-typed syllable."""
+        # While it lasts, press('Enter') gives a keydown with isComposing true
+        # but keyCode 13, and its keypress submits a form with the unfinished
+        # text unless the keydown is cancelled.  A real IME's keydown has key
+        # 'Process', keyCode 229 and no keypress: send a 'rawKeyDown' with
+        # those to imitate it.  Neither ends the composition.
+        end = len(text.encode('utf-16-le')) // 2   # DOM offsets count UTF-16 units
+        self.send('Input.imeSetComposition', {
+            'text': text, 'selectionStart': end, 'selectionEnd': end})
+
+    def commit_composition(self, text):
+        """Replace the current IME composition with text and end it."""
+        self.send('Input.insertText', {'text': text})
+
+    def screenshot(self, path):
+        """Save a PNG of the page's viewport to path."""
+        png = self.send('Page.captureScreenshot', {'format': 'png'})['data']
+        with open(path, 'wb') as out:
+            out.write(base64.b64decode(png))
+
+    # --- Shutdown ---
+
+    def close(self):
+        """Quit Chromium, reap it, close the pipes and remove the profile; idempotent."""
+        if self._proc is not None:
+            self._ask_chromium_to_quit()
+            # The leader is not reaped yet, so its pid still names the group:
+            # this kills the helpers (zygotes) that outlive it, or all on a hang.
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+        for fd in (self._to_chromium, self._from_chromium):
+            if fd is not None:
+                os.close(fd)
+        if self._profile_dir is not None:
+            shutil.rmtree(self._profile_dir)
+        self._proc = self._to_chromium = self._from_chromium = self._profile_dir = None
+
+    def _ask_chromium_to_quit(self):
+        """Send Browser.close and read until Chromium exits and its pipe ends."""
+        deadline = time.monotonic() + CLOSE_TIMEOUT_SEC
+        try:
+            self._post('Browser.close', None, False, deadline)
+            while True:
+                wait_ready(self._from_chromium, False, deadline, 'Chromium to exit')
+                if not os.read(self._from_chromium, PIPE_CHUNK_BYTES):
+                    return
+        except (AssertionError, CDPError):
+            pass   # hung or gone already: close() kills it
+
+
+# --- The web side: HTTP and WebSocket --------------------------------------------
+
+def http_get(port, request, tls=False):
+    """Send a raw HTTP request; the whole answer (until the server closes)."""
+    conn = TlsConn(port, hello=False) if tls else Conn(port, hello=False)
+    try:
+        conn.send(request)
+        conn.sock.settimeout(TIMEOUT)
+        data = bytearray(conn.buf)
+        while True:
+            chunk = conn.sock.recv(65536)
+            if not chunk:
+                return bytes(data)
+            data += chunk
+    finally:
+        conn.close()
+
+
+def response_parts(data):
+    """(status, headers, body) of an HTTP response."""
+    head, _, body = data.partition(b'\r\n\r\n')
+    lines = head.decode('latin-1').split('\r\n')
+    headers = dict(line.split(': ', 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+class WsConn:
+    """A WebSocket peer speaking raw frames, as a browser would (with an
+    Origin, unless given None), through chat.py's own sans-I/O reader."""
+
+    def __init__(self, port, origin='self', tls=False, host=None, handshake=None):
+        self.conn = TlsConn(port, hello=False) if tls else Conn(port, hello=False)
+        self.sock = self.conn.sock
+        host = host or '127.0.0.1:%d' % port
+        if origin == 'self':
+            origin = '%s://%s' % ('https' if tls else 'http', host)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.request = handshake or (
+            'GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n'
+            'Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n'
+            % (host, key, 'Origin: %s\r\n' % origin if origin else ''))
+        self.reader = chat.WebSocketReader(1 << 20, client_side=True)
+        self.events = []
+        self.key = key
+
+    def open(self, byte_at_a_time=False):
+        """Send the handshake; the response head."""
+        data = self.request.encode()
+        for piece in ([data[i:i + 1] for i in range(len(data))] if byte_at_a_time else [data]):
+            self.sock.sendall(piece)
+        head = b''
+        while b'\r\n\r\n' not in head:
+            chunk = self.sock.recv(1)
+            if not chunk:
+                break
+            head += chunk
+        return head
+
+    def handshake(self):
+        head = self.open()
+        assert head.startswith(b'HTTP/1.1 101 '), head
+        return self
+
+    def send_text(self, text):
+        self.sock.sendall(chat.client_text_frame(text))
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def event(self, timeout=TIMEOUT):
+        """The next event from the server: ('text', line), ('ping', b''), ('close', code, ''), ..."""
+        deadline = time.monotonic() + timeout
+        while not self.events:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError('no frame within %ss' % timeout)
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                raise ConnectionError('closed by the server without a close frame')
+            self.events += self.reader.feed(data)
+        return self.events.pop(0)
+
+    def expect(self, pattern):
+        """Read text frames until one matches; the lines before it."""
+        before = []
+        while True:
+            event = self.event()
+            assert event[0] == 'text', event
+            if re.search(pattern, event[1]):
+                return before
+            before.append(event[1])
+
+    def expect_close(self):
+        """Read until the close frame; its code."""
+        return self.expect_event('close')[1]
+
+    def expect_event(self, kind):
+        """Read until an event of kind (text lines aside); that event."""
+        while True:
+            event = self.event()
+            if event[0] == kind:
+                return event
+
+    def close(self):
+        self.conn.close()
+
+
+class TestWeb(ServerTestCase):
+    SERVER_OPTIONS = {'rate': 0}
+
+    def ws(self, name=None, **kw):
+        ws = WsConn(self.srv.port, **kw).handshake()
+        self.addCleanup(ws.close)
+        ws.expect(r'^-!- \d+ online in #lobby')
+        if name:
+            ws.send_text('/nick %s' % name)
+            ws.expect(r'is now known as %s$' % name)
+        return ws
+
+    def test_the_page_with_its_security_headers(self):
+        status, headers, body = response_parts(http_get(
+            self.srv.port, 'GET /?room=dev HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n' % self.srv.port))
+        self.assertEqual(status, 200)
+        self.assertEqual(body, chat.PAGE.encode())
+        self.assertEqual(headers['Content-Type'], 'text/html; charset=utf-8')
+        csp = headers['Content-Security-Policy']
+        self.assertIn("connect-src 'self' ws://127.0.0.1:%d" % self.srv.port, csp)
+        self.assertIn("script-src 'sha256-", csp)
+        self.assertIn("default-src 'none'", csp)
+        for name, value in (('X-Content-Type-Options', 'nosniff'),
+                            ('Referrer-Policy', 'no-referrer'), ('X-Frame-Options', 'DENY'),
+                            ('Connection', 'close')):
+            self.assertEqual(headers[name], value)
+        status, headers, body = response_parts(http_get(self.srv.port,
+                                                        'HEAD / HTTP/1.1\r\nHost: x\r\n\r\n'))
+        self.assertEqual((status, body), (200, b''))
+        self.assertEqual(int(headers['Content-Length']), len(chat.PAGE.encode()))
+
+    def test_every_other_request_gets_a_short_error_and_the_room_hears_nothing(self):
+        alice = self.connect('alice')
+        for request, status in (('GET /admin HTTP/1.1\r\nHost: x\r\n\r\n', 404),
+                                ('POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nhi\n', 405),
+                                ('GET / HTTP/1.1\r\n\r\n', 400),  # no Host
+                                ('GET / HTTP/1.1\r\nBad header\r\n\r\n', 400),
+                                ('GET /ws HTTP/1.1\r\nHost: x\r\n\r\n', 400),  # not an upgrade
+                                ('GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n', 404),  # off
+                                ('GET / HTTP/1.1\r\nHost: x\r\nX: %s\r\n\r\n' % ('y' * 9000), 431)):
+            answer = http_get(self.srv.port, request)
+            self.assertEqual(response_parts(answer)[0], status, request[:40])
+            self.assertIn(b'Connection: close', answer)
+            self.assertIn(b'X-Content-Type-Options: nosniff', answer)
+        self.assertEqual(self.sync(alice), [])  # no join, no leave, no line
+
+    def test_a_slow_request_head_is_dropped(self):
+        patch_constant(self, 'HTTP_HEAD_SEC', 0.3)
+        slow = Conn(self.srv.port, hello=False)
+        self.addCleanup(slow.close)
+        slow.send('GET / HTTP/1.1\r\nHost: x\r\n')  # and never the blank line
+        self.assertEqual(slow.expect_closed(), [])
+        self.srv.wait_log(r'dropped 127\.0\.0\.1:\d+: no HTTP request in 0 s')
+
+    def test_a_websocket_and_nc_chat_in_one_room(self):
+        bob = self.connect('bob')
+        ws = self.ws('\uc6f9')
+        bob.expect(came('\uc6f9'))
+        ws.send_text('hello from the web \U0001f600')
+        bob.expect('^<\uc6f9> hello from the web \U0001f600$')
+        bob.send('hi web\n')
+        ws.expect(r'^<bob> hi web$')
+        ws.send_text('/join dev')
+        ws.expect(r'^-!- You are in #dev$')
+        bob.expect('^-!- \uc6f9 left for #dev$')
+
+    def test_the_handshake_a_byte_at_a_time(self):
+        ws = WsConn(self.srv.port)
+        self.addCleanup(ws.close)
+        head = ws.open(byte_at_a_time=True)
+        self.assertIn(('Sec-WebSocket-Accept: %s' % chat.websocket_accept(ws.key)).encode(), head)
+        ws.expect(r'^-!- Welcome, ')
+
+    def test_origins(self):
+        for origin, allowed in (('http://evil.example', False), (None, True),
+                                ('null', False), ('self', True)):
+            ws = WsConn(self.srv.port, origin=origin)
+            self.addCleanup(ws.close)
+            head = ws.open()
+            self.assertEqual(head.startswith(b'HTTP/1.1 101'), allowed, (origin, head))
+            if not allowed:
+                self.assertTrue(head.startswith(b'HTTP/1.1 403 Forbidden'), head)
+
+    def test_a_listed_origin_may_open_it(self):
+        self.srv.server.web.origins.append('https://chat.example.org')
+        ws = WsConn(self.srv.port, origin='https://chat.example.org:443')
+        self.addCleanup(ws.close)
+        self.assertTrue(ws.open().startswith(b'HTTP/1.1 101'))
+
+    def test_close_codes(self):
+        cases = [
+            (chat.encode_frame(chat.OP_TEXT, b'unmasked'), 1002),
+            (b'\xc1\x80' + b'\0' * 4, 1002),                      # a reserved bit
+            (b'\x83\x80' + b'\0' * 4, 1002),                      # opcode 3
+            (chat.encode_frame(chat.OP_BINARY, b'\1\2', b'abcd'), 1003),
+            (chat.encode_frame(chat.OP_TEXT, b'caf\xc3 \xff', b'abcd'), 1007),
+            (chat.encode_frame(chat.OP_TEXT, b'x' * (chat.MAX_LINE_BYTES + 1), b'abcd'), 1009),
+            (chat.encode_frame(chat.OP_PING, b'p' * 126, b'abcd'), 1002),  # control over 125
+        ]
+        for frame, code in cases:
+            ws = self.ws()
+            ws.send(frame)
+            self.assertEqual(ws.expect_close(), code, frame[:8])
+
+    def test_fragments_with_a_ping_between_and_the_limit_over_fragments(self):
+        ws = self.ws('frag')
+        bob = self.connect('bob')
+        mask = b'mask'
+        ws.send(chat.encode_frame(chat.OP_TEXT, '\ud55c'.encode()[:2], mask, fin=False)
+                + chat.encode_frame(chat.OP_PING, b'still there?', mask)
+                + chat.encode_frame(chat.OP_CONT, '\ud55c'.encode()[2:] + b' in three',
+                                    mask, fin=False)
+                + chat.encode_frame(chat.OP_CONT, b' parts', mask))
+        self.assertEqual(ws.event(), ('pong', b'still there?'))
+        bob.expect('^<frag> \ud55c in three parts$')
+        half = chat.MAX_LINE_BYTES // 2 + 1
+        ws.send(chat.encode_frame(chat.OP_TEXT, b'x' * half, mask, fin=False)
+                + chat.encode_frame(chat.OP_CONT, b'x' * half, mask))
+        self.assertEqual(ws.expect_close(), 1009)
+
+    def test_the_close_handshake_both_ways(self):
+        ws, bob = self.ws('leaver'), self.connect('bob')
+        ws.send(chat.encode_frame(chat.OP_CLOSE, struct.pack('!H', 1000) + b'bye', b'mask'))
+        self.assertEqual(ws.expect_close(), 1000)  # echoed
+        bob.expect(r'^-!- leaver left \(connection closed\)$')
+        quitter = self.ws('quitter')
+        quitter.send_text('/quit')
+        quitter.expect(r'^-!- Goodbye$')
+        self.assertEqual(quitter.expect_close(), 1000)
+
+    def test_an_idle_websocket_is_pinged_and_dropped_when_it_stops_answering(self):
+        patch_constant(self, 'WS_PING_SEC', 1.0)
+        answering, silent = self.ws('answering'), self.ws('silent')
+        self.assertEqual(answering.expect_event('ping'), ('ping', b''))
+        answering.send(chat.encode_frame(chat.OP_PONG, b'', b'mask'))
+        self.assertEqual(silent.expect_event('ping'), ('ping', b''))  # pinged before dropped
+        self.srv.wait_log(r'silent did not answer a ping')
+        self.srv.wait_log(r'silent left \(no answer to ping\)')
+        answering.send_text('/who')
+        answering.expect(r'^-!- 1 online in #lobby: answering$')
+
+    def test_a_turns_lines_are_framed_once_for_every_websocket(self):
+        talker = self.connect('talker')
+        listeners = [self.ws('w%d' % i) for i in range(4)]
+        talker.expect(r'^-!- 4 people joined|^-!- w3 joined')
+        roundtrip(talker)
+        server = self.srv.server
+        sent, send_fresh = [], server.send_fresh
+        server.send_fresh = lambda peer, data: (sent.append(data), send_fresh(peer, data))
+        talker.send('once\nfor all\n')
+        for ws in listeners:
+            ws.expect(r'^<talker> for all$')
+        framed = [data for data in sent if data.startswith(b'\x81')]
+        self.assertEqual(len(framed), 4)
+        for data in framed:
+            self.assertIs(data, framed[0])
+
+    def test_password_and_flood_control_apply_to_websockets(self):
+        self.srv.server.gate.password = 'sesame'
+        self.srv.server.rate, self.srv.server.burst = 2, 2
+        ws = WsConn(self.srv.port).handshake()
+        self.addCleanup(ws.close)
+        ws.expect(re.escape(chat.PASSWORD_PROMPT))
+        ws.send_text('/pass sesame')
+        ws.expect(r'^-!- \d+ online')
+        for i in range(4):
+            ws.send_text('line %d' % i)
+        ws.expect(r'^-!- flood control: your lines wait, 2 per second$')
+
+
+class TestWebOptions(unittest.TestCase):
+
+    def test_no_web_closes_http_unheard_and_metrics_when_asked(self):
+        server = ServerProcess('--no-web')
+        self.addCleanup(server.stop)
+        self.assertEqual(http_get(server.port, 'GET / HTTP/1.1\r\nHost: x\r\n\r\n'), b'')
+        self.assertNotIn('in a browser', server.banner + server.proc.stdout.readline()
+                         + server.proc.stdout.readline())
+        server = ServerProcess('--metrics')
+        self.addCleanup(server.stop)
+        listener = Conn(server.port)
+        self.addCleanup(listener.close)
+        listener.expect(r'^-!- 1 online')
+        conn = Conn(server.port)
+        self.addCleanup(conn.close)
+        conn.expect(r'^-!- 2 online')
+        conn.send('hello\n')
+        listener.expect(r'^<\S+> hello$')
+        status, headers, body = response_parts(http_get(server.port,
+                                                         'GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n'))
+        self.assertEqual(status, 200)
+        text = body.decode()
+        for line in ('chat_peers 2', 'chat_rooms 1', '# TYPE chat_bytes_out_total counter',
+                     'chat_lines_out_total 2'):  # the listener's: a join, hello
+            self.assertIn(line, text)
+        self.assertRegex(text, r'chat_lines_in_total [1-9]')
+        self.assertRegex(text, r'chat_loop_turn_seconds_max \d')
+
+    sync = ServerTestCase.sync
+
+    def test_https_and_wss_with_tls(self):
+        cert, key, _ = certificate()
+        server = ServerProcess('--tls-cert', cert, '--tls-key', key)
+        self.addCleanup(server.stop)
+        self.assertIn('or open https://127.0.0.1:%d/ in a browser' % server.port,
+                      server.proc.stdout.readline() + server.proc.stdout.readline()
+                      + server.proc.stdout.readline())
+        status, headers, _ = response_parts(http_get(
+            server.port, 'GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n' % server.port, tls=True))
+        self.assertEqual(status, 200)
+        self.assertIn("connect-src 'self' wss://127.0.0.1:%d" % server.port,
+                      headers['Content-Security-Policy'])
+        ws = WsConn(server.port, tls=True).handshake()
+        self.addCleanup(ws.close)
+        ws.expect(r'^-!- Welcome, ')
+
+
+# --- The page in a real browser ------------------------------------------------
+
+PAGE_WAIT_JS = "window.chat && chat.state()"
+LOG_TEXTS_JS = "Array.from(document.querySelectorAll('#log li .text'), node => node.textContent)"
+HIDE_TAB_JS = ("Object.defineProperty(document, 'visibilityState', "
+               "{configurable: true, get: () => 'hidden'});"
+               "document.dispatchEvent(new Event('visibilitychange'))")
+SHOW_TAB_JS = ("delete document.visibilityState;"
+               "document.dispatchEvent(new Event('visibilitychange'))")
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+PHONE = {'width': 375, 'height': 667, 'deviceScaleFactor': 2, 'mobile': True}
+
+
+class OtherSite:
+    """Some other web site on loopback: an empty page, no CSP."""
+
+    def __init__(self):
+        handler = type('Handler', (http.server.BaseHTTPRequestHandler,), {
+            'do_GET': OtherSite.serve, 'log_message': lambda *args: None})
+        self.httpd = http.server.HTTPServer(('127.0.0.1', 0), handler)
+        self.origin = 'http://127.0.0.1:%d' % self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def serve(handler):
+        body = b'<!doctype html><title>elsewhere</title>'
+        handler.send_response(200)
+        handler.send_header('Content-Type', 'text/html')
+        handler.send_header('Content-Length', str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(TIMEOUT)
+
+
+class PageTests:
+    """The page, in a headless Chromium, against a real server: what a
+    person in a browser does, and what nc users on the same room see."""
+
+    def open_page(self, port, name=None):
+        """A browser on the page at port; joined as name if given."""
+        browser = Browser()
+        self.addCleanup(browser.close)
+        # Kept after the run (each run overwrites them), for a failure to be looked at.
+        self.shots = os.path.join(tempfile.gettempdir(), 'chat.py-test-screenshots')
+        os.makedirs(self.shots, exist_ok=True)
+        browser.goto('http://127.0.0.1:%d/' % port)
+        browser.wait_for(PAGE_WAIT_JS, 'the page to start')
+        if name:
+            browser.wait_for("!document.getElementById('name-form').hidden", 'the name form')
+            browser.evaluate("document.getElementById('name-input').focus()")
+            browser.insert_text(name)
+            browser.press('Enter')
+            self.wait_state(browser, "s.name === %s" % json.dumps(name), 'named ' + name)
+        return browser
+
+    def wait_state(self, browser, condition, what='the page state'):
+        return browser.wait_for('(s => %s)(chat.state())' % condition, what)
+
+    def type_line(self, browser, text):
+        browser.evaluate("document.getElementById('line').focus()")
+        browser.insert_text(text)
+        browser.press('Enter')
+
+    def wait_text(self, browser, text):
+        """The log's lines once one of them is text."""
+        return browser.wait_for("(t => t.includes(%s) && t)(%s)" % (json.dumps(text), LOG_TEXTS_JS),
+                                'a line %r on the page' % text)
+
+    def screenshot(self, browser, name):
+        """Kept in the test's folder, for whoever looks into a failure."""
+        path = os.path.join(self.shots, name)
+        browser.screenshot(path)
+        with open(path, 'rb') as png:
+            self.assertEqual(png.read(8), PNG_SIGNATURE)
+
+
+class TestPage(PageTests, ServerTestCase):
+    SERVER_OPTIONS = {'rate': 0, 'max_line': 300}
+
+    def test_a_korean_name_chats_with_nc_and_markup_stays_text(self):
+        nc = self.connect('nc')
+        browser = self.open_page(self.srv.port, '민수')
+        nc.expect(came('민수'))
+        self.type_line(browser, '안녕하세요 👋')
+        nc.expect(r'^<민수> 안녕하세요 👋$')
+        nc.send('반가워요, 민수\n')
+        self.wait_text(browser, '반가워요, 민수')
+        # The same colour as the terminal client gives the name.
+        colour = browser.evaluate("document.querySelector('#log li.public:last-child .who').className")
+        self.assertIn('n' + chat.TerminalScreen.name_colour(None, 'nc'), colour.split())
+        # Markup from the network is shown as its characters, never parsed.
+        payload = '<img src=x onerror=alert(1)><script>alert(2)</script>'
+        nc.send(payload + '\n')
+        self.wait_text(browser, payload)
+        self.assertEqual(browser.evaluate("document.querySelectorAll('#log img, #log script').length"), 0)
+        nc.send('/topic <b>bold</b>\n')
+        browser.wait_for("document.getElementById('topic').textContent === '<b>bold</b>'", 'topic')
+        self.assertEqual(browser.evaluate("document.querySelectorAll('#topic b').length"), 0)
+        self.assertEqual(browser.console_messages, [])
+        self.assertEqual(self.wait_state(browser, "s.members.includes('nc') && s.members"),
+                         ['nc', '민수'])
+        self.screenshot(browser, 'korean.png')
+
+    def test_commands_recall_and_the_line_limit(self):
+        nc = self.connect('nc')
+        browser = self.open_page(self.srv.port, 'web')
+        nc.expect(came('web'))
+        self.type_line(browser, '/join dev')
+        self.wait_state(browser, "s.room === '#dev'")
+        browser.wait_for("document.getElementById('room').textContent === '#dev'", 'header')
+        nc.expect(r'^-!- web left for #dev$')
+        self.type_line(browser, '/me waves')
+        self.type_line(browser, '/part')
+        self.wait_state(browser, "s.room === '#lobby'")
+        nc.expect(r'^-!- web joined$')
+        self.type_line(browser, 'first')
+        nc.expect(r'^<web> first$')
+        # Up recalls the last line sent, then the one before; Down returns to the draft.
+        browser.insert_text('draft')
+        browser.press('ArrowUp')
+        self.assertEqual(browser.evaluate("document.getElementById('line').value"), 'first')
+        browser.press('ArrowUp')
+        self.assertEqual(browser.evaluate("document.getElementById('line').value"), '/part')
+        browser.press('ArrowDown')
+        browser.press('ArrowDown')
+        self.assertEqual(browser.evaluate("document.getElementById('line').value"), 'draft')
+        # Over the server's --max-line (300 here, told to the page): refused, kept.
+        browser.evaluate("document.getElementById('line').value = ''")
+        long_line = '가' * 101  # 303 bytes
+        self.type_line(browser, long_line)
+        self.wait_text(browser, 'line too long (303 bytes; at most 300): not sent')
+        self.assertEqual(browser.evaluate("document.getElementById('line').value"), long_line)
+        self.type_line(browser, '')  # nothing: a blank line is not sent
+        browser.evaluate("document.getElementById('line').value = ''")
+        self.type_line(browser, 'after')
+        self.assertEqual(nc.expect(r'^<web> .*')[1].group(0), '<web> after')
+
+    def test_an_ime_composition_is_not_sent_half_done(self):
+        nc = self.connect('nc')
+        browser = self.open_page(self.srv.port, 'ime')
+        nc.expect(came('ime'))
+        browser.evaluate("document.getElementById('line').focus()")
+        browser.compose('하')  # half of 한
+        browser.press('Enter')
+        browser.commit_composition('한')
+        browser.insert_text('글')
+        browser.press('Enter')
+        self.assertEqual(nc.expect(r'^<ime> .*')[1].group(0), '<ime> 한글')
+
+    def test_mentions_and_the_unread_count(self):
+        nc = self.connect('nc')
+        browser = self.open_page(self.srv.port, 'alice')
+        nc.expect(came('alice'))
+        browser.evaluate(HIDE_TAB_JS)
+        nc.send('hello alice\n')
+        nc.send('malice is no mention\n')
+        self.wait_text(browser, 'malice is no mention')
+        marks = browser.evaluate("Array.from(document.querySelectorAll('#log li.mention mark'),"
+                                 " m => m.textContent)")
+        self.assertEqual(marks, ['alice'])
+        self.assertEqual(browser.evaluate('document.title'), '(2) #lobby — chat')
+        browser.evaluate(SHOW_TAB_JS)
+        self.assertEqual(browser.evaluate('document.title'), '#lobby — chat')
+
+    def test_a_page_of_another_origin_cannot_open_the_socket(self):
+        # Another site's page, served from another port (another origin),
+        # with no CSP of ours: only the server's Origin check stops it.
+        elsewhere = OtherSite()
+        self.addCleanup(elsewhere.stop)
+        allowed = ServerThread(web_origins=[elsewhere.origin])
+        self.addCleanup(allowed.stop)
+        browser = Browser()
+        self.addCleanup(browser.close)
+        browser.goto(elsewhere.origin + '/')
+        opening = """new Promise(done => {
+            const ws = new WebSocket('ws://127.0.0.1:%d/ws');
+            ws.onopen = () => { done('open'); ws.close(); };
+            ws.onclose = event => done('closed ' + event.code);
+        })"""
+        self.assertEqual(browser.evaluate(opening % self.srv.port), 'closed 1006')
+        self.srv.wait_log(r'HTTP: 403')
+        self.assertEqual(browser.evaluate(opening % allowed.port), 'open')  # --web-origin
+
+    def test_phone_layout_and_labels(self):
+        browser = self.open_page(self.srv.port)
+        browser.send('Emulation.setDeviceMetricsOverride', PHONE)
+        browser.wait_for("document.activeElement.id === 'name-input'", 'the name asked')
+        browser.insert_text('phone')
+        browser.press('Enter')
+        self.wait_state(browser, "s.name === 'phone'")
+        geometry = browser.evaluate("""(() => {
+            const box = id => document.getElementById(id).getBoundingClientRect();
+            const small = Array.from(document.querySelectorAll('button, input, summary'))
+                .filter(e => e.offsetParent && e.getBoundingClientRect().height < 44);
+            return {height: innerHeight, form: box('send-form').bottom,
+                    page: document.documentElement.scrollHeight, small: small.length,
+                    unlabelled: Array.from(document.querySelectorAll('input'))
+                        .filter(input => !input.labels.length).length,
+                    live: document.getElementById('log').getAttribute('aria-live')};
+        })()""")
+        self.assertEqual(geometry['form'], geometry['height'])  # the input at the bottom
+        self.assertEqual(geometry['page'], geometry['height'])  # only the log scrolls
+        self.assertEqual((geometry['small'], geometry['unlabelled'], geometry['live']),
+                         (0, 0, 'polite'))
+        browser.send('Emulation.setEmulatedMedia', {
+            'features': [{'name': 'prefers-color-scheme', 'value': 'dark'}]})
+        self.assertEqual(browser.evaluate("getComputedStyle(document.body).backgroundColor"),
+                         'rgb(22, 24, 29)')
+        self.screenshot(browser, 'phone-dark.png')
+
+
+class TestPageReconnects(PageTests, unittest.TestCase):
+
+    def test_after_a_server_restart_with_its_name_room_and_draft(self):
+        server = ServerProcess()
+        self.addCleanup(lambda: server.stop())
+        port = server.port
+        browser = self.open_page(port, 'remy')
+        browser.evaluate('window.CHAT_BACKOFF_MS = [100, 200]')
+        self.type_line(browser, '/join dev')
+        self.wait_state(browser, "s.room === '#dev'", 'in #dev')
+        server.stop()
+        self.wait_state(browser, "s.reconnecting && !s.connected", 'reconnecting')
+        browser.wait_for("document.getElementById('banner-text').textContent"
+                         ".startsWith('reconnecting…')", 'the banner')
+        self.screenshot(browser, 'reconnecting.png')
+        browser.evaluate("document.getElementById('line').focus()")
+        browser.insert_text('half a thought')
+        server = ServerProcess(port=port)
+        self.wait_state(browser, "s.connected && s.name === 'remy' && s.room === '#dev'",
+                        'back as remy in #dev')
+        self.assertEqual(browser.evaluate("document.getElementById('line').value"),
+                         'half a thought')
+        self.assertTrue(browser.evaluate("document.getElementById('banner').hidden"))
+        nc = Conn(port)
+        self.addCleanup(nc.close)
+        nc.send('/join dev\n')
+        nc.expect(r'^-!- \d+ online in #dev: .*remy')
+        browser.press('Enter')
+        nc.expect(r'^<remy> half a thought$')
+
+    def test_no_reconnect_after_quit(self):
+        server = ServerProcess()
+        self.addCleanup(server.stop)
+        browser = self.open_page(server.port, 'quitter')
+        browser.evaluate('window.CHAT_BACKOFF_MS = [100, 200]')
+        self.type_line(browser, '/quit')
+        self.wait_state(browser, "!s.connected && s.stopped", 'stopped')
+        browser.wait_for("document.getElementById('banner-text').textContent"
+                         ".startsWith('Disconnected')", 'the banner')
+        server.wait_log(r'quitter left')
+        self.assertFalse(browser.evaluate('chat.state().reconnecting'))
+
+
 # --- Server: limits ------------------------------------------------------------
 
 class TestLineLimit(ServerTestCase):
@@ -1101,10 +2004,10 @@ class TestBurstsAreSpreadOverTurns(unittest.TestCase):
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.connect(address)
+            sock.sendall(b'\n')  # a chat client speaks first, and joins
             self.addCleanup(sock.close)
             peers.append(sock)
-        while len(server.names) < len(peers):
-            server.run_once(timeout=TIMEOUT)
+        step_until(server, lambda: len(server.names) == len(peers), 'everyone in')
 
         def read_all(sock):
             data = bytearray()
@@ -1515,6 +2418,8 @@ class TestServerProcess(unittest.TestCase):
         join = server.proc.stdout.readline()
         self.assertEqual(join, 'join with: python3 chat.py client 127.0.0.1:%d   '
                                '(or: nc 127.0.0.1 %d)\n' % (server.port, server.port))
+        self.assertEqual(server.proc.stdout.readline(),
+                         '       or open http://127.0.0.1:%d/ in a browser\n' % server.port)
         self.assertEqual(server.proc.stdout.readline(), 'security: no TLS (anyone on the network '
                          'can read the room), no room password, no operators\n')
 
@@ -2642,8 +3547,8 @@ class TestTelnet(PtySession, ServerTestCase):
     def test_telnet_survives_ctrl_c_and_nothing_of_its_protocol_is_said(self):
         watcher = self.connect('watcher')
         self.spawn(command=[need('telnet'), '127.0.0.1', str(self.srv.port)])
-        self.read_until(lambda s: '2 online' in s.text(), 'the welcome')
-        self.type('/nick tel\r')
+        self.read_until(lambda s: chat.ENTER_TO_JOIN in s.text(), 'the knock')
+        self.type('/nick tel\r')  # its first line lets it in, and is handled
         watcher.expect(came('tel'))
         # Ctrl-C (and in some telnets, a byte of Hangul: 0x83 is Ctrl-C with
         # the high bit set, and U+AC03 has it): telnet sends IAC IP IAC DO
@@ -2927,8 +3832,8 @@ class TestPassword(PtySession, ServerTestCase):
             sock.settimeout(TIMEOUT)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         member.sendall(b'/pass pw\n')
-        while len(server.names) < 1 or len(server.peers) < 2:
-            server.run_once(timeout=0.1)
+        step_until(server, lambda: len(server.names) == 1 and len(server.peers) == 2,
+                   'one in, one at the door')
         waiting = [p for p in server.peers if p.key is None][0]
         ends = [p.sock for p in server.peers]
         import select
@@ -3069,8 +3974,10 @@ class TestPassword(PtySession, ServerTestCase):
             conn = Conn(self.srv.port, hello=False)
             self.addCleanup(conn.close)
             conn.send(request)
-            self.assertEqual(conn.expect_closed(), [])  # not even the password prompt
-        self.srv.wait_log(r'refused 127\.0\.0\.1:\d+: an HTTP request \(POST /aaaa')
+            answer = conn.expect_closed()  # the page or a 404, not the password prompt
+            self.assertRegex(answer[0], r'^HTTP/1\.1 (200|404) ')
+            self.assertFalse([line for line in answer if line.startswith('-!- ')])
+        self.srv.wait_log(r'127\.0\.0\.1:\d+ HTTP: 404 /aaaa')
         self.assertEqual(self.sync(alice), [])
         self.assertFalse([line for line in self.srv.logs if 'password' in line
                           and 'gave' not in line])  # no guess counted, none let in
@@ -3450,6 +4357,8 @@ class TestTlsCommandLine(PtySession, unittest.TestCase):
                          '(or: openssl s_client -quiet -connect 127.0.0.1:%d)\n'
                          % (server.port, server.port))
         self.assertEqual(server.proc.stdout.readline(),
+                         '       or open https://127.0.0.1:%d/ in a browser\n' % server.port)
+        self.assertEqual(server.proc.stdout.readline(),
                          'security: TLS, no room password, no operators\n')
 
     def test_tls_password_and_pinning_together(self):
@@ -3521,10 +4430,11 @@ class TestReviewFindings(unittest.TestCase):
         senders = [socket.create_connection(address) for _ in range(30)]
         for sock in senders + [victim]:
             self.addCleanup(sock.close)
+            sock.sendall(b'\n')
             sock.setblocking(False)
-        while len(server.names) < 31:
-            server.run_once(timeout=0.1)
-        victim_peer = server.names[chat.name_key('guest-1')]
+        step_until(server, lambda: len(server.names) == 31, 'everyone in')
+        victim_peer = [peer for peer in server.names.values()
+                       if peer.sock.getpeername() == victim.getsockname()][0]
 
         def drain_victim():
             got = b''
@@ -3537,14 +4447,14 @@ class TestReviewFindings(unittest.TestCase):
                 got += data
         drain_victim()
         for sock in senders:  # within each one's burst, 117 KB for the victim in all
-            sock.sendall(('/msg guest-1 %s\n' % ('p' * 3900)).encode() * 3)
+            sock.sendall(('/msg %s %s\n' % (victim_peer.name, 'p' * 3900)).encode() * 3)
         received = 0
         deadline = time.monotonic() + TIMEOUT
         while received < 90 and time.monotonic() < deadline:
             server.run_once(timeout=0.1)
             received += drain_victim().count(b'[PM from ')  # it keeps up
         self.assertEqual(received, 90)
-        self.assertIs(server.names.get(chat.name_key('guest-1')), victim_peer)
+        self.assertIs(server.names.get(victim_peer.key), victim_peer)
 
     def test_a_peers_own_command_output_counts_against_the_turns_share(self):
         # 300 /who at once from a reader that keeps up (stepped: it reads
@@ -3622,13 +4532,14 @@ class TestReviewFindings(unittest.TestCase):
         self.assertTrue(server.accepting)
 
     def test_a_held_turn_still_costs_flood_budget(self):
-        # A tiny backlog makes every turn's share one line; the budget is 5.
-        server, address = stepped_server(self, rate=0.001, burst=5, max_backlog=40)
+        # A tiny backlog makes every turn's share one line; the budget is 5
+        # (6, less the empty line each says first).
+        server, address = stepped_server(self, rate=0.001, burst=6, max_backlog=40)
         talker, reader = (socket.create_connection(address, TIMEOUT) for _ in range(2))
         for sock in (talker, reader):
             self.addCleanup(sock.close)
-        while len(server.names) < 2:
-            server.run_once(timeout=0.1)
+            sock.sendall(b'\n')
+        step_until(server, lambda: len(server.names) == 2, 'both in')
         talker.sendall(b''.join(b'line %d\n' % i for i in range(20)))
         for _ in range(40):
             server.run_once(timeout=0.01)
