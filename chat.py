@@ -28,6 +28,25 @@ peer says before anyone sees it, and the client removes them again.  TLS
 (--tls-cert), a room password, address rules and operators run in the same
 loop.  On a terminal the client keeps the line being typed intact while
 messages scroll above it.  `python3 chat.py bench` measures a server.
+
+The file, top to bottom (each part a "# --- " heading):
+
+    Compatibility             what differs across Pythons and platforms
+    Limits and defaults       every number the program uses, with why
+    Text protocol             cleaning text, the line kinds, names
+    Wire formats              HTTP and WebSocket (sans-I/O), telnet
+    Server                    Peer, History, Room (members, notices, the
+                              turn's batch), Session (/resume), Gate (who
+                              gets in), Commands (one cmd_WORD each),
+                              Server (loop, input, output), Web (the page,
+                              /ws, /metrics); listening sockets, the log
+    Durable history           DataLog: --data records, fsync, compaction
+    The web page              PAGE, the browser client
+    Client                    Client (reconnects, resumes), PlainScreen
+    Terminal line editor      KeyReader, LineEditor, TerminalScreen
+    Security                  TLS (certificates, pinning), passwords, MOTD
+    Bench                     `chat.py bench`
+    Command line              the subcommands, their options, main()
 """
 
 # An older Python stops at the first line it cannot parse and prints it: this
@@ -36,6 +55,7 @@ f'chat.py needs Python 3.6 or newer: run it with python3'
 
 import argparse
 import base64
+import calendar
 import codecs
 import collections
 import difflib
@@ -47,7 +67,9 @@ import hmac
 import ipaddress
 import itertools
 import os
+import random
 import re
+import secrets
 import selectors
 import shutil
 import signal
@@ -55,6 +77,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
@@ -64,6 +87,11 @@ __version__ = '1.1.0'
 
 
 # --- Compatibility -----------------------------------------------------------
+
+try:
+    import fcntl     # POSIX only: the --data lock
+except ImportError:  # Windows: --data is not locked
+    fcntl = None
 
 try:
     import resource  # POSIX only: open-files limit
@@ -130,6 +158,8 @@ def tls_context(server_side):
 
 DEFAULT_PORT = 9090
 DEFAULT_HISTORY = 20           # public messages replayed to a newcomer
+HISTORY_MAX_LINES = 1000       # a room's lines kept for /history (within --max-backlog)
+HISTORY_DEFAULT_LINES = 100    # /history without N
 MAX_NAME_CHARS = 24
 MAX_LINE_BYTES = 4096          # longest line a peer may send (IRC allows 512)
 MAX_SPACE_RUN = 8              # spaces in a row in what peers say: enough for code
@@ -172,6 +202,21 @@ WELCOME_NAMES = 20             # names in a newcomer's list of who is online
 WHO_PAGE_NAMES = 200           # names per page of /who
 ROOMS_PAGE = 50                # rooms per page of /rooms, a line each
 MAX_TOPIC_CHARS = 200          # a topic or away reason is cut here
+
+# Sessions that resume (--resume-for).
+DEFAULT_RESUME_FOR = 600.0     # a lost connection's name and room wait this long
+RESUME_NOTICE = 'To resume after a lost connection: /resume %s'  # 22-character token
+LOST_REASONS = ('connection lost', 'no answer to ping')  # not /quit, kick or ban
+LOST_NOTE = 'lost the connection'  # "-!- bob lost the connection", or among many leaves
+SAID_KEEP_SHARE = 4            # a room keeps what it said for resuming: 4 backlog caps
+SESSION_MAX_RUNS = 1000        # a session's runs (room lines, own lines) kept
+
+# The data log (--data).
+DATA_LOG_NAME = 'history.log'  # in --data DIR
+DEFAULT_DATA_MAX = 64 << 20    # compacted past this size (--data-max)
+FSYNC_CHOICES = ('always', 'everysec', 'no')
+DATA_RETRY_SEC = 1.0           # after a failed write, the next try waits this long
+DATA_MAX_PENDING = 1 << 20     # records kept while the disk refuses them; older go
 MAX_MOTD_BYTES = 16 * 1024     # of the MOTD file, read; every newcomer is sent it
 
 # A vanished peer (no FIN, no reset) is found by TCP keepalive probes: the
@@ -203,6 +248,9 @@ CONNECT_TIMEOUT_SEC = 10.0
 FIRST_LINE_WAIT_SEC = 2.0      # for a server that never speaks first (not chat.py)
 QUIT_WAIT_SEC = 5.0
 CLIENT_MAX_LINE_BYTES = 64 * 1024  # a longer line from the server is cut
+RECONNECT_BACKOFF_SEC = (1, 2, 4, 8, 16, 30)  # waits between tries; the last repeats
+RECONNECT_JITTER = 0.2         # +-20 %: a restarted server is not hit all at once
+RECONNECT_KEEP_LINES = 100     # typed while cut off, sent once back
 
 
 # --- Text protocol -----------------------------------------------------------
@@ -982,7 +1030,7 @@ class Peer:
                  'wants_write', 'sniffing', 'heard', 'telnet', 'authorized', 'operator',
                  'strikes', 'lines', 'since', 'active_at', 'away', 'muted', 'ignoring',
                  'ignored_by', 'replies_to', 'http', 'websocket', 'closed_ws', 'heard_at',
-                 'pinged')
+                 'pinged', 'session', 'lost_at')
 
     def __init__(self, sock, address, burst, ip=None):
         self.sock = sock
@@ -1026,6 +1074,8 @@ class Peer:
         self.closed_ws = False      # a WebSocket close frame went to it
         self.heard_at = self.since  # when it last sent anything (WebSockets are pinged)
         self.pinged = None          # when a ping went to it since, if one did
+        self.session = None         # a Session: what lets it resume
+        self.lost_at = None         # when its connection was lost, while it may resume
 
     def wanted_events(self):
         """The selector events this peer needs now: read unless paused or
@@ -1065,35 +1115,64 @@ class Peer:
 
 
 class History:
-    """A room's recent public lines, encoded: at most most of them, and at
-    most max_bytes in all (--history 1000000 of 4 KiB lines must not keep
-    gigabytes that no one will be shown)."""
+    """A room's recent public lines, encoded, with when they were said: at
+    most most lines, and at most max_bytes in all (--history 1000000 of 4
+    KiB lines must not keep gigabytes that no one will be shown).  Kept as
+    the blobs they were said in (a read's lines, as the fast path encodes
+    them), split into (stamp, line) only when someone asks: a busy room
+    pays one append per read.  A line is replayed as "[STAMP] LINE"."""
 
     def __init__(self, most, max_bytes):
         self.most = most
         self.max_bytes = max_bytes
-        self.lines = collections.deque()
+        self.blobs = collections.deque()  # (stamp, lines, how many)
+        self.count = 0
         self.size = 0
 
     def __iter__(self):
-        return iter(self.lines)
+        for stamp, blob, _ in self.blobs:
+            for line in blob.splitlines(True):
+                yield stamp, line
 
     def __len__(self):
-        return len(self.lines)
+        return self.count
 
     def __reversed__(self):
-        return reversed(self.lines)
+        for stamp, blob, _ in reversed(self.blobs):
+            for line in reversed(blob.splitlines(True)):
+                yield stamp, line
 
-    def add(self, lines):
-        for line in lines:
-            self.lines.append(line)
-            self.size += len(line)
-        while len(self.lines) > self.most or self.size > self.max_bytes:
-            self.size -= len(self.lines.popleft())
+    def add(self, stamp, lines):
+        """lines: one or more, each ending in a newline."""
+        count = lines.count(b'\n')
+        self.blobs.append((stamp, lines, count))
+        self.count += count
+        self.size += len(lines)
+        while self.size > self.max_bytes:  # whole blobs: a bound, not a target
+            _, blob, count = self.blobs.popleft()
+            self.size -= len(blob)
+            self.count -= count
+        while self.count > self.most:  # the oldest lines, exactly
+            stamp, blob, count = self.blobs.popleft()
+            over = self.count - self.most
+            if over < count:
+                rest = blob.split(b'\n', over)[-1]
+                self.blobs.appendleft((stamp, rest, count - over))
+                self.size -= len(blob) - len(rest)
+                self.count -= over
+            else:
+                self.size -= len(blob)
+                self.count -= count
 
-    def clear(self):
-        self.lines.clear()
-        self.size = 0
+
+def replayed(entry):
+    """A history line as it is sent again: with when it was said, in UTC."""
+    return b'[%s] %s' % entry
+
+
+def utc_stamp(seconds):
+    """ISO 8601, UTC, to the second: what the data log and replays carry."""
+    return time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(seconds)).encode()
 
 
 class Room:
@@ -1116,14 +1195,24 @@ class Room:
         self.key = name_key(name)
         self.topic = ''
         self.members = {}           # name_key -> Peer
-        # What a newcomer is replayed must fit one turn's share.
-        self.history = History(history, server.turn_budget)
+        # /history reaches HISTORY_MAX_LINES back, within one backlog cap;
+        # a newcomer is replayed --history of them, within one turn's share.
+        self.history = History(max(history, HISTORY_MAX_LINES) if history else 0,
+                               server.max_backlog)
+        self.topic_said = None      # (stamp, notice line) that set the topic, for the data log
+        # What it said lately, for sessions that resume: (first line number,
+        # sender, lines, how many), within SAID_KEEP_SHARE backlog caps.
+        self.said = collections.deque()
+        self.said_bytes = 0
+        self.seq = 0                # lines said in it, ever: the number of the next
+        self.said_from = 0          # the first line number still in said
         self.behind = set()         # members with a backlog (Peer.behind_since)
         self.held_until = 0.0       # until when they hold the room's input back
         self.batch = []             # (sender, line) broadcast this turn
         self.batch_bytes = 0
         self.arrivals = {}          # members whose joining is not yet announced, in order
         self.departures = []        # (name, reason) not yet announced
+        self.returns = []           # members back from a lost connection, not yet announced
         self.notices_due = 0.0      # announce at once if nothing was since then
         self.notice_timer = False   # a timer will announce the pending ones
         self.roster = None          # sorted (key, peer) of the members, or None when stale
@@ -1155,8 +1244,12 @@ class Room:
         else:
             self.departures.append((peer.name, reason))
             self.announce_soon()
-        if not self.members and self is not self.server.lobby:
+        if not self.members and self is not self.server.lobby and not self.durable():
             del self.server.rooms[self.key]
+
+    def durable(self):
+        """With --data a room that has history or a topic outlives its last member."""
+        return self.server.data is not None and bool(len(self.history) or self.topic)
 
     def note_behind(self, peer):
         """peer came, went, fell behind or caught up: recompute how long the
@@ -1181,21 +1274,52 @@ class Room:
 
     def say(self, peer, line):
         """A public line from peer: remember it and send it to the others."""
-        self.history.add((line,))
+        self.remember(line)
         self.broadcast(line, sender=peer)
+
+    def remember(self, lines):
+        """Public lines (one or more, each ending in a newline) into the
+        history and, with --data, the data log (written before they are sent)."""
+        if not self.history.most:
+            return
+        stamp = self.server.stamp()
+        self.history.add(stamp, lines)
+        if self.server.data is not None:
+            self.server.data.record(stamp, self.shown, lines)
+
+    def set_topic(self, text, setter):
+        self.topic = text
+        notice = notice_line('%s set the topic: %s' % (setter, text))
+        self.topic_said = (self.server.stamp(), notice)
+        if self.server.data is not None:
+            self.server.data.record(self.topic_said[0], self.shown, notice)
+        self.broadcast(notice)
 
     def broadcast(self, line, sender=None):
         """Queue line for every member but sender, to go at the end of this
         turn joined with the turn's other lines.  Pending joins and leaves
         go first: no one hears a newcomer speak before hearing it came."""
-        if self.arrivals or self.departures:
+        if self.arrivals or self.departures or self.returns:
             self.announce()
         if not self.batch:
             self.server.busy_rooms.append(self)
         self.batch.append((sender, line))
         self.batch_bytes += len(line)
+        if self.server.resume_for:
+            self.keep_said(sender, line)
         if sender is not None:
             self.catch_up(sender)  # so deliver knows it must skip this line
+
+    def keep_said(self, sender, lines):
+        """Number lines and keep them for a while, for sessions that resume."""
+        count = lines.count(b'\n')
+        self.said.append((self.seq, sender, lines, count))
+        self.seq += count
+        self.said_bytes += len(lines)
+        while self.said_bytes > self.server.max_backlog * SAID_KEEP_SHARE:
+            first, _, gone, count = self.said.popleft()
+            self.said_bytes -= len(gone)
+            self.said_from = first + count
 
     def catch_up(self, peer):
         """Copy this turn's lines that peer has not had into its outbuf."""
@@ -1259,6 +1383,8 @@ class Room:
         big room hears them less often, so a storm costs O(N) bytes."""
         arrivals, self.arrivals = list(self.arrivals), {}
         departures, self.departures = self.departures, []
+        returns = [peer for peer in self.returns if peer.room is self and peer.sock is not None]
+        self.returns = []
         self.notice_timer = False
         self.notices_due = time.monotonic() + max(
             NOTICE_INTERVAL_SEC, len(self.members) / NOTICE_DELIVERIES_PER_SEC)
@@ -1270,11 +1396,21 @@ class Room:
                 len(arrivals), name_list([p.name for p in arrivals], NOTICE_NAMES))))
         if len(departures) == 1:
             name, reason = departures[0]
-            self.broadcast(notice_line(('%s left %s' if reason.startswith('for #')
-                                        else '%s left (%s)') % (name, reason)))
+            if reason == LOST_NOTE:  # not in what it is sent if it comes back
+                self.broadcast(notice_line('%s %s' % (name, LOST_NOTE)),
+                               sender=self.members.get(name_key(name)))
+            else:
+                self.broadcast(notice_line(('%s left %s' if reason.startswith('for #')
+                                            else '%s left (%s)') % (name, reason)))
         elif departures:
             self.broadcast(notice_line('%d people left: %s' % (len(departures), name_list(
                 ['%s (%s)' % departure for departure in departures], NOTICE_NAMES))))
+        if len(returns) <= NOTICE_ONE_BY_ONE:
+            for peer in returns:
+                self.broadcast(notice_line('%s is back' % peer.name), sender=peer)
+        else:
+            self.broadcast(notice_line('%d people are back: %s' % (
+                len(returns), name_list([p.name for p in returns], NOTICE_NAMES))))
 
     # What a member is told ---------------------------------------------------
 
@@ -1288,28 +1424,132 @@ class Room:
             len(self.members), self.shown, name_list(names, WELCOME_NAMES, len(self.members)),
             more))
 
-    def recent_history(self, budget, peer=None):
-        """The newest history lines that fit budget bytes: a newcomer must
-        not start life over its backlog cap (--history 100 of 4 KiB lines).
-        None of those said by someone peer ignores."""
+    def recent_history(self, budget, peer=None, most=None):
+        """The newest history lines (at most most, or --history), as
+        replayed, that fit budget bytes: a newcomer must not start life over
+        its backlog cap (--history 100 of 4 KiB lines).  None of those said
+        by someone peer ignores."""
         ignored = [said_by(other.name) for other in peer.ignoring] if peer else []
+        prefixes = tuple(prefix for pair in ignored for prefix in pair)
         replay, size = [], 0
-        for line in reversed(self.history):
-            if ignored and line.startswith(tuple(prefix for pair in ignored for prefix in pair)):
+        most = self.server.history if most is None else most
+        for entry in itertools.islice(reversed(self.history), most if not ignored else None):
+            if ignored and entry[1].startswith(prefixes):
                 continue
+            line = replayed(entry)
             size += len(line)
-            if size > budget:
+            if size > budget or len(replay) == most:
                 break
             replay.append(line)
         return replay[::-1]
 
     def names_matching(self, pattern):
         """The members whose name_key holds pattern, sorted (the sort is
-        kept until the room changes), each marked if away."""
+        kept until the room changes), each marked if away, or if its
+        connection was lost (it may come back)."""
         if self.roster is None:
             self.roster = sorted(self.members.items())
-        return [peer.name + (' (away)' if peer.away is not None else '')
+        return [peer.name + (' (lost)' if peer.lost_at is not None else
+                             ' (away)' if peer.away is not None else '')
                 for key, peer in self.roster if pattern in key]
+
+
+class Session:
+    """What a peer was sent since its resume token, so that a client whose
+    connection is lost can come back and get exactly what it missed.  The
+    stream is kept as runs, in order: lines its room said (by the room's
+    line numbers, Room.said; with whom the peer ignored then) and lines
+    sent to it alone; a client says how many lines it has had since the
+    token (/resume TOKEN N).  Exact while the rooms keep the lines (Room.said:
+    SAID_KEEP_SHARE backlog caps each); older ones are counted as a room
+    numbered them, which may count a few the peer never had."""
+
+    __slots__ = ('token', 'peer', 'runs', 'direct_bytes', 'skipped', 'at_loss')
+
+    def __init__(self, peer):
+        self.token = secrets.token_urlsafe(16)  # 128 random bits
+        self.peer = peer
+        self.runs = collections.deque()   # [room, first, end or None, ignoring] or [None, bytes]
+        self.direct_bytes = 0
+        self.skipped = 0            # lines of runs forgotten (over the budget)
+        self.at_loss = 0            # lines in the stream when the connection was lost
+        self.moved(peer.room)
+
+    def moved(self, room):
+        """The peer is in room now, or ignores other people: a new run."""
+        self.close_run()
+        if self.runs and self.runs[-1][0] is not None and self.runs[-1][1] == self.runs[-1][2]:
+            self.runs.pop()  # an empty run
+        self.runs.append([room, room.seq, None, frozenset(self.peer.ignoring)])
+        self.bound()
+
+    def close_run(self):
+        """The peer gets no more of its room's lines in this run (it leaves,
+        or is sent a line of its own)."""
+        if self.runs:
+            run = self.runs[-1]
+            if run[0] is not None and run[2] is None:
+                run[2] = run[0].seq
+
+    def direct(self, data):
+        """Lines sent to the peer alone: they come after its room's lines so far."""
+        self.close_run()
+        runs = self.runs
+        if runs and runs[-1][0] is not None and runs[-1][1] == runs[-1][2]:
+            runs.pop()  # no room line since the last direct one: one run
+        if runs and runs[-1][0] is None:
+            runs[-1][1] += data
+        else:
+            runs.append([None, data])
+        self.direct_bytes += len(data)
+        if self.peer.room is not None:
+            self.moved(self.peer.room)
+        self.bound()
+
+    def bound(self):
+        """At most SESSION_MAX_RUNS runs and a few backlog caps of its own
+        lines: the oldest go, counted."""
+        budget = self.peer.room.server.max_backlog * SAID_KEEP_SHARE if self.peer.room else 0
+        while len(self.runs) > 2 and (len(self.runs) > SESSION_MAX_RUNS
+                                      or self.direct_bytes > budget):
+            run = self.runs.popleft()
+            if run[0] is None:
+                self.direct_bytes -= len(run[1])
+                self.skipped += run[1].count(b'\n')
+            else:
+                self.skipped += run[2] - run[1]  # as numbered: see the class
+
+    def room_lines(self, run):
+        """The lines of a room run that the peer was sent: not its own, nor
+        from those it ignored then.  From the newest back: runs are recent."""
+        room, start, end, ignoring = run
+        end = room.seq if end is None else end
+        lines = []
+        for first, sender, blob, count in reversed(room.said):
+            if first + count <= start:
+                break
+            if first >= end or sender is self.peer:
+                continue
+            for number, line in reversed(list(enumerate(blob.splitlines(True), first))):
+                if start <= number < end and not (
+                        sender in ignoring and not line.startswith(b'-!- ')):
+                    lines.append(line)
+        return lines[::-1]
+
+    def lines(self):
+        """Every line of the stream still known, in order; and how many
+        came before them that are forgotten (over a budget, or no longer
+        kept by their room)."""
+        out, forgotten = [], self.skipped
+        for run in self.runs:
+            if run[0] is None:  # direct
+                out += run[1].splitlines(True)
+                continue
+            room, start, end = run[0], run[1], run[2]
+            if start < room.said_from:  # the room forgot these (as numbered)
+                forgotten += min(room.seq if end is None else end, room.said_from) - start
+            out += self.room_lines(run)
+        return out, forgotten
 
 
 def ignores(peer, sender, line):
@@ -1444,7 +1684,10 @@ class Gate:
                 return
             server.selector.unregister(peer.sock)
             peer.events = 0
+            # A reset must read as one (SSLEOFError), not as a clean end:
+            # a lost connection may resume, a closed one has left.
             peer.sock = self.tls.wrap_socket(peer.sock, server_side=True,
+                                             suppress_ragged_eofs=False,
                                              do_handshake_on_connect=False)
         try:
             peer.sock.do_handshake()
@@ -1547,7 +1790,8 @@ class Gate:
         """Refuse network for seconds (None: until restart) and close its
         connections, telling each why."""
         self.bans[network] = Ban(shown, seconds)
-        for peer in list(self.server.peers):
+        lost = [peer for peer in self.server.names.values() if peer.lost_at is not None]
+        for peer in list(self.server.peers) + lost:  # a lost one may not come back
             if peer.ip in network:
                 self.server.queue(peer, error_line('you were banned by %s' % by))
                 self.server.drop(peer, 'banned by %s' % by, linger=True)
@@ -1787,6 +2031,24 @@ class Commands:
             return None
         return things[(page - 1) * size:page * size]
 
+    @command('/history [N]', 'the last N lines of your room (%d, at most %d)' % (
+        HISTORY_DEFAULT_LINES, HISTORY_MAX_LINES))
+    def cmd_history(self, peer, argument):
+        """Lines said in your room before, replayed with when they were said:
+        as many of the last N as fit one turn's share of output."""
+        if argument and not argument.isdigit():
+            self.queue(peer, error_line('usage: /history [N]'))
+            return
+        asked = min(int(argument or HISTORY_DEFAULT_LINES), HISTORY_MAX_LINES)
+        replay = peer.room.recent_history(self.turn_budget, peer, asked)
+        if not replay:
+            self.queue(peer, notice_line('No history in %s' % peer.room.shown))
+            return
+        fits = '' if len(replay) == min(asked, len(peer.room.history)) else (
+            ' (as many as fit %s)' % human_bytes(self.turn_budget))
+        self.queue(peer, notice_line('Last %s%s:' % (plural(len(replay), 'message'), fits)))
+        self.queue(peer, b''.join(replay))
+
     @command('/topic [TEXT]', 'show or set the topic of your room')
     def cmd_topic(self, peer, text):
         room = peer.room
@@ -1794,9 +2056,8 @@ class Commands:
             self.queue(peer, notice_line('Topic of %s: %s' % (room.shown, room.topic)
                                          if room.topic else '%s has no topic' % room.shown))
             return
-        room.topic = text[:MAX_TOPIC_CHARS]
+        room.set_topic(text[:MAX_TOPIC_CHARS], peer.name)
         self.log('%s set the topic of %s: %s' % (peer.name, room.shown, room.topic))
-        room.broadcast(notice_line('%s set the topic: %s' % (peer.name, room.topic)))
 
     # People ------------------------------------------------------------------
 
@@ -1888,7 +2149,10 @@ class Commands:
             self.queue(recipient, private_line(peer.name, text))
             recipient.replies_to = peer
         self.queue(peer, sent_line(recipient.name, text))
-        if recipient.away is not None:
+        if recipient.lost_at is not None:
+            self.queue(peer, notice_line('%s lost the connection: it gets this if it comes back'
+                                         % recipient.name))
+        elif recipient.away is not None:
             self.queue(peer, notice_line('%s is away: %s' % (recipient.name, recipient.away)))
         if recipient.behind_since is not None and recipient.room.holding():
             self.pause(peer, NUDGE_SEC)  # more would bury a reader that is catching up
@@ -1921,6 +2185,8 @@ class Commands:
             self.queue(peer, error_line('you cannot ignore yourself'))
         else:
             peer.ignoring.add(other)
+            if peer.session is not None:
+                peer.session.moved(peer.room)  # its lines are filtered from here on
             other.ignored_by.add(peer)
             self.queue(peer, notice_line('You ignore %s: nothing they say reaches you until '
                                          'one of you leaves' % other.name))
@@ -1932,6 +2198,8 @@ class Commands:
             self.queue(peer, error_line('you do not ignore %s' % (name or 'anyone by that name')))
             return
         peer.ignoring.discard(other)
+        if peer.session is not None:
+            peer.session.moved(peer.room)
         other.ignored_by.discard(peer)
         self.queue(peer, notice_line('You hear %s again' % other.name))
 
@@ -1965,6 +2233,71 @@ class Commands:
     def cmd_quit(self, peer, reason):
         self.queue(peer, notice_line(GOODBYE))
         self.drop(peer, 'quit: %s' % reason if reason else 'quit', linger=True)
+
+    @command('/resume TOKEN [N]', 'come back after a lost connection (N: lines you '
+             'got since the token; without N, what was said while you were away)',
+             who=AT_THE_DOOR)
+    def cmd_resume(self, peer, argument):
+        token, _, seen = argument.partition(' ')
+        owner = self.sessions.get(token)
+        if (owner is None or owner is peer or owner.close_reason is not None  # leaving now
+                or self.gate.name_banned(owner.key) or (seen and not seen.isdigit())):
+            self.log('%s: no session to resume' % (peer.name or peer.address))
+            self.queue(peer, error_line('cannot resume: no such session (it may have '
+                                        'ended or expired)'))
+            if peer.key is None:
+                self.gate.open_door(peer)  # in as a newcomer, then
+            return
+        lines, forgotten = owner.session.lines()
+        if seen:
+            seen = int(seen)
+        elif owner.lost_at is not None:  # typed by a person: what came since the loss
+            seen = owner.session.at_loss
+        else:
+            seen = forgotten + len(lines)
+        missed, lost = lines[max(0, seen - forgotten):], max(0, forgotten - seen)
+        self.take_over(owner, peer)
+        self.give_session(owner)
+        self.queue(owner, notice_line('You are back as %s in %s: %s you missed%s' % (
+            owner.name, owner.room.shown, plural(len(missed), 'line'),
+            ' (about %d more are gone)' % lost if lost else '')))
+        self.queue(owner, b''.join(missed))
+        if owner.lost_at is not None:
+            owner.lost_at = None
+            owner.room.returns.append(owner)  # told with other comings and goings
+            owner.room.announce_soon()
+        self.log('%s resumed from %s (%d lines)' % (owner.name, owner.address, len(missed)))
+
+    def take_over(self, owner, newcomer):
+        """newcomer's connection becomes owner's: owner keeps its name, room
+        and everything else.  A connection owner still had (one the server
+        has not yet found dead) is closed, unannounced."""
+        if owner.sock is not None:
+            self.close(owner)
+        if newcomer.key is not None:  # a WebSocket is let in at its handshake
+            self.names.pop(newcomer.key, None)
+            newcomer.room.remove(newcomer, 'resumed as %s' % owner.name)
+            self.end_session(newcomer)
+        if newcomer.events:
+            self.selector.unregister(newcomer.sock)
+        for field in ('sock', 'address', 'ip', 'inbuf', 'websocket', 'closed_ws', 'telnet',
+                      'heard', 'heard_at', 'pinged'):
+            setattr(owner, field, getattr(newcomer, field))
+        owner.outbuf, owner.events = bytearray(), 0
+        # What its room said this turn is in what it missed: not again.
+        owner.turn, owner.batch_pos = self.turn, len(owner.room.batch)
+        owner.lingering = owner.paused = owner.sniffing = False
+        owner.authorized = True
+        newcomer.sock, newcomer.inbuf, newcomer.close_reason = None, bytearray(), 'resumed'
+        peers = self.peers
+        peers.discard(newcomer)
+        peers.add(owner)
+        if self.web is not None and newcomer in self.web.sockets:
+            self.web.sockets.discard(newcomer)
+            self.web.sockets.add(owner)
+        self.set_interest(owner)
+        self.unread.add(owner)  # TLS may hold more
+        self.call_later(0, self.handle_input, owner)  # lines that came with the /resume
 
     @command('/pass PASSWORD', 'enter a room that has a password', who=AT_THE_DOOR)
     def cmd_pass(self, peer, secret):
@@ -2132,7 +2465,8 @@ class Server(Commands):
                  max_clients=None, selector_class=selectors.DefaultSelector,
                  tls=None, password=None, op_password=None, allow=(), deny=(),
                  max_per_address=MAX_PER_ADDRESS, console=False, motd=(), settings=None,
-                 web=True, web_origins=(), metrics=False):
+                 web=True, web_origins=(), metrics=False, data=None,
+                 resume_for=DEFAULT_RESUME_FOR):
         self.listeners = listeners
         self.log = log or (lambda message: None)
         self.history = history
@@ -2150,7 +2484,13 @@ class Server(Commands):
         self.turn_budget = max(1, max_backlog // TURN_SHARE)
         self.behind_bytes = max_backlog // BEHIND_SHARE
         self.rooms = {}             # name_key -> Room; a room is made on first join
+        self.data = data            # DataLog (--data), or None: history in memory only
+        self.resume_for = resume_for  # seconds a lost connection may come back (0: never)
+        self.sessions = {}          # resume token -> Peer
+        self.stamp_second, self.stamp_bytes = None, b''
         self.lobby = self.room_named(LOBBY)
+        if data is not None:
+            data.load(self)
         self.busy_rooms = []        # rooms with lines broadcast this turn
         self.motd = list(motd)      # the message of the day, lines of text
         self.settings = settings    # reads the MOTD and password files again (SIGHUP)
@@ -2296,6 +2636,13 @@ class Server(Commands):
         self.log('reloaded: the MOTD (%s) and the password files'
                  % plural(len(self.motd), 'line'))
 
+    def stamp(self):
+        """Now, as utc_stamp(), formatted once a second."""
+        now = int(time.time())
+        if now != self.stamp_second:
+            self.stamp_second, self.stamp_bytes = now, utc_stamp(now)
+        return self.stamp_bytes
+
     def call_later(self, delay, callback, peer=None):
         heapq.heappush(self.timers, (time.monotonic() + delay, next(self.timer_seq),
                                      callback, peer))
@@ -2366,6 +2713,46 @@ class Server(Commands):
         self.queue(peer, notice_line(WELCOME_TEXT % name))
         self.queue(peer, b''.join(notice_line(line) for line in self.motd))
         self.join(peer, self.lobby)
+        self.give_session(peer)
+
+    # Sessions that resume ----------------------------------------------------------
+
+    def give_session(self, peer):
+        """A new resume token for peer (the old one, if any, no longer
+        works); what it is sent after the notice is counted."""
+        if not self.resume_for:
+            return
+        self.end_session(peer)
+        session = Session(peer)  # from the room's lines said so far
+        self.queue(peer, notice_line(RESUME_NOTICE % session.token))
+        peer.session = session   # counts what comes after the notice
+        self.sessions[session.token] = peer
+
+    def end_session(self, peer):
+        if peer.session is not None:
+            self.sessions.pop(peer.session.token, None)
+            peer.session = None
+
+    def lost(self, peer):
+        """peer's connection is gone but it may come back: its name and room
+        wait for it, and what is said meanwhile is kept (Session)."""
+        peer.lost_at = time.monotonic()
+        if peer.behind_since is not None:  # its backlog went with the connection
+            peer.behind_since = None
+            peer.room.note_behind(peer)
+        lines, forgotten = peer.session.lines()
+        peer.session.at_loss = forgotten + len(lines)
+        self.log('%s lost the connection (%s); it may resume within %s' % (
+            peer.name, peer.close_reason, duration(self.resume_for)))
+        peer.room.departures.append((peer.name, LOST_NOTE))  # told with other leaves
+        peer.room.announce_soon()
+        peer.close_reason = None
+        self.call_later(self.resume_for, self.expire_session, peer)
+
+    def expire_session(self, peer):
+        if peer.lost_at is not None and peer.sock is None and (
+                time.monotonic() - peer.lost_at >= self.resume_for - 0.01):
+            self.drop(peer, 'connection lost')
 
     def room_named(self, name):
         """The room called name (without "#"), made if it is new."""
@@ -2380,8 +2767,12 @@ class Server(Commands):
         if peer.room is not None:
             old = peer.room
             old.catch_up(peer)  # what it was sent there this turn comes first
+            if peer.session is not None:
+                peer.session.close_run()  # before the room hears it left
             old.remove(peer, 'for ' + room.shown)
         room.add(peer)
+        if peer.session is not None:
+            peer.session.moved(room)
         self.queue(peer, notice_line(YOU_ARE_IN % room.shown))
         if room.topic:
             self.queue(peer, notice_line('Topic of %s: %s' % (room.shown, room.topic)))
@@ -2412,12 +2803,22 @@ class Server(Commands):
         """Take the peers dropped this turn out of their rooms; tell the others."""
         doomed, self.doomed = self.doomed, []
         for peer in doomed:
+            if (peer.session is not None and peer.close_reason in LOST_REASONS
+                    and peer.lost_at is None and not self.stopping):
+                if peer.sock is not None:
+                    self.close(peer)
+                self.lost(peer)
+                continue
             if peer.key is not None and self.names.get(peer.key) is peer:
+                self.end_session(peer)
+                peer.lost_at = None
                 del self.names[peer.key]
                 self.log('%s left (%s)' % (peer.name, peer.close_reason))
                 peer.room.remove(peer, peer.close_reason)
                 for other in peer.ignored_by:  # an ignore ends when either leaves
                     other.ignoring.discard(peer)
+                    if other.session is not None and other.room is not None:
+                        other.session.moved(other.room)
                 for other in peer.ignoring:
                     other.ignored_by.discard(peer)
             if peer.sock is not None:
@@ -2516,7 +2917,8 @@ class Server(Commands):
             if verdict:
                 self.refuse_http(peer)
                 return
-            self.gate.open_door(peer)  # it spoke first: no need to wait
+            if not peer.inbuf.startswith(b'/resume '):  # else it may be let in as before
+                self.gate.open_door(peer)  # it spoke first: no need to wait
         self.handle_input(peer)
 
     def refuse_http(self, peer):
@@ -2588,9 +2990,7 @@ class Server(Commands):
         if room.batch_bytes + self.direct_bytes + len(lines) > self.turn_budget:
             return 0
         del peer.inbuf[:end + 1]
-        most = room.history.most
-        if most:  # the last few, as slices of the same bytes
-            room.history.add([line + b'\n' for line in lines.rsplit(b'\n', most + 1)[-most - 1:-1]])
+        room.remember(lines)
         room.broadcast(lines, sender=peer)
         peer.lines += count
         self.lines_in += count
@@ -2700,8 +3100,14 @@ class Server(Commands):
             sys.stdout.buffer.write(data)
             sys.stdout.flush()
             return
+        if peer.sock is None:  # lost: kept for its return, if it may come back
+            if peer.session is not None and peer.lost_at is not None:
+                peer.session.direct(data)
+            return
         if peer.room is not None:
             peer.room.catch_up(peer)
+        if peer.session is not None and data.endswith(b'\n'):
+            peer.session.direct(data)
         peer.outbuf += data if peer.websocket is None else text_frames(data)
         self.direct_bytes += len(data)  # it counts against this turn's share
         self.dirty.add(peer)
@@ -2715,8 +3121,11 @@ class Server(Commands):
         self.dirty.add(peer)
 
     def end_turn(self):
-        """Send each peer what this turn queued for it, in one send() each,
-        then take the peers dropped this turn out of their rooms."""
+        """Write the turn's records to the data log, then send each peer
+        what this turn queued for it, in one send() each, then take the
+        peers dropped this turn out of their rooms."""
+        if self.data is not None:
+            self.data.write(self)  # write-ahead: nobody sees a line that is not written
         busy, self.busy_rooms = self.busy_rooms, []
         for room in busy:
             room.deliver()
@@ -2808,6 +3217,8 @@ class Server(Commands):
     def close_all(self):
         for peer in list(self.peers | self.closing):
             self.close(peer)
+        if self.data is not None:
+            self.data.close()
         for sock in self.listeners + [self.wake_r, self.wake_w]:
             sock.close()
         self.selector.close()
@@ -2987,7 +3398,6 @@ class Web:
         lines += ['chat_refused_total{reason="%s"} %d' % (reason, count)
                   for reason, count in sorted(server.refusals.items())]
         return '\n'.join(lines) + '\n'
-
 
 def drain(sock):
     """Read and discard whatever is waiting on a nonblocking socket."""
@@ -3169,6 +3579,264 @@ def make_log(quiet=False, stream=None):
     return log
 
 
+# --- Durable history: the data log ------------------------------------------
+
+# One record per line of DIR/history.log, fields separated by tabs (names,
+# rooms and text never hold a tab or a newline):
+#     2026-12-01T18:15:03Z  #lobby  <alice> hello  1c291ca3
+# when (UTC), the room, the line as it was sent (its marker names the
+# sender: "<alice> ", "* alice ", or the "-!- alice set the topic: "
+# notice), and the CRC-32 of what precedes it, so a damaged record is
+# recognised and skipped.
+RECORD = re.compile(rb'(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\t(#[^\t\n]+)\t([^\t\n]+)\t([0-9a-f]{8})\Z')
+TOPIC_SET = re.compile(r'-!- (\S+) set the topic: (.*)\Z')
+
+
+def data_record(stamp, room, line):
+    """The record for one line (without its newline) said in room at stamp."""
+    body = b'%s\t%s\t%s' % (stamp, room.encode('utf-8'), line)
+    return b'%s\t%08x\n' % (body, zlib.crc32(body))
+
+
+def parse_record(raw):
+    """(stamp, room name without '#', line) from a record, or None if damaged."""
+    match = RECORD.match(raw)
+    if not match or int(match.group(4), 16) != zlib.crc32(raw[:match.start(4) - 1]):
+        return None
+    try:
+        room = match.group(2).decode('utf-8')[1:]
+        match.group(3).decode('utf-8')
+    except UnicodeDecodeError:
+        return None
+    if name_problem(room) is not None:
+        return None
+    return match.group(1), room, match.group(3)
+
+
+class DataLog:
+    """--data DIR: every public line, action and topic of every room,
+    appended to DIR/history.log and reloaded at start.  The loop collects
+    a turn's records and writes them in one write() before that turn's
+    lines are sent (Server.end_turn); fsync follows --fsync: after every
+    write (always), once a second from a thread of its own (everysec, as
+    Redis does for appendfsync), or when the system likes (no).  Past
+    max_bytes the log is rewritten with what the rooms keep.  A write that
+    fails (a full disk, a read-only DIR) is logged once; the records wait,
+    up to DATA_MAX_PENDING bytes, and writing is tried again every
+    DATA_RETRY_SEC.  DIR is locked: a second server refuses to start."""
+
+    def __init__(self, folder, fsync='everysec', max_bytes=DEFAULT_DATA_MAX, log=None):
+        self.folder = folder
+        self.path = os.path.join(folder, DATA_LOG_NAME)
+        self.fsync = fsync
+        self.max_bytes = max_bytes
+        self.log = log or (lambda message: None)
+        self.pending = bytearray()   # records not yet written
+        self.fd = None
+        self.size = 0                # of the log file, as written
+        self.compacted_size = 0      # after the last compaction: compact again past twice it
+        self.failing = None          # the error that stopped writing, logged once
+        self.retry_at = 0.0
+        self.retry_timer = False     # a timer will make a loop turn to try again
+        self.dropped = 0             # records lost while the disk refused them
+        self.unsynced = False
+        self.sync_lock = threading.Lock()  # the fsync thread and a compaction's swap
+        self.stopping = threading.Event()
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            self.lock_fd = os.open(folder, os.O_RDONLY)
+        except OSError as exc:
+            raise UserError('cannot use %s for --data: %s' % (folder, exc.strerror))
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(self.lock_fd)
+                raise UserError('%s is in use by another chat.py server (its lock is held)'
+                                % folder)
+        if fsync == 'everysec':
+            threading.Thread(target=self.sync_every_second, daemon=True).start()
+
+    def load(self, server):
+        """Give each room its history and topic back from the log; skip
+        damaged records (a torn last one is cut off, so appends start clean)."""
+        try:
+            with open(self.path, 'rb') as saved:
+                data = saved.read()
+        except FileNotFoundError:
+            data = b''
+        except OSError as exc:
+            raise UserError('cannot read %s: %s' % (self.path, exc.strerror))
+        records, torn = data.split(b'\n'), 0
+        if records[-1]:  # no newline after the last: a write cut short
+            torn, good_end = 1, data.rfind(b'\n') + 1
+            try:
+                os.truncate(self.path, good_end)
+            except OSError:
+                self.pending += b'\n'  # end it instead: it is skipped as damaged
+            data = data[:good_end]
+        records.pop()
+        damaged, rooms = 0, set()
+        for raw in filter(None, records):  # an empty line ends a torn record
+            parsed = parse_record(raw)
+            if parsed is None:
+                damaged += 1
+                continue
+            stamp, name, line = parsed
+            room = server.room_named(name)
+            rooms.add(room)
+            topic = TOPIC_SET.match(line.decode('utf-8'))
+            if topic:
+                room.topic = topic.group(2)[:MAX_TOPIC_CHARS]
+                room.topic_said = (stamp, line + b'\n')
+            elif line.startswith((b'<', b'* ')) and room.history.most:
+                room.history.add(stamp, line + b'\n')
+        self.size = len(data)
+        self.log('data: %s records of %s from %s%s%s' % (
+            len(records) - damaged, plural(len(rooms), 'room'), self.path,
+            ', %s skipped' % plural(damaged, 'damaged record') if damaged else '',
+            ', a torn last record cut off' if torn else ''))
+        self.open()
+
+    def open(self):
+        """Open the log for appending; False (logged once) if it cannot be."""
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            return True
+        except OSError as exc:
+            self.failed(exc)
+            return False
+
+    def record(self, stamp, room, lines):
+        """Queue a record for each line of lines, to go in this turn's write."""
+        for line in lines[:-1].split(b'\n'):
+            self.pending += data_record(stamp, room, line)
+
+    def write(self, server):
+        """Write what this turn said, in one write(); on failure keep it
+        (bounded) and try again later; compact once the log is too big."""
+        if not self.pending:
+            return
+        if (self.failing and time.monotonic() < self.retry_at) or (
+                self.fd is None and not self.open()):
+            self.wait_to_retry(server)
+            return
+        try:
+            written = os.write(self.fd, self.pending)
+            if self.fsync == 'always':
+                os.fsync(self.fd)
+        except OSError as exc:
+            self.failed(exc)
+            self.wait_to_retry(server)
+            return
+        del self.pending[:written]
+        self.size += written
+        self.unsynced = True
+        if self.failing and not self.pending:
+            self.log('data: writing %s again%s' % (self.path, ' (%s lost)' % plural(
+                self.dropped, 'record') if self.dropped else ''))
+            self.failing, self.dropped = None, 0
+        if self.size > max(self.max_bytes, 2 * self.compacted_size):
+            self.compact(server)
+
+    def failed(self, exc):
+        if self.failing is None:
+            self.log('data: cannot write %s: %s; history is kept in memory, writing is '
+                     'tried again every %g s' % (self.path, exc.strerror or exc, DATA_RETRY_SEC))
+        self.failing = exc
+        self.retry_at = time.monotonic() + DATA_RETRY_SEC
+
+    def wait_to_retry(self, server):
+        """Keep the records (bounded), and make sure a loop turn comes when
+        it is time to try again, even in a quiet room."""
+        self.bound_pending()
+        if not self.retry_timer:
+            self.retry_timer = True
+            server.call_later(max(0.0, self.retry_at - time.monotonic()), self.retry_turn)
+
+    def retry_turn(self, _):
+        self.retry_timer = False  # the turn this timer makes writes (Server.end_turn)
+
+    def bound_pending(self):
+        """Past DATA_MAX_PENDING the oldest waiting records go (counted).  A
+        record the disk took part of is ended with a newline: at the next
+        start it is skipped as damaged, and no other record is harmed."""
+        if len(self.pending) > DATA_MAX_PENDING:
+            cut = self.pending.index(b'\n', len(self.pending) - DATA_MAX_PENDING) + 1
+            self.dropped += self.pending[:cut].count(b'\n')
+            del self.pending[:cut]
+            self.pending[:0] = b'\n'
+
+    def compact(self, server):
+        """Rewrite the log with what the rooms keep (their history and
+        topic), fsync it and put it in place: the log stays near the size
+        of what a restart would load."""
+        records = self.kept(server, None)
+        if len(records) > self.max_bytes // 2:  # then what newcomers are shown
+            records = self.kept(server, server.history)
+        fresh = self.path + '.new'
+        try:
+            fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, records)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with self.sync_lock:
+                os.replace(fresh, self.path)
+                os.close(self.fd)
+                self.fd = None
+            self.size = self.compacted_size = len(records)
+            self.log('data: compacted %s to %s' % (self.path, human_bytes(self.size)))
+        except OSError as exc:
+            self.failed(exc)
+        if self.fd is None:
+            self.open()
+
+    @staticmethod
+    def kept(server, most):
+        """The records of what the rooms keep: each one's topic and its last
+        most lines (None: all its history)."""
+        records = bytearray()
+        for room in server.rooms.values():
+            said = list(room.history)
+            if most is not None:
+                said = said[len(said) - most:]
+            said += [room.topic_said] if room.topic_said else []
+            for stamp, line in sorted(said, key=lambda entry: entry[0]):
+                records += data_record(stamp, room.shown, line[:-1])
+        return records
+
+    def sync_every_second(self):
+        """--fsync everysec, off the loop: at most a second of lines is lost
+        in a power cut (a crash of the server alone loses nothing)."""
+        while not self.stopping.wait(1.0):
+            if self.unsynced:
+                self.unsynced = False
+                with self.sync_lock:
+                    try:
+                        if self.fd is not None:
+                            os.fsync(self.fd)
+                    except OSError:
+                        pass  # the next write says what is wrong
+
+    def close(self):
+        """Write what is left and sync it (at shutdown)."""
+        self.stopping.set()
+        if self.pending and self.fd is not None:
+            try:
+                os.write(self.fd, self.pending)
+            except OSError:
+                pass
+        if self.fd is not None:
+            try:
+                os.fsync(self.fd)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
 # --- The web page --------------------------------------------------------------
 
 # The browser client: one document, no external resource.  Its script and
@@ -3338,6 +4006,9 @@ let greetAgain = false;       // a password prompt swallowed the greeting
 let unechoed = [];            // our lines sent before we knew our name
 let mentionPattern = null;    // our name as a whole word
 let unread = 0;               // lines that came while the tab was hidden
+let token = null, seen = 0;   // our resume token, and the lines received since it
+let resuming = false;         // we sent /resume: a token that comes now is a new one
+let roomBeforeDrop = null;    // to go back to if we cannot resume
 let stickToEnd = true;        // the log follows new lines unless scrolled up
 let composing = false;        // an IME is composing in the input line
 const sent = [];              // lines sent, for Up and Down
@@ -3352,9 +4023,19 @@ function el(tag, className, text) {
   return node;
 }
 
-function clock() {
-  const now = new Date(), pad = n => String(n).padStart(2, '0');
-  return pad(now.getHours()) + ':' + pad(now.getMinutes());
+// HH:MM, with the date for a day other than today.
+function clock(when) {
+  const pad = n => String(n).padStart(2, '0');
+  const time = pad(when.getHours()) + ':' + pad(when.getMinutes());
+  if (when.toDateString() === new Date().toDateString()) return time;
+  return when.getFullYear() + '-' + pad(when.getMonth() + 1) + '-' + pad(when.getDate()) + ' ' + time;
+}
+
+// A replayed line starts "[2026-12-01T18:15:03Z] ": when it was said, in UTC.
+const STAMP = /^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$/;
+function saidAt(text) {
+  const stamp = text.slice(1, 21);
+  return text[0] === '[' && text.slice(21, 23) === '] ' && STAMP.test(stamp) ? new Date(stamp) : null;
 }
 
 // zlib's CRC-32, so that a name has the colour the terminal client gives it.
@@ -3399,25 +4080,30 @@ function connect() {
   ws.addEventListener('close', () => ws === socket && onClose());
 }
 
-// The one place that decides what a new connection says first.  A session
-// resume goes here: send the resume token, if one is known, instead of greet().
+// The one place that decides what a new connection says first: after a
+// drop, resume (the server sends what we missed, once), else greet.
 function onOpen() {
   isOpen = true;
   replaying = 0;
   greetAgain = false;
   setBanner(null);
   if (attempt) showLocal('notice', 'connected again');
-  greet();
+  resuming = Boolean(token);
+  if (token) send('/resume ' + token + ' ' + seen);
+  else greet();
 }
 
 // Ask for our name, and after a reconnect go back to our room.
 function greet() {
+  const target = roomBeforeDrop || room;
+  roomBeforeDrop = null;
   if (chosen) send('/nick ' + chosen);
-  if (room && room !== '#lobby') send('/join ' + room);
+  if (target && target !== '#lobby') send('/join ' + target);
 }
 
 function onClose() {
   if (isOpen && !stopReason) showLocal('error', 'connection lost');
+  roomBeforeDrop = roomBeforeDrop || room;
   socket = null;
   isOpen = false;
   $('password-form').hidden = true;
@@ -3461,11 +4147,26 @@ function classify(text) {
 }
 
 function onLine(text) {
+  const resume = /^-!- To resume after a lost connection: [/]resume ([^ ]+)$/.exec(text);
+  if (resume) {   // counted from here; not shown: the page resumes by itself
+    token = resume[1];
+    seen = 0;
+    resuming = false;
+    return;
+  }
+  if (token) seen += 1;
+  if (text.startsWith('!!! cannot resume')) {
+    if (resuming) token = null;   // else the guest we came in as has a token already
+    resuming = false;
+    greet();
+  }
+  const when = saidAt(text);
+  if (when) text = text.slice(22);
   const parts = classify(text);
-  const replayed = replaying > 0;   // history: said before we came
-  if (replayed) replaying -= 1;
-  else learn(parts);
-  const item = render(parts.kind, parts);
+  const replayed = replaying > 0 || Boolean(when);   // history: said before we came
+  if (replaying > 0) replaying -= 1;
+  else if (!replayed) learn(parts);
+  const item = render(parts.kind, parts, when);
   const mention = !replayed && mentionsMe(parts);
   item.classList.toggle('replay', replayed);
   item.classList.toggle('mention', mention);
@@ -3477,6 +4178,7 @@ function onLine(text) {
 // so text someone typed (a topic, a quit reason) cannot pass for one.
 const NOTICES = [
   [/^Welcome, ([^ ]+)! /, m => { attempt = 0; setName(m[1]); }],
+  [/^You are back as ([^ ]+) in #/, m => { attempt = 0; roomBeforeDrop = null; setName(m[1]); }],
   [/^([^ ]+) is now known as ([^ ]+)( [(]renamed by [^ ]+[)])?$/, m => renamed(m[1], m[2])],
   [/^You are in (#[^ ]+)$/, m => enterRoom(m[1])],
   [/^Topic of (#[^ ]+): (.*)$/, m => m[1] === room && setTopic(m[2])],
@@ -3488,7 +4190,7 @@ const NOTICES = [
   [/^([0-9]+) people joined: (.*)$/, m => joined(Number(m[1]), namesIn(m[2]))],
   [/^([^ ]+) left (?:[(]|for #)/, m => left(1, [m[1]])],
   [/^([0-9]+) people left: (.*)$/, m => left(Number(m[1]), leaverNames(m[2]))],
-  [/^Last ([0-9]+) messages?:$/, m => { replaying = Number(m[1]); }],
+  [/^Last ([0-9]+) messages?( [(][^)]*[)])?:$/, m => { replaying = Number(m[1]); }],
   [/^This room needs a password/, askPassword],
   [/^Password accepted$/, passwordAccepted],
   [/^Goodbye$/, () => { stopReason = 'you left the chat'; }],
@@ -3549,12 +4251,12 @@ function setTopic(text) {
   $('topic').hidden = !text;
 }
 
-// "a, b (away), c", or "a, b and 12 others (/who lists them)".
+// "a, b (away), c (lost)", or "a, b and 12 others (/who lists them)".
 function listed(count, paged, list) {
   list = list.replace(/ [(][/]who lists them[)]$/, '');
   if (!paged && !/ and [0-9]+ others$/.test(list)) members.clear();   // the whole room
   for (const item of namesIn(list)) {
-    const away = item.endsWith(' (away)');
+    const away = / [(](away|lost)[)]$/.test(item);   // lost: it may come back
     members.set(away ? item.slice(0, -7) : item, away);
   }
   memberTotal = count;
@@ -3625,13 +4327,13 @@ function passwordAccepted() {
 
 // --- Showing lines ---
 
-function render(kind, parts) {
+function render(kind, parts, when) {
   const item = el('li', 'line ' + kind + (kind.startsWith('pm-') ? ' private' : ''));
   const who = parts.name && el('span', 'who ' + nameColour(parts.name), parts.name);
   const heads = {public: [who, ': '], action: ['* ', who, ' '],
     'pm-from': [el('span', 'label', 'private from '), who, ': '],
     'pm-to': [el('span', 'label', 'private to '), who, ': ']};
-  item.append(el('span', 'time', clock()), ' ', ...(heads[kind] || []));
+  item.append(el('span', 'time', clock(when || new Date())), ' ', ...(heads[kind] || []));
   const text = el('span', 'text');
   // Our name is marked in what others say to us (as text nodes, like the rest).
   let last = 0;
@@ -3836,7 +4538,7 @@ class Client:
     pipes and files, TerminalScreen (a line editor) for a terminal."""
 
     def __init__(self, sock, screen, name=None, stdin_fd=0, received=b'', history=True,
-                 room=None):
+                 room=None, redial=None):
         self.sock = sock
         self.screen = screen
         self.wanted_name = name       # asked for on connect
@@ -3855,6 +4557,16 @@ class Client:
         self.unechoed = []            # lines we sent before we knew our name
         self.dismissed = False        # the server has answered it
         self.reading_input = False
+        # Coming back after a lost connection (redial(first_line) -> (sock,
+        # bytes read), or None: not here).
+        self.redial = redial
+        self.token = None             # the server's resume token, if it gave one
+        self.seen = 0                 # lines received since it
+        self.refusal = None           # the server shut the door: no coming back
+        self.retry_at = None          # when to try to reconnect, while cut off
+        self.attempt = 0              # tries since the loss
+        self.offline = []             # lines typed while cut off, sent once back
+        self.room_before = None       # the room we were in when cut off
 
     def run(self):
         """Talk until the server closes; the exit status."""
@@ -3879,8 +4591,14 @@ class Client:
                 timeout = max(0.0, left) if timeout is None else min(timeout, max(0.0, left))
             if self.quit_at is not None:
                 left = max(0.0, self.quit_at + self.goodbye_wait() - time.monotonic())
-                if left == 0:
+                if left == 0 or self.sock is None:
                     return 0
+                timeout = left if timeout is None else min(timeout, left)
+            if self.retry_at is not None:
+                left = self.retry_at - time.monotonic()
+                if left <= 0:
+                    self.reconnect()
+                    continue
                 timeout = left if timeout is None else min(timeout, left)
             for key, mask in self.selector.select(timeout):
                 if key.fileobj is self.screen.wakeup:
@@ -3929,10 +4647,21 @@ class Client:
             self.show([decode(line) for line in lines])  # cleaned: the server is not trusted
 
     def show(self, texts):
-        """Display lines from the server, noting our own name as it changes
-        and the server's flood control rate, if it says so."""
+        """Display lines from the server, noting our own name as it changes,
+        the server's flood control rate, if it says so, and our resume
+        token and how many lines came since."""
         shown = []
         for text in texts:
+            resume = RESUME_TOKEN.match(text)
+            if resume:
+                self.token, self.seen = resume.group(1), 0
+                continue  # the client resumes by itself: the token need not be shown
+            if self.token is not None:
+                self.seen += 1
+            if text.startswith('!!! ') and REFUSAL.search(text[4:]):
+                self.refusal = text[4:]
+            elif text.startswith('!!! cannot resume'):
+                self.rejoin()
             welcome, renamed = WELCOME.match(text), RENAMED.match(text)
             flood, replay = FLOOD_NOTICE.match(text), LAST_MESSAGES.match(text)
             self.screen.people.hear(text)
@@ -3969,13 +4698,66 @@ class Client:
 
     def lost(self, why):
         """The connection is over: show what is left; the exit status (0 if
-        we asked to leave and the server said goodbye)."""
-        if self.inbuf:
-            self.show([decode(bytes(self.inbuf))])
-        if self.dismissed:
-            return 0
-        self.screen.error('chat.py: %s' % why)
-        return 1
+        we asked to leave and the server said goodbye), or None if we try
+        to come back."""
+        if self.dismissed or self.redial is None or self.refusal is not None or (
+                self.quit_at is not None):
+            if self.inbuf:
+                self.show([decode(bytes(self.inbuf))])
+            if self.dismissed:
+                return 0
+            self.screen.error('chat.py: %s' % why)
+            return 1
+        del self.inbuf[:]  # an unfinished line comes again, whole, with the rest
+        self.room_before = self.screen.people.room
+        self.screen.error('chat.py: %s; reconnecting…' % why)
+        self.selector.unregister(self.sock)
+        self.sock.close()
+        self.sock, self.attempt = None, 0
+        self.outbuf = bytearray()  # the server has it, or it is lost: resuming tells
+        self.schedule_reconnect()
+        return None
+
+    def schedule_reconnect(self):
+        """The next try after 1, 2, 4 ... 30 seconds, give or take a fifth
+        (a restarted server is not hit by everyone at once)."""
+        wait = RECONNECT_BACKOFF_SEC[min(self.attempt, len(RECONNECT_BACKOFF_SEC) - 1)]
+        wait *= 1 + RECONNECT_JITTER * (2 * random.random() - 1)
+        self.retry_at = time.monotonic() + wait
+        self.screen.set_status('reconnecting…')
+
+    def reconnect(self):
+        """Try once to connect again: resume with the token if we have one,
+        else join anew with our name and room; then send what was typed."""
+        first = 'resume %s %d' % (self.token, self.seen) if self.token else ''
+        try:
+            sock, received = self.redial('/' + first if first else '')
+        except (UserError, OSError):
+            self.attempt += 1
+            self.schedule_reconnect()
+            return
+        self.sock, self.retry_at = sock, None
+        self.sock.setblocking(False)
+        self.selector.register(self.sock, selectors.EVENT_READ)
+        self.screen.set_status(None)
+        self.screen.note('connected again')
+        if not first:
+            self.rejoin()
+        for line in self.offline:
+            self.send_line(line)
+        self.offline = []
+        self.show_lines(received)
+
+    def rejoin(self):
+        """In as a newcomer after all: ask for our name and room again."""
+        self.token = None
+        if self.screen.name and not self.screen.name.startswith(GUEST_PREFIX):
+            self.send_line('/nick ' + self.screen.name)
+        elif self.wanted_name:
+            self.send_line('/nick ' + self.wanted_name)
+        room = self.room_before or self.screen.people.room
+        if room and room != '#' + LOBBY:
+            self.send_line('/join ' + room)
 
     def read_stdin(self):
         """Send each line typed or piped in; at the end of input, /quit."""
@@ -4001,6 +4783,15 @@ class Client:
         """Queue one line for the server.  After a /quit, input is over and
         the client waits (bounded) for the server to take the lines sent
         and close."""
+        if self.sock is None:  # cut off: sent once back, in order
+            if len(self.offline) < RECONNECT_KEEP_LINES:
+                self.offline.append(line)
+            else:
+                self.screen.error('chat.py: not connected; %d lines wait already, this one '
+                                  'is not kept' % RECONNECT_KEEP_LINES)
+            if line == '/quit' or line.startswith('/quit '):
+                self.quit_at = time.monotonic()
+            return
         self.outbuf += line.encode('utf-8', 'surrogateescape') + b'\n'
         self.lines_sent += 1
         if line == '/quit' or line.startswith('/quit '):
@@ -4019,6 +4810,8 @@ class Client:
     def flush(self):
         """Send what the socket takes now; watch for writability only while
         something is left, and read no more input while a lot is."""
+        if self.sock is None:
+            return
         try:
             sent = send_some(self.sock, self.outbuf)
         except OSError:
@@ -4070,7 +4863,12 @@ class People:
 # The lines that tell a client its own name (the welcome, and renames), and
 # the rate at which the server takes its lines.
 WELCOME = re.compile(r'^-!- Welcome, (\S+)!')
-LAST_MESSAGES = re.compile(r'^-!- Last (\d+) messages?:$')  # then that many replayed
+REPLAYED = re.compile(r'\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\] ')  # a history line
+RESUME_TOKEN = re.compile('^-!- ' + re.escape(RESUME_NOTICE.split('%s')[0]) + r'(\S+)$')
+# The server shut the door on us: reconnecting would only repeat it.
+REFUSAL = re.compile(r'^(you were (kicked|banned) by |you are banned|server full|too many '
+                     r'connections)|: goodbye$')
+LAST_MESSAGES = re.compile(r'^-!- Last (\d+) messages?( \(.*\))?:$')  # then that many replayed
 RENAMED = re.compile(r'^-!- (\S+) is now known as (\S+)$')
 FLOOD_NOTICE = re.compile(r'^-!- flood control: .* ([0-9.]+) per second$')
 # And those that tell it where it is and who is there.
@@ -4079,6 +4877,16 @@ ROOM_LIST = re.compile(r'^-!- \d+ online in (#\S+): (.*?)( \(/who lists them\))?
 JOINED = re.compile(r'^-!- (\S+) joined$')
 LEFT = re.compile(r'^-!- (\S+) left ')
 SPEAKER = re.compile(r'^(?:<(\S+)> |\* (\S+) )')
+
+
+def local_time(stamp):
+    """A replayed line's UTC stamp as local HH:MM, with the date unless it is today."""
+    try:
+        when = time.localtime(calendar.timegm(time.strptime(stamp, '%Y-%m-%dT%H:%M:%SZ')))
+    except (ValueError, OverflowError):
+        return stamp
+    today = time.localtime()[:3] == when[:3]
+    return time.strftime('%H:%M' if today else '%Y-%m-%d %H:%M', when)
 
 
 def own_line(name, line):
@@ -4123,6 +4931,9 @@ class PlainScreen:
 
     def error(self, text):
         print(text, file=sys.stderr)
+
+    def set_status(self, text):
+        pass  # error() said it: a pipe has no prompt to show it in
 
     def feed(self, data):
         """The complete lines in data; None last when input has ended."""
@@ -4589,6 +5400,7 @@ class TerminalScreen:
         self.people = People()
         self.editor = LineEditor(self.people)
         self.name = None          # ours, once the server has said it
+        self.status = None        # shown before the prompt: "reconnecting…"
         self.scroll = 0           # first character shown, for lines wider than the screen
         self.drawn_column = 0     # where the cursor was left by the last redraw
         self.asked_at = None      # when we asked the terminal where its cursor is
@@ -4705,6 +5517,11 @@ class TerminalScreen:
         """A line of the client's own (what protects the connection)."""
         self.show(['chat.py: ' + text])
 
+    def set_status(self, text):
+        """Say in the prompt that we are cut off (text), or no longer (None)."""
+        self.status = text
+        self.show([])
+
     def paint(self, style, text):
         return '\x1b[%sm%s\x1b[0m' % (style, text) if self.colour and text else text
 
@@ -4713,9 +5530,14 @@ class TerminalScreen:
         return str(NAME_COLOURS[zlib.crc32(name_key(name).encode()) % len(NAME_COLOURS)])
 
     def styled(self, text):
-        """A line from the room as shown: local time, then the line with its
-        kind styled apart.  Someone saying our name rings the bell."""
-        stamp = self.paint(STYLES['time'], time.strftime('%H:%M'))
+        """A line from the room as shown: local time (for a replayed line,
+        when it was said), then the line with its kind styled apart.
+        Someone saying our name rings the bell."""
+        said = REPLAYED.match(text)
+        if said:
+            text = text[said.end():]
+        stamp = self.paint(STYLES['time'], local_time(said.group(1)) if said
+                           else time.strftime('%H:%M'))
         match = re.match(r'(<(\S+)> |\* (\S+) )(.*)', text)
         if match:
             name = match.group(2) or match.group(3)
@@ -4773,8 +5595,9 @@ class TerminalScreen:
         columns = self.columns()
         if self.editor.query is not None:
             prompt = "(search) '%s': " % cut_to_width(self.editor.query, columns // 2 - 14)
-        else:  # the room we are in
-            prompt = cut_to_width(self.people.room or '', columns // 2 - 2) + '> '
+        else:  # the room we are in, and whether we are cut off
+            prompt = cut_to_width(('(%s) ' % self.status if self.status else '')
+                                  + (self.people.room or ''), columns // 2 - 2) + '> '
         room = max(2, columns - text_width(prompt) - 1)
         chars = [LINE_BREAK_SHOWN if ch == '\n' else ch for ch in self.editor.chars]
         cursor = self.editor.cursor
@@ -5039,9 +5862,9 @@ def usable_secret(secret, where):
     return secret
 
 
-def authenticate(sock):
-    """Open the conversation: an empty line first, so the server need not
-    wait to tell us from a browser.  If the server then asks for the room
+def authenticate(sock, first_line=''):
+    """Open the conversation: an empty line first (or first_line, such as
+    a /resume), so the server need not wait to tell us from a browser.  If the server then asks for the room
     password, give it: from CHAT_PASSWORD, or asked for on the terminal
     without echo.  The bytes read past it, which are the client's to show.
     Every wait has one deadline and reads at most CLIENT_MAX_LINE_BYTES: a
@@ -5075,7 +5898,7 @@ def authenticate(sock):
         line = decode(bytes(received[:end]))
         del received[:end + 1]
         return line
-    sock.sendall(b'\n')
+    sock.sendall(first_line.encode() + b'\n')
     # The first line: a welcome, or the password prompt, or (from a server
     # that is not chat.py and never speaks first) nothing for a while.
     first = next_line(time.monotonic() + FIRST_LINE_WAIT_SEC, needed=False)
@@ -5463,13 +6286,14 @@ def human_bytes(count):
         count /= 1024
 
 
-def start_local_server():
+def start_local_server(data=None):
     """A chat.py server in a child process on a free loopback port, flood
-    control off, for the bench to measure.  (process, port)"""
+    control off (and its history in data, if given), for the bench to
+    measure.  (process, port)"""
     server = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), 'server', '0', '--host', '127.0.0.1',
-         '--rate', '0', '--quiet'], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        universal_newlines=True)
+         '--rate', '0', '--quiet'] + (['--data', data] if data else []),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, universal_newlines=True)
     banner = server.stdout.readline()
     port = banner.split('listening on 127.0.0.1:')[-1].split()[0] if 'listening' in banner else ''
     if not port.isdigit():
@@ -5590,6 +6414,17 @@ def build_parser():
                         '(default: all interfaces, IPv4 and IPv6)')
     server.add_argument('--history', type=at_least(0), default=DEFAULT_HISTORY, metavar='N',
                         help='public messages replayed to newcomers (default %(default)s)')
+    server.add_argument('--resume-for', type=at_least(0, float), default=DEFAULT_RESUME_FOR,
+                        metavar='SECONDS', help='a lost connection keeps its name and room '
+                        'this long, to come back with /resume (default 600; 0: never)')
+    server.add_argument('--data', metavar='DIR', help='keep every room\'s public lines and '
+                        'topic in DIR/%s, reloaded at start (default: in memory only)'
+                        % DATA_LOG_NAME)
+    server.add_argument('--fsync', choices=FSYNC_CHOICES, default='everysec',
+                        help='with --data: sync the log to disk after every write, once a '
+                        'second, or when the system likes (default %(default)s)')
+    server.add_argument('--data-max', type=byte_size, default=DEFAULT_DATA_MAX, metavar='SIZE',
+                        help='with --data: compact the log past this size (default 64M)')
     server.add_argument('--max-line', type=byte_size, default=MAX_LINE_BYTES, metavar='BYTES',
                         help='longest line a peer may send (default %(default)s)')
     server.add_argument('--max-backlog', type=byte_size, default=MAX_BACKLOG_BYTES,
@@ -5641,6 +6476,8 @@ def build_parser():
     client.add_argument('--room', help='the room to join (default: the lobby)')
     client.add_argument('--history', action='store_true', help='piped, print the recent '
                         'lines the server replays on joining too (a terminal always shows them)')
+    client.add_argument('--reconnect', action='store_true', help='piped, come back after a '
+                        'lost connection as a terminal client does (resuming where it was)')
     client.add_argument('--no-color', action='store_true',
                         help='no colours on a terminal (as does setting NO_COLOR)')
     client.add_argument('--tls', action='store_true', help='speak TLS: trust the server if '
@@ -5677,6 +6514,8 @@ def build_parser():
                        help='give up on any phase after this long (default %(default)s)')
     bench.add_argument('--websocket', action='store_true', help='the clients speak '
                        'WebSocket (as the web page does) instead of plain lines')
+    bench.add_argument('--data', action='store_true', help='the server it starts keeps its '
+                       'history in a temporary --data folder (with --fsync everysec)')
     bench.add_argument('--server-pid', type=at_least(1), metavar='PID',
                        help='a local server process to report CPU and memory for')
     return parser
@@ -5691,6 +6530,7 @@ def run_server(args):
         log('%s a TLS certificate in %s' % ('made' if made else 'using', cert))
     tls, cert_fingerprint = server_tls(cert, key) if cert else (None, None)
     raise_open_files_limit()
+    data = DataLog(args.data, args.fsync, args.data_max, log) if args.data else None
     port = one_of('port', args.port, args.port_flag)
     listeners = open_listeners(args.host, DEFAULT_PORT if port is None else port)
     def settings():  # read at start, and again on SIGHUP
@@ -5706,7 +6546,8 @@ def run_server(args):
                     password=password, op_password=op_password,
                     allow=args.allow, deny=args.deny, max_per_address=args.max_per_address,
                     console=console_in_foreground(), motd=motd, settings=settings,
-                    web=not args.no_web, web_origins=args.web_origin, metrics=args.metrics)
+                    web=not args.no_web, web_origins=args.web_origin, metrics=args.metrics,
+                    data=data, resume_for=args.resume_for)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
     if hasattr(signal, 'SIGHUP'):  # POSIX: reload without dropping anyone
@@ -5746,8 +6587,18 @@ def run_client(args):
         with open_screen(args.no_color) as screen:
             screen.note('connected to %s: %s' % (printable_address((host, port)), protection))
             history = args.history or screen.wakeup is not None  # a terminal shows it
+
+            def redial(first_line):
+                again, _ = connect(host, port, args.tls, args.cafile, args.tls_fingerprint)
+                try:
+                    return again, authenticate(again, first_line)
+                except BaseException:
+                    again.close()
+                    raise
+            if not (args.reconnect or screen.wakeup is not None):
+                redial = None
             return Client(sock, screen, name=name, received=received, history=history,
-                          room=args.room).run()
+                          room=args.room, redial=redial).run()
     finally:
         sock.close()
 
@@ -5762,11 +6613,14 @@ def open_screen(no_color):
 
 def run_bench(args):
     raise_open_files_limit()
-    server = None
+    server = data = None
     host, port = server_address(args, None)
     if host is None:
-        server, port = start_local_server()
+        data = tempfile.mkdtemp(prefix='chat-bench-') if args.data else None
+        server, port = start_local_server(data)
         host, args.server_pid = '127.0.0.1', server.pid
+    elif args.data:
+        raise UserError('bench: --data is for the server the bench starts itself')
     try:
         family, _, _, _, address = socket.getaddrinfo(
             host.strip('[]'), port, 0, socket.SOCK_STREAM)[0]
@@ -5786,6 +6640,8 @@ def run_bench(args):
         if server is not None:
             server.terminate()
             server.wait()
+        if data is not None:
+            shutil.rmtree(data)
 
 
 def main(argv=None):

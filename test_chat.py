@@ -9,6 +9,7 @@ has a deadline (TIMEOUT) and fails instead of hanging.
 """
 
 import base64
+import calendar
 import collections
 import errno
 import glob
@@ -578,7 +579,7 @@ class ProtocolTests:
     def test_guest_numbers_are_never_reused(self):
         first = self.connect()
         first.send('/quit\n')
-        self.assertEqual(first.expect_closed(), ['-!- Goodbye'])
+        self.assertEqual(first.expect_closed()[-1:], ['-!- Goodbye'])
         self.conns.remove(first)
         self.assertEqual(self.connect().name, 'guest-2')
 
@@ -729,9 +730,13 @@ class ProtocolTests:
         self.sync(alice)
         conn = Conn(self.srv.port)
         self.addCleanup(conn.close)
-        lines, _ = conn.expect(r'^\* alice waves$')
-        self.assertEqual(lines[-4:], ['-!- Last 4 messages:', '<alice> message 0',
-                                      '<alice> message 1', '<alice> message 2'])
+        lines, waves = conn.expect(r'^\[(\S+)\] \* alice waves$')  # with when it was said
+        stamp = '[%s] ' % waves.group(1)
+        self.assertRegex(stamp, r'^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\] $')
+        self.assertLess(abs(calendar.timegm(time.strptime(stamp, '[%Y-%m-%dT%H:%M:%SZ] '))
+                            - time.time()), 60)
+        self.assertEqual(lines[-4:], ['-!- Last 4 messages:', stamp + '<alice> message 0',
+                                      stamp + '<alice> message 1', stamp + '<alice> message 2'])
 
     def test_an_http_request_never_reaches_the_room(self):
         alice = self.connect('alice')
@@ -767,7 +772,7 @@ class ProtocolTests:
         bob.expect_closed()
         carol.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\1\0\0\0\0\0\0\0')
         carol.close()  # linger 0: the close sends a reset
-        alice.expect(r'^-!- carol left \(connection (lost|closed)\)$')
+        alice.expect(r'^-!- carol (lost the connection|left \(connection closed\))$')
 
 
 class TestProtocolDefaultSelector(ProtocolTests, ServerTestCase):
@@ -819,7 +824,7 @@ class TestRooms(ServerTestCase):
         self.assertEqual(carol.line(), '-!- Topic of #dev: fixing the build')
         self.assertEqual(carol.line(), '-!- 2 online in #dev: bob, carol')
         self.assertEqual(carol.line(), '-!- Last 1 message:')
-        self.assertEqual(carol.line(), '<bob> dev history')
+        self.assertRegex(carol.line(), r'^\[\S+\] <bob> dev history$')
         bob.expect(r'^-!- carol joined$')
         alice.expect(r'^-!- carol left for #dev$')
         carol.send('/part\n')
@@ -920,7 +925,7 @@ class TestRooms(ServerTestCase):
         conn.expect(r'^-!- Welcome, ')
         self.assertEqual([conn.line(), conn.line()], ['-!- Welcome to the lab.', '-!- Be kind.'])
         conn.expect(r'^-!- You are in #lobby$')
-        conn.expect(r'^-!- 1 online in #lobby')
+        conn.expect(r'^-!- To resume after a lost connection: ')
         conn.send('/motd\n')
         self.assertEqual([conn.line(), conn.line()], ['-!- Welcome to the lab.', '-!- Be kind.'])
 
@@ -1446,6 +1451,9 @@ class WsConn:
         before = []
         while True:
             event = self.event()
+            if event[0] == 'ping':  # an idle socket is pinged now and then
+                self.send(chat.encode_frame(chat.OP_PONG, event[1], b'mask'))
+                continue
             assert event[0] == 'text', event
             if re.search(pattern, event[1]):
                 return before
@@ -1603,9 +1611,9 @@ class TestWeb(ServerTestCase):
         answering.send(chat.encode_frame(chat.OP_PONG, b'', b'mask'))
         self.assertEqual(silent.expect_event('ping'), ('ping', b''))  # pinged before dropped
         self.srv.wait_log(r'silent did not answer a ping')
-        self.srv.wait_log(r'silent left \(no answer to ping\)')
+        self.srv.wait_log(r'silent lost the connection \(no answer to ping\)')
         answering.send_text('/who')
-        answering.expect(r'^-!- 1 online in #lobby: answering$')
+        answering.expect(r'^-!- 2 online in #lobby: answering, silent \(lost\)$')  # may resume
 
     def test_a_turns_lines_are_framed_once_for_every_websocket(self):
         talker = self.connect('talker')
@@ -1681,6 +1689,321 @@ class TestWebOptions(unittest.TestCase):
         ws = WsConn(server.port, tls=True).handshake()
         self.addCleanup(ws.close)
         ws.expect(r'^-!- Welcome, ')
+
+
+# --- Sessions that resume ---------------------------------------------------------
+
+RESUME_LINE = r'^-!- To resume after a lost connection: /resume (\S+)$'
+
+
+def cut(conn):
+    """Reset conn's connection, as a network that fails does."""
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    conn.sock.close()
+
+
+class CuttableProxy:
+    """A TCP relay on loopback between clients and a server, whose
+    connections the test can cut (a reset both ways) while the server and
+    the clients go on: a Wi-Fi that drops."""
+
+    def __init__(self, port):
+        self.target = port
+        self.listener = socket.socket()
+        self.listener.bind(('127.0.0.1', 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.pairs = []
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.relay, daemon=True)
+        self.running = True
+        self.thread.start()
+
+    def relay(self):
+        while self.running:
+            with self.lock:
+                socks = [self.listener] + [s for pair in self.pairs for s in pair]
+            try:
+                ready = select.select(socks, [], [], 0.05)[0]
+            except (OSError, ValueError):
+                continue  # a socket cut meanwhile
+            for sock in ready:
+                if sock is self.listener:
+                    client, _ = sock.accept()
+                    with self.lock:
+                        self.pairs.append((client, socket.create_connection(
+                            ('127.0.0.1', self.target))))
+                    continue
+                with self.lock:
+                    pair = next((p for p in self.pairs if sock in p), None)
+                if pair is None:
+                    continue
+                other = pair[1] if sock is pair[0] else pair[0]
+                try:
+                    data = sock.recv(65536)
+                    if data:
+                        other.sendall(data)
+                        continue
+                except OSError:
+                    pass
+                self.cut(pair)
+
+    def cut(self, pair=None):
+        """Reset one pair of connections, or all."""
+        with self.lock:
+            pairs = [pair] if pair else list(self.pairs)
+            for one in pairs:
+                if one in self.pairs:
+                    self.pairs.remove(one)
+                for sock in one:
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack('ii', 1, 0))
+                    except OSError:
+                        pass
+                    sock.close()
+
+    def stop(self):
+        self.running = False
+        self.thread.join(TIMEOUT)
+        self.cut()
+        self.listener.close()
+
+
+class SessionPeers:
+    """Peers that keep their resume token, and connections that resume."""
+
+    def session(self, name):
+        """A peer named name, and its resume token; lines after it are counted."""
+        conn = Conn(self.srv.port)
+        self.addCleanup(conn.close)
+        token = conn.expect(RESUME_LINE)[1].group(1)
+        conn.send('/nick %s\n' % name)
+        conn.expect(r'is now known as %s$' % name)
+        conn.name = name
+        for other in self.conns:
+            other.expect(came(name))
+        self.conns.append(conn)
+        return conn, token
+
+    def resume(self, token, seen=None, then=''):
+        """A new connection whose first line is /resume TOKEN [SEEN], and then."""
+        conn = Conn(self.srv.port, hello=False)
+        self.addCleanup(conn.close)
+        conn.send('/resume %s%s\n%s' % (token, '' if seen is None else ' %d' % seen, then))
+        return conn
+
+
+class TestSessions(SessionPeers, ServerTestCase):
+    SERVER_OPTIONS = {'rate': 0}
+
+    def test_a_cut_connection_resumes_with_exactly_the_lines_it_missed(self):
+        ann, token = self.session('ann')
+        bob = self.connect('bob')
+        seen = 2  # ann's rename, and bob's arrival (connect() read it)
+        bob.send(''.join('line %d\n' % n for n in range(5)))
+        for n in range(2):  # the other three wait, unread, in ann's socket
+            ann.expect(r'^<bob> line %d$' % n)
+        seen += 2
+        roundtrip(bob)
+        cut(ann)
+        bob.expect(r'^-!- ann lost the connection$')
+        bob.send('/who\n')
+        bob.expect(r'^-!- 2 online in #lobby: ann \(lost\), bob$')  # the name waits
+        bob.send('said while ann was away\n/msg ann are you there?\n')
+        bob.expect(r'^\[PM to ann\] are you there\?$')
+        bob.expect(r'^-!- ann lost the connection: it gets this if it comes back$')
+        back = self.resume(token, seen, then='said with the resume\n')  # one packet
+        new_token = back.expect(RESUME_LINE)[1].group(1)
+        self.assertNotEqual(new_token, token)
+        self.assertEqual(back.line(), '-!- You are back as ann in #lobby: 5 lines you missed')
+        self.assertEqual([back.line() for _ in range(5)], [
+            '<bob> line 2', '<bob> line 3', '<bob> line 4', '<bob> said while ann was away',
+            '[PM from bob] are you there?'])
+        bob.expect(r'^-!- ann is back$')  # before anything it says
+        bob.expect(r'^<ann> said with the resume$')
+        back.send('/msg ann sync\n')
+        self.assertEqual(back.expect(r'^\[PM from ann\] sync$')[0], [])  # nothing twice
+        bob.send('live again\n')
+        back.expect(r'^<bob> live again$')
+        self.srv.wait_log(r'ann resumed from 127\.0\.0\.1:\d+ \(5 lines\)')
+
+    def test_the_count_holds_across_rooms_and_private_lines(self):
+        ann, token = self.session('ann')
+        bob = self.connect('bob')
+        ann.send('/join dev\n')
+        got = ann.expect(r'^-!- 1 online in #dev: ann$')[0] + ['-!- 1 online in #dev: ann']
+        bob.send('/join dev\n/msg ann psst\n')
+        got += ann.expect(r'^\[PM from bob\] psst$')[0] + ['[PM from bob] psst']
+        bob.send('in dev 1\nin dev 2\n')
+        before, line = ann.expect(r'^<bob> in dev 1$')
+        got += before + [line.string]
+        cut(ann)
+        bob.expect(r'^-!- ann lost the connection$')
+        back = self.resume(token, 2 + len(got))  # the rename, "bob joined", then these
+        back.expect(RESUME_LINE)
+        self.assertEqual([back.line(), back.line()], [
+            '-!- You are back as ann in #dev: 1 line you missed', '<bob> in dev 2'])
+
+    def test_a_used_or_made_up_token_is_refused(self):
+        ann, token = self.session('ann')
+        cut(ann)
+        first = self.resume(token)
+        first.expect(r'^-!- You are back as ann')
+        for guess in (token, 'A' * 22, token + ' 0'):  # replaced at each resume
+            thief = self.resume(guess)
+            self.assertEqual(thief.line(), '!!! cannot resume: no such session (it may have '
+                                           'ended or expired)')
+            self.assertRegex(thief.line(), r'^-!- Welcome, guest-\d+!')  # a newcomer, then
+
+    def test_a_person_resumes_with_what_was_said_while_away(self):
+        ann, token = self.session('ann')
+        bob = self.connect('bob')
+        bob.send('before\n')
+        ann.expect(r'^<bob> before$')
+        cut(ann)
+        bob.expect(r'^-!- ann lost the connection$')
+        bob.send('after\n')
+        roundtrip(bob)
+        back = self.resume(token)  # nc: the token as it was shown
+        back.expect(RESUME_LINE)
+        self.assertEqual([back.line(), back.line()], [
+            '-!- You are back as ann in #lobby: 1 line you missed', '<bob> after'])
+
+    def test_quit_kick_and_a_closed_connection_end_the_session(self):
+        ann, token = self.session('ann')
+        bob = self.connect('bob')
+        ann.send('/quit bye\n')
+        bob.expect(r'^-!- ann left \(quit: bye\)$')
+        self.conns.remove(ann)
+        cat, cat_token = self.session('cat')
+        cat.sock.shutdown(socket.SHUT_WR)  # nc's Ctrl-D: leaving, not lost
+        bob.expect(r'^-!- cat left \(connection closed\)$')
+        for used in (token, cat_token):
+            again = self.resume(used)
+            again.expect(r'^!!! cannot resume')
+
+    def test_a_websocket_resumes_too(self):
+        ann, token = self.session('ann')
+        bob = self.connect('bob')
+        cut(ann)
+        bob.expect(r'^-!- ann lost the connection$')
+        bob.send('for the browser\n')
+        roundtrip(bob)
+        ws = WsConn(self.srv.port).handshake()  # a page is let in at its handshake
+        self.addCleanup(ws.close)
+        ws.expect(RESUME_LINE)
+        ws.send_text('/resume %s 1' % token)  # it had had its rename only
+        ws.expect(r'^-!- You are back as ann in #lobby: 2 lines you missed$')
+        self.assertEqual([ws.event()[1] for _ in range(2)],
+                         ['-!- bob joined', '<bob> for the browser'])
+        bob.expect(r'^-!- ann is back$')
+        self.assertEqual(self.sync(bob), [])  # the guest it was for a moment went unannounced
+
+
+class TestSessionsEnd(SessionPeers, ServerTestCase):
+    SERVER_OPTIONS = {'rate': 0, 'op_password': 'op'}
+
+    def test_a_ban_ends_a_lost_session(self):
+        ann, token = self.session('ann')
+        op = self.connect('op')
+        op.send('/op op\n')
+        op.expect(r'^-!- op is now an operator$')
+        cut(ann)
+        op.expect(r'^-!- ann lost the connection$')
+        op.send('/ban ann\n')
+        op.expect(r'^-!- ann left \(banned by op\)$')
+        back = self.resume(token)
+        back.expect(r'^!!! cannot resume')
+
+    def test_lines_from_someone_ignored_then_are_not_counted(self):
+        ann, token = self.session('ann')
+        bob = self.connect('bob')
+        ann.send('/ignore bob\n')
+        ann.expect(r'^-!- You ignore bob: ')
+        bob.send('one\ntwo\n/quit\n')  # its quit ends the ignore
+        ann.expect(r'^-!- bob left \(quit\)$')
+        seen = 4  # rename, bob joined, the ignore, bob left
+        cut(ann)
+        back = self.resume(token, seen)
+        back.expect(r'^-!- You are back as ann in #lobby: 0 lines you missed$')
+
+    def test_a_line_said_in_the_turn_of_the_resume_comes_once(self):
+        # Stepped, so that a line and a /resume land in one loop turn; the
+        # loop rotates its order each turn, so over a few tries the line
+        # is handled both before and after the resume.
+        server, address = stepped_server(self, rate=0)
+        said, ann = socket.create_connection(address), socket.create_connection(address)
+        for sock in (said, ann):
+            self.addCleanup(sock.close)
+            sock.sendall(b'\n')
+        step_until(server, lambda: len(server.names) == 2, 'both in')
+        owner = [peer for peer in server.names.values()
+                 if peer.sock.getpeername() == ann.getsockname()][0]
+        for attempt in range(4):
+            token = owner.session.token
+            ann.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+            ann.close()
+            step_until(server, lambda: owner.lost_at is not None, 'the loss')
+            ann = socket.create_connection(address)
+            self.addCleanup(ann.close)
+            step_until(server, lambda: len(server.peers) == 2, 'accepted')
+            said.sendall(b'line %d\n' % attempt)
+            ann.sendall(('/resume %s\n' % token).encode())
+            ends = [peer.sock for peer in server.peers]  # the server's side of both
+            wait_until(lambda: len(select.select(ends, [], [], 0)[0]) == 2,
+                       'both lines waiting for the next turn')
+            step_until(server, lambda: owner.lost_at is None and not owner.outbuf, 'the resume')
+            ann.settimeout(TIMEOUT)
+            received = b''
+            while b'line %d\n' % attempt not in received:
+                received += ann.recv(65536)
+            ann.setblocking(False)
+            received += recv_now(ann)  # all of it was sent: loopback has it now
+            self.assertEqual(received.count(b'line %d' % attempt), 1, received)
+
+
+class TestSessionsRace(unittest.TestCase):
+
+    def test_a_quit_and_a_resume_in_one_turn(self):
+        # Stepped, so that both land in one loop turn, in both orders over
+        # a few tries (the loop rotates its order): the server goes on, and
+        # the session either resumes or has ended.
+        server, address = stepped_server(self, rate=0)
+        for attempt in range(4):
+            leaving = socket.create_connection(address)
+            self.addCleanup(leaving.close)
+            leaving.sendall(b'\n')
+            step_until(server, lambda: any(p.sock and p.sock.getpeername() == leaving.getsockname()
+                                           and p.session for p in server.names.values()), 'in')
+            owner = [p for p in server.names.values()
+                     if p.sock and p.sock.getpeername() == leaving.getsockname()][0]
+            back = socket.create_connection(address)
+            self.addCleanup(back.close)
+            step_until(server, lambda: len(server.peers) == 2, 'accepted')
+            leaving.sendall(b'/quit\n')
+            back.sendall(('/resume %s\n' % owner.session.token).encode())
+            ends = [peer.sock for peer in server.peers]
+            wait_until(lambda: len(select.select(ends, [], [], 0)[0]) == 2, 'both lines waiting')
+            for _ in range(3):
+                server.run_once(timeout=0.1)  # raises if the loop breaks
+            self.assertEqual(len(server.names), 1, self.logs)  # one of them, not both or none
+            for peer in list(server.names.values()):
+                server.drop(peer, 'quit')
+            server.run_once(timeout=0.1)
+
+
+class TestSessionsExpire(ServerTestCase):
+    SERVER_OPTIONS = {'resume_for': 0.3}
+
+    def test_the_name_is_free_once_the_wait_is_over(self):
+        ann = self.connect('ann')
+        bob = self.connect('bob')
+        cut(ann)
+        bob.expect(r'^-!- ann lost the connection$')
+        bob.expect(r'^-!- ann left \(connection lost\)$')
+        bob.send('/nick ann\n')
+        bob.expect(r'^-!- bob is now known as ann$')
 
 
 # --- The page in a real browser ------------------------------------------------
@@ -1871,6 +2194,25 @@ class TestPage(PageTests, ServerTestCase):
         self.srv.wait_log(r'HTTP: 403')
         self.assertEqual(browser.evaluate(opening % allowed.port), 'open')  # --web-origin
 
+    def test_a_dropped_page_resumes_with_the_missed_lines_once(self):
+        proxy = CuttableProxy(self.srv.port)  # the page's Wi-Fi
+        self.addCleanup(proxy.stop)
+        nc = self.connect('nc')
+        browser = self.open_page(proxy.port, 'pia')
+        nc.expect(came('pia'))
+        browser.evaluate('window.CHAT_BACKOFF_MS = [300, 300]')
+        nc.send('before the drop\n')
+        self.wait_text(browser, 'before the drop')
+        proxy.cut()
+        nc.expect(r'^-!- pia lost the connection$')
+        nc.send('while pia was away\n')
+        nc.expect(r'^-!- pia is back$')
+        texts = self.wait_text(browser, 'while pia was away')
+        self.assertEqual((texts.count('before the drop'), texts.count('while pia was away')),
+                         (1, 1))
+        self.wait_state(browser, "s.connected && s.name === 'pia'", 'back as pia')
+        self.srv.wait_log(r'pia resumed from ')
+
     def test_phone_layout_and_labels(self):
         browser = self.open_page(self.srv.port)
         browser.send('Emulation.setDeviceMetricsOverride', PHONE)
@@ -1940,6 +2282,255 @@ class TestPageReconnects(PageTests, unittest.TestCase):
                          ".startsWith('Disconnected')", 'the banner')
         server.wait_log(r'quitter left')
         self.assertFalse(browser.evaluate('chat.state().reconnecting'))
+
+
+# --- Durable history: --data ----------------------------------------------------
+
+REPLAYED_LINE = r'^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\] '
+
+
+def history_of(conn, count=chat.HISTORY_MAX_LINES):
+    """The lines /history gives conn, without their stamps."""
+    conn.send('/history %d\n' % count)
+    _, heading = conn.expect(r'^-!- (Last (\d+) messages?|No history)')
+    if heading.group(1).startswith('No'):
+        return []
+    lines = [conn.line() for _ in range(int(heading.group(2)))]
+    for line in lines:
+        assert re.match(REPLAYED_LINE, line), line
+    return [line.split('] ', 1)[1] for line in lines]
+
+
+def records(*lines, stamp=b'2020-01-02T03:04:05Z', room='#lobby'):
+    """The data log's records for lines, as chat.py writes them."""
+    return b''.join(chat.data_record(stamp, room, line.encode()) for line in lines)
+
+
+def in_order(seen, kept):
+    """True if every line of seen is in kept, in the same order."""
+    position = iter(kept)
+    return all(line in position for line in seen)
+
+
+class DataTests:
+    """A server with --data DIR: what it keeps, and what it survives."""
+
+    def setUp(self):
+        self.data = tempfile.mkdtemp(prefix='chat-data-')
+        self.addCleanup(shutil.rmtree, self.data)
+        self.log_path = os.path.join(self.data, chat.DATA_LOG_NAME)
+
+    def serve(self, *args, **kw):
+        server = ServerProcess('--data', self.data, '--rate', '0', *args, **kw)
+        self.addCleanup(server.stop)
+        return server
+
+    def join(self, server, name):
+        conn = Conn(server.port)
+        self.addCleanup(conn.close)
+        conn.expect(r'^-!- \d+ online')
+        conn.send('/nick %s\n' % name)
+        conn.expect(r'is now known as %s$' % name)
+        conn.name = name
+        return conn
+
+
+class TestData(DataTests, unittest.TestCase):
+
+    def test_kill_9_loses_no_line_that_anyone_saw(self):
+        server = self.serve()
+        people = [self.join(server, name) for name in ('ann', 'ben', 'cat')]
+        for conn in people:
+            roundtrip(conn)
+        heard = {conn.name: [] for conn in people}
+        for number in range(60):
+            speaker = people[number % 3]
+            speaker.send('%s says %d\n' % (speaker.name, number))
+            if number == 30:  # ben has heard something: kill the server mid-talk
+                heard['ben'].append(people[1].expect(r'^<ann> ann says 0$')[1].string)
+            if number == 45:
+                os.kill(server.proc.pid, signal.SIGKILL)
+        for conn in people:  # what each received before the server died
+            try:
+                while True:
+                    line = conn.line()
+                    if line.startswith('<'):
+                        heard[conn.name].append(line)
+            except (ConnectionError, AssertionError, OSError):
+                pass
+        server.proc.wait(TIMEOUT)
+        again = self.serve()
+        kept = history_of(self.join(again, 'dan'))
+        self.assertEqual(len(kept), len(set(kept)))  # nothing twice
+        for name, lines in heard.items():
+            self.assertTrue(in_order(lines, kept), (name, lines, kept))
+        again.wait_log(r'data: \d+ records of 1 room from ')
+
+    def test_every_line_is_written_before_anyone_receives_it(self):
+        for fsync in chat.FSYNC_CHOICES:
+            server = self.serve('--fsync', fsync)
+            ann, ben = self.join(server, 'ann'), self.join(server, 'ben')
+            for number in range(20):
+                ann.send('line %d with %s\n' % (number, fsync))
+                ben.expect(r'^<ann> line %d with' % number)
+                with open(self.log_path, 'rb') as log:
+                    self.assertIn(b'\t<ann> line %d with %s\t' % (number, fsync.encode()),
+                                  log.read())
+            server.stop()
+
+    def test_topics_and_rooms_come_back_after_a_restart(self):
+        server = self.serve()
+        ann = self.join(server, 'ann')
+        ann.send('/join dev\n/topic fixing the build\nis it green?\n/me looks\n')
+        ann.expect(r'^-!- ann set the topic: fixing the build$')
+        roundtrip(ann)
+        server.finish()
+        again = self.serve()
+        ben = self.join(again, 'ben')
+        ben.send('/rooms\n')
+        ben.expect(r'^-!-   #dev \(0\): fixing the build$')
+        ben.send('/join dev\n')
+        ben.expect(r'^-!- Topic of #dev: fixing the build$')
+        ben.expect(r'^-!- Last 2 messages:$')
+        self.assertRegex(ben.line(), REPLAYED_LINE + r'<ann> is it green\?$')
+        self.assertRegex(ben.line(), REPLAYED_LINE + r'\* ann looks$')
+
+    def test_a_torn_last_record_and_a_damaged_one_are_skipped(self):
+        good = records('<old> first', '<old> second', '<old> third')
+        damaged = good.replace(b'second', b'secXnd')  # its checksum no longer matches
+        with open(self.log_path, 'wb') as log:
+            log.write(damaged + records('<old> torn by a power cut')[:-9])
+        server = self.serve()
+        server.wait_log(r'data: 2 records of 1 room from .*, 1 damaged record skipped, '
+                        r'a torn last record cut off')
+        ann = self.join(server, 'ann')
+        self.assertEqual(history_of(ann), ['<old> first', '<old> third'])
+        ann.send('/msg ann sync\nnew after the tear\n')
+        ann.expect(r'^\[PM from ann\] sync$')
+        roundtrip(ann)
+        server.finish()
+        again = self.serve()
+        # The append started on a line of its own; the damaged record stays skipped.
+        again.wait_log(r'data: 3 records of 1 room from \S+, 1 damaged record skipped$')
+        self.assertEqual(history_of(self.join(again, 'ben'))[-1], '<ann> new after the tear')
+
+    def test_a_second_server_on_the_same_folder_refuses(self):
+        self.serve()
+        result = run_chat('server', '0', '--host', '127.0.0.1', '--data', self.data)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr, 'chat.py: error: %s is in use by another chat.py '
+                         'server (its lock is held)\n' % self.data)
+
+    def test_the_log_is_compacted_past_data_max(self):
+        server = self.serve('--data-max', '4K', '--history', '5')
+        ann = self.join(server, 'ann')
+        for number in range(200):
+            ann.send('line %03d %s\n' % (number, 'x' * 40))
+        roundtrip(ann)
+        server.wait_log(r'data: compacted ')
+        self.assertLess(os.path.getsize(self.log_path), 8 * 1024)
+        server.finish()
+        again = self.serve('--history', '5')
+        ben = Conn(again.port)
+        self.addCleanup(ben.close)
+        ben.expect(r'^-!- Last 5 messages:$')
+        self.assertRegex(ben.line(), REPLAYED_LINE + '<ann> line 195 ')
+
+    def test_a_wrong_fsync_is_refused(self):
+        result = run_chat('server', '--data', self.data, '--fsync', 'sometimes')
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("--fsync: invalid choice: 'sometimes'", result.stderr)
+
+
+# A server whose --data folder is a small file system of its own: a tmpfs
+# mounted in a mount namespace made for it (unshare -m, as root), so that
+# the test can fill it or make it read-only.  The test reaches it through
+# /proc/PID/root, and changes it with nsenter.
+TMPFS_RUN = 'mount -t tmpfs -o size=%s tmpfs "$DATA" && %s exec "$@"'
+
+
+class TestDataFaults(DataTests, unittest.TestCase):
+
+    def serve_on_tmpfs(self, size, then=''):
+        if os.geteuid() != 0 or shutil.which('unshare') is None:
+            self.skipTest('needs root and unshare(1) for a mount namespace')
+        os.environ['DATA'] = self.data
+        self.addCleanup(os.environ.pop, 'DATA')
+        server = self.serve(python=('unshare', '-m', 'sh', '-c', TMPFS_RUN % (size, then),
+                                    'sh', sys.executable))
+        self.inside = '/proc/%d/root%s' % (server.proc.pid, self.data)
+        return server
+
+    def saved(self):
+        """The lines in the server's log, read through its mount namespace."""
+        with open(os.path.join(self.inside, chat.DATA_LOG_NAME), 'rb') as log:
+            whole = log.read().split(b'\n')[:-1]  # not a record being written now
+        return [(chat.parse_record(raw) or (0, 0, b'DAMAGED'))[2].decode() for raw in whole]
+
+    def test_a_full_disk_keeps_the_room_talking_and_loses_nothing(self):
+        server = self.serve_on_tmpfs('64k', 'head -c 50000 /dev/zero > "$DATA/filler" &&')
+        ann, ben = self.join(server, 'ann'), self.join(server, 'ben')
+        said = []
+        for number in range(400):
+            said.append('<ann> line %03d %s' % (number, 'x' * 40))
+            ann.send(said[-1][6:] + '\n')
+            ben.expect('^' + re.escape(said[-1]) + '$')  # the room goes on
+            if any('No space left' in line for line in server.logs):
+                break
+        server.wait_log(r'data: cannot write \S+: No space left on device; history is kept '
+                        r'in memory')
+        self.assertEqual(sum('cannot write' in line for line in server.logs), 1)  # once
+        for number in range(400, 405):
+            said.append('<ann> line %03d' % number)
+            ann.send(said[-1][6:] + '\n')
+            ben.expect('^' + re.escape(said[-1]) + '$')
+        os.remove(os.path.join(self.inside, 'filler'))
+        said.append('<ann> there is room again')
+        ann.send('there is room again\n')
+        ben.expect(r'^<ann> there is room again$')
+        wait_until(lambda: self.saved() == said, 'every line written')  # retried each second
+        server.wait_log(r'data: writing \S+ again$')
+
+    def test_a_read_only_folder_keeps_the_room_talking_until_it_is_writable(self):
+        server = self.serve_on_tmpfs('1m', 'mount -o remount,ro "$DATA" &&')
+        server.wait_log(r'data: cannot write \S+: Read-only file system')
+        ann, ben = self.join(server, 'ann'), self.join(server, 'ben')
+        ann.send('said while read-only\n')
+        ben.expect(r'^<ann> said while read-only$')
+        subprocess.run(['nsenter', '-t', str(server.proc.pid), '-m', 'mount', '-o',
+                        'remount,rw', self.data], check=True, timeout=TIMEOUT)
+        ann.send('and after\n')
+        ben.expect(r'^<ann> and after$')
+        wait_until(lambda: os.path.exists(os.path.join(self.inside, chat.DATA_LOG_NAME))
+                   and self.saved() == ['<ann> said while read-only', '<ann> and after'],
+                   'both lines written')
+
+
+class TestHistoryCommand(ServerTestCase):
+    SERVER_OPTIONS = {'rate': 0, 'history': 3}
+
+    def test_history_replays_earlier_lines_with_when_they_were_said(self):
+        ann = self.connect('ann')
+        for number in range(30):
+            ann.send('line %d\n' % number)
+        roundtrip(ann)
+        ben = self.connect('ben')  # a newcomer gets --history of them
+        self.assertEqual(history_of(ben, 25), ['<ann> line %d' % n for n in range(5, 30)])
+        ben.send('/history\n')  # 100 by default: all 30
+        self.assertEqual(ben.expect(r'^-!- Last')[1].string, '-!- Last 30 messages:')
+        ben.send('/history lots\n')
+        ben.expect(r'^!!! usage: /history \[N\]$')
+        ben.send('/join dev\n')
+        self.assertEqual(history_of(ben), [])
+
+    def test_history_fits_one_turns_share(self):
+        ann = self.connect('ann')
+        for number in range(100):
+            ann.send('%03d %s\n' % (number, 'h' * 3000))
+        roundtrip(ann)
+        ann.send('/history 100\n')
+        _, heading = ann.expect(r'^-!- Last (\d+) messages \(as many as fit 64\.0 KiB\):$')
+        self.assertLess(int(heading.group(1)), 30)
 
 
 # --- Server: limits ------------------------------------------------------------
@@ -2156,7 +2747,7 @@ class TestFastPath(unittest.TestCase):
             peer.lines = 1  # past its first line, which is always checked alone
             peer.room = lobby = server.lobby
             lobby.batch, lobby.batch_bytes = [], 0
-            lobby.history.clear()
+            lobby.history = chat.History(lobby.history.most, lobby.history.max_bytes)
             count = server.say_all(peer, None)
             texts = [chat.decode(line) for line in raw[:raw.rindex(b'\n')].split(b'\n')]
             plain = all(text.strip() and not text.startswith('/') for text in texts)
@@ -2171,7 +2762,7 @@ class TestFastPath(unittest.TestCase):
             expected = [chat.public_line('alice', text) for text in texts]
             self.assertEqual(count, len(expected))
             self.assertEqual([line for _, line in lobby.batch], [b''.join(expected)])
-            self.assertEqual(list(lobby.history), expected[-3:])
+            self.assertEqual([line for _, line in lobby.history][-3:], expected[-3:])
             self.assertEqual(bytes(peer.inbuf), raw[raw.rindex(b'\n') + 1:])
         self.assertGreater(said, 50)
         self.assertGreater(declined, 50)
@@ -2223,8 +2814,9 @@ class TestShortHistory(ServerTestCase):
         self.sync(alice)
         conn = Conn(self.srv.port)
         self.addCleanup(conn.close)
-        lines, _ = conn.expect(r'^<alice> message 4$')
-        self.assertEqual(lines[-2:], ['-!- Last 2 messages:', '<alice> message 3'])
+        lines, _ = conn.expect(r'^\[\S+\] <alice> message 4$')
+        self.assertEqual(lines[-2], '-!- Last 2 messages:')
+        self.assertRegex(lines[-1], r'^\[\S+\] <alice> message 3$')
 
 
 class TestBigRooms(ServerTestCase):
@@ -2276,7 +2868,7 @@ class TestBigRooms(ServerTestCase):
         conns[0].send('/quit bye\n')
         conns[0].expect_closed()
         for conn in conns[1:]:
-            conn.close()
+            conn.sock.shutdown(socket.SHUT_WR)  # leaving (a reset would be a lost connection)
         lines = [watcher.line()]
         if lines[0] == '-!- %s left (quit: bye)' % conns[0].name:  # the first may come alone
             lines.append(watcher.line())
@@ -2284,9 +2876,8 @@ class TestBigRooms(ServerTestCase):
         self.assertTrue(match, lines)
         entries = set(match.group(2).split(', '))
         self.assertEqual(len(entries), int(match.group(1)))
-        for name in (conns[1].name, conns[2].name):  # they closed with unread input
-            self.assertTrue({'%s (connection closed)' % name, '%s (connection lost)' % name}
-                            & entries, entries)
+        for name in (conns[1].name, conns[2].name):
+            self.assertIn('%s (connection closed)' % name, entries)
 
     def test_the_welcome_names_a_few_and_counts_the_rest(self):
         self.raw_peers(chat.WELCOME_NAMES + 5)
@@ -2329,6 +2920,7 @@ class TestNoHistory(ServerTestCase):
         self.addCleanup(conn.close)
         conn.expect(r'^-!- You are in #lobby$')
         self.assertEqual(conn.line(), '-!- 2 online in #lobby: alice, guest-2')
+        conn.expect(r'^-!- To resume after a lost connection: ')
         alice.send('live\n')
         self.assertEqual(conn.line(), '<alice> live')
 
@@ -2361,7 +2953,7 @@ class TestRobustness(ServerTestCase):
         self.sync(alice)
         bob.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\1\0\0\0\0\0\0\0')
         bob.close()  # linger 0: the close sends a reset
-        before, _ = alice.expect(r'^-!- bob left \(connection (lost|closed)\)$')
+        before, _ = alice.expect(r'^-!- bob (lost the connection|left \(connection closed\))$')
         self.assertEqual(before, [])  # the unfinished line is not delivered
         alice.send('still fine\n')
         carol.expect(r'^<alice> still fine$')
@@ -2444,7 +3036,7 @@ class TestServerProcess(unittest.TestCase):
             server.wait_log(r'guest-1 joined')
             status, out, log = server.finish(sig)
             self.assertEqual(status, 0)
-            self.assertEqual(conn.expect_closed(), ['-!- server shutting down'])
+            self.assertEqual(conn.expect_closed()[-1:], ['-!- server shutting down'])
             self.assertIn('shutting down', log)
             self.assertNotIn('Traceback', log)
 
@@ -3430,7 +4022,9 @@ class TestTerminalClient(PtySession, ServerTestCase):
         self.join()
         self.srv.stop()
         self.read_until(lambda s: 'server closed the connection' in s.text(), 'why')
-        self.assertEqual(self.wait_exit(), 1)
+        self.read_until(lambda s: '(reconnecting…)' in s.line(), 'it tries to come back')
+        self.type('\x03')  # Ctrl-C while cut off: leave
+        self.assertEqual(self.wait_exit(), 0)
 
     def test_quit_command_restores_the_terminal(self):
         self.join()
@@ -3540,6 +4134,81 @@ class TestTerminalClient(PtySession, ServerTestCase):
         self.proc.wait(TIMEOUT)
 
 
+@unittest.skipIf(sys.platform == 'win32', 'pseudo-terminals are POSIX')
+class TestReplayedTimes(PtySession, DataTests, unittest.TestCase):
+
+    def test_the_client_shows_when_a_replayed_line_was_said(self):
+        DataTests.setUp(self)
+        with open(self.log_path, 'wb') as log:
+            log.write(records('<old> from long ago'))
+        self.srv = self.serve()
+        self.spawn('--name', 'newt', env={'TZ': 'UTC'})
+        self.read_until(lambda s: '<old> from long ago' in s.text(), 'the replayed line')
+        self.assertIn('2020-01-02 03:04 <old> from long ago', self.screen.text())
+
+
+@unittest.skipIf(sys.platform == 'win32', 'pseudo-terminals are POSIX')
+class TestClientComesBack(PtySession, ServerTestCase):
+    SERVER_OPTIONS = {'rate': 0}
+
+    def spawn_at(self, port, *args):
+        self.spawn(command=[sys.executable, '-c', TTY_WRAPPER, CHAT, 'client', '127.0.0.1',
+                            str(port)] + list(args))
+
+    def test_a_lost_connection_resumes_with_the_missed_lines_once(self):
+        proxy = CuttableProxy(self.srv.port)  # a network that drops
+        self.addCleanup(proxy.stop)
+        bob = self.connect('bob')
+        self.spawn_at(proxy.port, '--name', 'tess', '--room', 'dev')
+        bob.send('/join dev\n')
+        bob.expect(r'^-!- \d+ online in #dev: ')
+        bob.send('one\n')
+        self.read_until(lambda s: '<bob> one' in s.text(), 'a line')
+        proxy.cut()
+        self.read_until(lambda s: '(reconnecting…) #dev>' in s.line(), 'the reconnecting state')
+        bob.send('two, while tess is away\n')
+        self.type('typed while away\r')
+        self.type('half a line')
+        bob.expect(r'^<tess> typed while away$')  # sent once back, after the resume
+        self.read_until(lambda s: '<bob> two, while tess is away' in s.text(), 'the missed line')
+        self.read_until(lambda s: s.line() == '#dev> half a line', 'the typed text, kept')
+        text = self.screen.text()
+        self.assertEqual((text.count('<bob> one'), text.count('<bob> two')), (1, 1))
+        self.assertIn('chat.py: connection lost: ', text)
+        self.type('\r')
+        bob.expect(r'^<tess> half a line$')
+        self.srv.wait_log(r'tess resumed from ')
+
+    def test_after_a_server_restart_it_comes_back_by_name_and_room(self):
+        server = ServerProcess('--rate', '0')
+        self.addCleanup(lambda: server.stop())
+        self.spawn_at(server.port, '--name', 'tess', '--room', 'dev')
+        self.read_until(lambda s: s.line() == '#dev>', 'in #dev')
+        port = server.port
+        server.finish()
+        self.read_until(lambda s: '(reconnecting…) #dev>' in s.line(), 'the reconnecting state')
+        server = ServerProcess('--rate', '0', port=port)
+        watcher = Conn(port)
+        self.addCleanup(watcher.close)
+        watcher.send('/join dev\n')
+        watcher.expect(r'^-!- \d+ online in #dev: ')
+        watcher.expect(came('tess'))  # its token died with the server: in as new, by name
+        self.read_until(lambda s: s.line() == '#dev>', 'back in #dev')
+
+    def test_a_kick_is_not_undone_by_reconnecting(self):
+        server = ServerProcess('--rate', '0', env=dict(os.environ, CHAT_OP_PASSWORD='op'))
+        self.addCleanup(server.stop)
+        op = Conn(server.port)
+        self.addCleanup(op.close)
+        op.send('/op op\n')
+        op.expect(r'is now an operator')
+        self.spawn_at(server.port, '--name', 'tess')
+        op.expect(came('tess'))
+        op.send('/kick tess enough\n')
+        self.assertEqual(self.wait_exit(), 1)
+        self.assertIn('you were kicked by', self.screen.text())
+
+
 class TestTelnet(PtySession, ServerTestCase):
     """The real telnet under a pseudo-terminal."""
     SERVER_OPTIONS = {'rate': 0}
@@ -3638,6 +4307,20 @@ class TestTls(ServerTestCase):
 
     def client(self, *args, **kw):
         return run_chat('client', kw.pop('host', '127.0.0.1'), str(self.srv.port), *args, **kw)
+
+    def test_a_reset_tls_connection_resumes(self):
+        ann = TlsConn(self.srv.port)
+        self.addCleanup(ann.close)
+        token = ann.expect(r'^-!- To resume after a lost connection: /resume (\S+)$')[1].group(1)
+        bob = self.tls_peer('bob')
+        ann.expect(r'^-!- bob joined$')
+        ann.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+        ann.sock.close()  # no close_notify: a reset, as a network that fails
+        bob.expect(r'^-!- guest-1 lost the connection$')
+        back = TlsConn(self.srv.port, hello=False)
+        self.addCleanup(back.close)
+        back.send('/resume %s 1\n' % token)
+        back.expect(r'^-!- You are back as guest-1 in #lobby: 0 lines you missed$')
 
     def test_the_fingerprint_printed_is_what_openssl_prints(self):
         cert, key, printed = certificate()
@@ -3818,7 +4501,7 @@ class TestPassword(PtySession, ServerTestCase):
         self.assertEqual(self.sync(alice), [])  # no join, no "hello?"
         door.send('/pass sesame\n')
         self.assertEqual(door.line(), '-!- ' + chat.PASSWORD_ACCEPTED)
-        door.expect(r'^<alice> private chatter$')  # only now: the history
+        door.expect(r'^\[\S+\] <alice> private chatter$')  # only now: the history
         alice.expect(r'^-!- guest-2 joined$')
 
     def test_no_room_line_leaks_to_the_door_in_the_same_turn(self):
@@ -4148,7 +4831,7 @@ class TestOtherHosts(unittest.TestCase):
         self.peer(server, NETNS_HOSTS[1], 'ghost')
         set_loopback(False)  # its cable is pulled: no FIN, no reset, just silence
         self.addCleanup(set_loopback, True)
-        server.wait_log(r'ghost left \(connection lost\)')
+        server.wait_log(r'ghost lost the connection \(connection lost\)')
 
     def test_an_ipv6_address_is_banned_as_its_host_and_shown_as_typed(self):
         if not in_own_network(self):
@@ -4558,13 +5241,13 @@ class TestReviewFindings(unittest.TestCase):
         talker.sendall(b''.join(b'%03d %s\n' % (i, b'h' * 3990) for i in range(100)))
         history = server.lobby.history
         wait_until(lambda: server.run_once(timeout=0.1) or any(
-            line.startswith(b'<guest-1> 099') for line in history), 'the last line said')
+            line.startswith(b'<guest-1> 099') for _, line in history), 'the last line said')
         replay = server.lobby.recent_history(server.turn_budget)
         self.assertLessEqual(sum(map(len, replay)), server.turn_budget)
-        self.assertEqual(replay, list(history)[-len(replay):])
+        self.assertEqual(replay, [chat.replayed(entry) for entry in history][-len(replay):])
         self.assertGreater(len(replay), 0)
-        # and no more is kept than a newcomer could ever be shown
-        self.assertLessEqual(sum(map(len, history)), server.turn_budget)
+        # and no more is kept than /history could ever be shown
+        self.assertLessEqual(sum(len(line) for _, line in history), server.max_backlog)
 
     def test_the_turns_share_is_never_zero(self):
         server, _ = stepped_server(self, max_backlog=2)
