@@ -1328,7 +1328,7 @@ class Room:
         for sender, line in self.batch[peer.batch_pos:]:
             if sender is not peer and not ignores(peer, sender, line):
                 peer.outbuf += line if peer.websocket is None else text_frames(line)
-                self.server.lines_out += 1
+                self.server.lines_out += line.count(b'\n')  # a read's lines come as one
         peer.batch_pos = len(self.batch)
 
     def deliver(self):
@@ -1336,7 +1336,7 @@ class Room:
         queued gets those same bytes in one send() of its own."""
         everything = b''.join(line for _, line in self.batch)
         server, senders, framed = self.server, None, None
-        lines_in_batch = len(self.batch)  # for the count: an ignorer's copy counts all
+        lines_in_batch = everything.count(b'\n')  # for the count (an ignorer's copy: all)
         for peer in self.members.values():
             if peer.sock is None:
                 continue
@@ -1464,7 +1464,7 @@ class Session:
     SAID_KEEP_SHARE backlog caps each); older ones are counted as a room
     numbered them, which may count a few the peer never had."""
 
-    __slots__ = ('token', 'peer', 'runs', 'direct_bytes', 'skipped', 'at_loss')
+    __slots__ = ('token', 'peer', 'runs', 'direct_bytes', 'skipped', 'loss_run')
 
     def __init__(self, peer):
         self.token = secrets.token_urlsafe(16)  # 128 random bits
@@ -1472,16 +1472,27 @@ class Session:
         self.runs = collections.deque()   # [room, first, end or None, ignoring] or [None, bytes]
         self.direct_bytes = 0
         self.skipped = 0            # lines of runs forgotten (over the budget)
-        self.at_loss = 0            # lines in the stream when the connection was lost
+        self.loss_run = None        # the first run after the connection was lost
         self.moved(peer.room)
 
     def moved(self, room):
         """The peer is in room now, or ignores other people: a new run."""
         self.close_run()
-        if self.runs and self.runs[-1][0] is not None and self.runs[-1][1] == self.runs[-1][2]:
-            self.runs.pop()  # an empty run
+        self.drop_empty_run()
         self.runs.append([room, room.seq, None, frozenset(self.peer.ignoring)])
         self.bound()
+
+    def mark_loss(self):
+        """The connection is lost: what comes from now on is what a person
+        who resumes without a count (/resume TOKEN) is sent."""
+        self.moved(self.peer.room)
+        self.loss_run = self.runs[-1]
+
+    def drop_empty_run(self):
+        """A closed room run that got no line is no run (unless it marks the loss)."""
+        run = self.runs[-1] if self.runs else None
+        if run and run[0] is not None and run[1] == run[2] and run is not self.loss_run:
+            self.runs.pop()
 
     def close_run(self):
         """The peer gets no more of its room's lines in this run (it leaves,
@@ -1494,9 +1505,8 @@ class Session:
     def direct(self, data):
         """Lines sent to the peer alone: they come after its room's lines so far."""
         self.close_run()
+        self.drop_empty_run()  # no room line since the last direct one: one run
         runs = self.runs
-        if runs and runs[-1][0] is not None and runs[-1][1] == runs[-1][2]:
-            runs.pop()  # no room line since the last direct one: one run
         if runs and runs[-1][0] is None:
             runs[-1][1] += data
         else:
@@ -1536,12 +1546,17 @@ class Session:
                     lines.append(line)
         return lines[::-1]
 
-    def lines(self):
-        """Every line of the stream still known, in order; and how many
-        came before them that are forgotten (over a budget, or no longer
-        kept by their room)."""
-        out, forgotten = [], self.skipped
-        for run in self.runs:
+    def lines(self, first=None):
+        """Every line of the stream still known, in order (from the run
+        first on, if given and still kept); and how many came before them
+        that are forgotten (over a budget, or no longer kept by their room)."""
+        runs, forgotten = list(self.runs), self.skipped
+        for index, run in enumerate(runs):
+            if run is first:
+                runs, forgotten = runs[index:], 0
+                break
+        out = []
+        for run in runs:
             if run[0] is None:  # direct
                 out += run[1].splitlines(True)
                 continue
@@ -2248,13 +2263,14 @@ class Commands:
             if peer.key is None:
                 self.gate.open_door(peer)  # in as a newcomer, then
             return
-        lines, forgotten = owner.session.lines()
         if seen:
+            lines, forgotten = owner.session.lines()
             seen = int(seen)
         elif owner.lost_at is not None:  # typed by a person: what came since the loss
-            seen = owner.session.at_loss
-        else:
-            seen = forgotten + len(lines)
+            lines, forgotten = owner.session.lines(owner.session.loss_run)
+            seen = forgotten
+        else:  # the connection is not lost (yet): nothing is missed
+            lines, forgotten, seen = [], 0, 0
         missed, lost = lines[max(0, seen - forgotten):], max(0, forgotten - seen)
         self.take_over(owner, peer)
         self.give_session(owner)
@@ -2740,8 +2756,7 @@ class Server(Commands):
         if peer.behind_since is not None:  # its backlog went with the connection
             peer.behind_since = None
             peer.room.note_behind(peer)
-        lines, forgotten = peer.session.lines()
-        peer.session.at_loss = forgotten + len(lines)
+        peer.session.mark_loss()
         self.log('%s lost the connection (%s); it may resume within %s' % (
             peer.name, peer.close_reason, duration(self.resume_for)))
         peer.room.departures.append((peer.name, LOST_NOTE))  # told with other leaves

@@ -1660,14 +1660,14 @@ class TestWebOptions(unittest.TestCase):
         conn = Conn(server.port)
         self.addCleanup(conn.close)
         conn.expect(r'^-!- 2 online')
-        conn.send('hello\n')
-        listener.expect(r'^<\S+> hello$')
+        conn.send('hello\nworld\n')  # one read: one blob of two lines
+        listener.expect(r'^<\S+> world$')
         status, headers, body = response_parts(http_get(server.port,
                                                          'GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n'))
         self.assertEqual(status, 200)
         text = body.decode()
         for line in ('chat_peers 2', 'chat_rooms 1', '# TYPE chat_bytes_out_total counter',
-                     'chat_lines_out_total 2'):  # the listener's: a join, hello
+                     'chat_lines_out_total 3'):  # the listener's: a join, hello, world
             self.assertIn(line, text)
         self.assertRegex(text, r'chat_lines_in_total [1-9]')
         self.assertRegex(text, r'chat_loop_turn_seconds_max \d')
@@ -1786,6 +1786,11 @@ class SessionPeers:
         self.conns.append(conn)
         return conn, token
 
+    def cut_off(self, conn, watcher):
+        """Reset conn's connection; watcher hears that it was lost."""
+        cut(conn)
+        watcher.expect(r'^-!- %s lost the connection$' % conn.name)
+
     def resume(self, token, seen=None, then=''):
         """A new connection whose first line is /resume TOKEN [SEEN], and then."""
         conn = Conn(self.srv.port, hello=False)
@@ -1806,8 +1811,7 @@ class TestSessions(SessionPeers, ServerTestCase):
             ann.expect(r'^<bob> line %d$' % n)
         seen += 2
         roundtrip(bob)
-        cut(ann)
-        bob.expect(r'^-!- ann lost the connection$')
+        self.cut_off(ann, bob)
         bob.send('/who\n')
         bob.expect(r'^-!- 2 online in #lobby: ann \(lost\), bob$')  # the name waits
         bob.send('said while ann was away\n/msg ann are you there?\n')
@@ -1838,8 +1842,7 @@ class TestSessions(SessionPeers, ServerTestCase):
         bob.send('in dev 1\nin dev 2\n')
         before, line = ann.expect(r'^<bob> in dev 1$')
         got += before + [line.string]
-        cut(ann)
-        bob.expect(r'^-!- ann lost the connection$')
+        self.cut_off(ann, bob)
         back = self.resume(token, 2 + len(got))  # the rename, "bob joined", then these
         back.expect(RESUME_LINE)
         self.assertEqual([back.line(), back.line()], [
@@ -1861,8 +1864,7 @@ class TestSessions(SessionPeers, ServerTestCase):
         bob = self.connect('bob')
         bob.send('before\n')
         ann.expect(r'^<bob> before$')
-        cut(ann)
-        bob.expect(r'^-!- ann lost the connection$')
+        self.cut_off(ann, bob)
         bob.send('after\n')
         roundtrip(bob)
         back = self.resume(token)  # nc: the token as it was shown
@@ -1886,8 +1888,7 @@ class TestSessions(SessionPeers, ServerTestCase):
     def test_a_websocket_resumes_too(self):
         ann, token = self.session('ann')
         bob = self.connect('bob')
-        cut(ann)
-        bob.expect(r'^-!- ann lost the connection$')
+        self.cut_off(ann, bob)
         bob.send('for the browser\n')
         roundtrip(bob)
         ws = WsConn(self.srv.port).handshake()  # a page is let in at its handshake
@@ -1909,8 +1910,7 @@ class TestSessionsEnd(SessionPeers, ServerTestCase):
         op = self.connect('op')
         op.send('/op op\n')
         op.expect(r'^-!- op is now an operator$')
-        cut(ann)
-        op.expect(r'^-!- ann lost the connection$')
+        self.cut_off(ann, op)
         op.send('/ban ann\n')
         op.expect(r'^-!- ann left \(banned by op\)$')
         back = self.resume(token)
