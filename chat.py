@@ -37,14 +37,18 @@ The file, top to bottom (each part a "# --- " heading):
     Wire formats              HTTP and WebSocket (sans-I/O), telnet
     Server                    Peer, History, Room (members, notices, the
                               turn's batch), Session (/resume), Gate (who
-                              gets in), Commands (one cmd_WORD each),
-                              Server (loop, input, output), Web (the page,
-                              /ws, /metrics); listening sockets, the log
-    Durable history           DataLog: --data records, fsync, compaction
+                              gets in), Worker (password hashes, off the
+                              loop), Commands (one cmd_WORD each; /register
+                              and waiting messages among them), Server
+                              (loop, input, output, sessions), Web (the
+                              page, /ws, /metrics); listening sockets, the log
+    Durable history           DataLog: --data records, fsync, compaction;
+                              PeopleLog: names, waiting messages, sessions
     The web page              PAGE, the browser client
     Client                    Client (reconnects, resumes), PlainScreen
     Terminal line editor      KeyReader, LineEditor, TerminalScreen
-    Security                  TLS (certificates, pinning), passwords, MOTD
+    Security                  TLS (certificates, pinning), passwords and
+                              their hashes, MOTD
     Bench                     `chat.py bench`
     Command line              the subcommands, their options, main()
 """
@@ -67,6 +71,7 @@ import hmac
 import ipaddress
 import itertools
 import os
+import queue
 import random
 import re
 import secrets
@@ -218,6 +223,18 @@ FSYNC_CHOICES = ('always', 'everysec', 'no')
 DATA_RETRY_SEC = 1.0           # after a failed write, the next try waits this long
 DATA_MAX_PENDING = 1 << 20     # records kept while the disk refuses them; older go
 MAX_MOTD_BYTES = 16 * 1024     # of the MOTD file, read; every newcomer is sent it
+
+# Names that belong to someone (/register, with --data), and messages that
+# wait for them.  A password is kept as a salted slow hash, made and checked
+# off the loop (Worker): scrypt where hashlib has it, else PBKDF2.
+PEOPLE_LOG_NAME = 'people.log'  # in --data DIR: names, waiting messages, sessions
+PEOPLE_COMPACT_BYTES = 1 << 20  # rewritten past this (and twice what it was)
+MIN_NAME_PASSWORD_CHARS = 6
+SCRYPT_COST = (1 << 14, 8, 1)   # n, r, p: 16 MiB of memory and about 50 ms a hash
+PBKDF2_ROUNDS = 600000          # of SHA-256, where hashlib has no scrypt (OWASP, 2023)
+WORKER_MAX_JOBS = 16            # hashes waiting at once; more are refused (busy)
+MAIL_PER_NAME = 50              # messages waiting for one registered name,
+MAIL_KEEP_SEC = 7 * 24 * 3600   # for at most a week
 
 # A vanished peer (no FIN, no reset) is found by TCP keepalive probes: the
 # first after this long idle, then every interval; after that many
@@ -1165,6 +1182,30 @@ class History:
                 self.count -= count
 
 
+    def position(self):
+        """Where the history ends now, in terms a restart keeps (the data
+        log has the stamps): the last line's stamp and how many lines end
+        with it; (b'-', 0) while empty."""
+        last, count = b'-', 0
+        for stamp, _, lines in reversed(self.blobs):
+            if count and stamp != last:
+                break
+            last, count = stamp, count + lines
+        return last, count
+
+    def since(self, position):
+        """The (stamp, line) said after position: everything kept, if it is
+        older than all of them."""
+        stamp, count = position
+        entries = list(self)
+        for index, (said, _) in enumerate(entries):
+            if said > stamp or (said == stamp and count <= 0):
+                return entries[index:]
+            if said == stamp:
+                count -= 1
+        return []
+
+
 def replayed(entry):
     """A history line as it is sent again: with when it was said, in UTC."""
     return b'[%s] %s' % entry
@@ -1464,11 +1505,16 @@ class Session:
     SAID_KEEP_SHARE backlog caps each); older ones are counted as a room
     numbered them, which may count a few the peer never had."""
 
-    __slots__ = ('token', 'peer', 'runs', 'direct_bytes', 'skipped', 'loss_run')
+    __slots__ = ('token', 'digest', 'peer', 'runs', 'direct_bytes', 'skipped', 'loss_run',
+                 'restored')
 
-    def __init__(self, peer):
-        self.token = secrets.token_urlsafe(16)  # 128 random bits
+    def __init__(self, peer, digest=None):
+        self.token = None if digest else secrets.token_urlsafe(16)  # 128 random bits
+        self.digest = digest or token_digest(self.token)  # what is kept of it
         self.peer = peer
+        # After a restart (--data): where its room's log stood at the
+        # session's last record and at the restart (History.position).
+        self.restored = None
         self.runs = collections.deque()   # [room, first, end or None, ignoring] or [None, bytes]
         self.direct_bytes = 0
         self.skipped = 0            # lines of runs forgotten (over the budget)
@@ -1546,6 +1592,16 @@ class Session:
                     lines.append(line)
         return lines[::-1]
 
+    def before_restart(self, heard):
+        """After a restart: the room lines the data log has from the
+        session's record to the restart, as replayed lines, but its own and
+        the first heard (as many as its client says it had)."""
+        start, end = self.restored
+        history, own = self.peer.room.history, said_by(self.peer.name)
+        since = history.since(start)
+        said = since[:len(since) - len(history.since(end))]
+        return [replayed(entry) for entry in said if not entry[1].startswith(own)][heard:]
+
     def lines(self, first=None):
         """Every line of the stream still known, in order (from the run
         first on, if given and still kept); and how many came before them
@@ -1565,6 +1621,12 @@ class Session:
                 forgotten += min(room.seq if end is None else end, room.said_from) - start
             out += self.room_lines(run)
         return out, forgotten
+
+
+def token_digest(token):
+    """What the server keeps of a resume token: its SHA-256, so that the
+    data directory holds nothing a reader could resume with."""
+    return hashlib.sha256(token.encode('utf-8', 'surrogateescape')).hexdigest()
 
 
 def ignores(peer, sender, line):
@@ -1896,6 +1958,50 @@ def refuse_at_once(sock, line):
 ANYONE, OPERATORS, AT_THE_DOOR = 'anyone', 'operators', 'at the door'
 
 
+class Worker:
+    """Slow work off the loop: password hashes (about 50 ms each) for
+    /register and /nick NAME PASSWORD.  One thread does the jobs in order
+    and hands each result back to be used in the loop, which the server's
+    wake socket rouses.  At most WORKER_MAX_JOBS wait; past that a job is
+    refused, so a flood of passwords costs the guessers time, not the room."""
+
+    def __init__(self, server):
+        self.server = server
+        self.jobs = queue.Queue()
+        self.done = collections.deque()  # (then, peer, result) for the loop
+        self.waiting = 0                 # jobs given and not yet handed back
+        self.thread = None
+
+    def submit(self, work, then, peer):
+        """Run work() off the loop, then then(peer, result) in it (result
+        None if work failed); False if too many jobs wait already."""
+        if self.waiting >= WORKER_MAX_JOBS:
+            return False
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.run, daemon=True)
+            self.thread.start()
+        self.waiting += 1
+        self.jobs.put((work, then, peer))
+        return True
+
+    def run(self):
+        while True:
+            work, then, peer = self.jobs.get()
+            try:
+                result = work()
+            except Exception:  # MemoryError from scrypt, say: the job says so
+                result = None
+            self.done.append((then, peer, result))
+            self.server.wake()
+
+    def finish(self):
+        """In the loop: hand the results that came back to their callbacks."""
+        while self.done:
+            then, peer, result = self.done.popleft()
+            self.waiting -= 1
+            self.server.guarded(then, peer, result)
+
+
 def command(usage, what, who=ANYONE, console=False):
     """Mark a cmd_* method as a command: its usage and one-line help (for
     /help, and for a command used wrongly), who may use it, and whether the
@@ -2076,18 +2182,165 @@ class Commands:
 
     # People ------------------------------------------------------------------
 
-    @command('/nick NAME', 'choose your name')
-    def cmd_nick(self, peer, name):
+    @command('/nick NAME [PASSWORD]', 'change your name (a registered one needs its '
+             'password)')
+    def cmd_nick(self, peer, argument):
+        name, _, password = argument.partition(' ')
         if not name:
             self.usage(peer, self.cmd_nick)
             return
-        problem = self.rename(peer, unicodedata.normalize('NFC', name))
+        name = unicodedata.normalize('NFC', name)
+        if password and name_key(name) in self.accounts:
+            self.check_password(peer, name, password)
+            return
+        problem = self.rename(peer, name)
         if problem is not None:
             self.log('%s refused the name %s: %s' % (peer.name, name, problem))
             self.queue(peer, error_line('cannot use the name %s: %s' % (name, problem)))
+        elif password:
+            self.queue(peer, notice_line('%s is not registered: the password was not used '
+                                         '(/register PASSWORD makes the name yours)' % name))
 
-    def rename(self, peer, name, by=None):
-        """Give peer the name, and tell its room; why not, if it may not."""
+    # Names that belong to someone (--data) -----------------------------------
+
+    def check_password(self, peer, name, password):
+        """/nick NAME PASSWORD for a registered name: the hash is checked off
+        the loop (password_checked goes on)."""
+        holder = self.names.get(name_key(name))
+        if holder is not None and holder is not peer and holder.lost_at is None:
+            self.queue(peer, error_line('cannot use the name %s: it is in use, from another '
+                                        'connection' % name))
+            return
+        stored = self.accounts[name_key(name)][1]
+        if not self.worker.submit(lambda: password_matches(password, stored),
+                                  lambda peer, right: self.password_checked(peer, name, right),
+                                  peer):
+            self.queue(peer, error_line('the server is busy checking passwords: try again '
+                                        'in a moment'))
+
+    def password_checked(self, peer, name, right):
+        """The password for a registered name was checked: a wrong one counts
+        as a wrong room password does (Gate.strike); the right one gives the
+        name, and the messages that waited for it.  If its owner's lost
+        connection holds it, this connection resumes that one."""
+        key = name_key(name)
+        if peer.sock is None or peer.close_reason is not None:
+            return  # gone meanwhile
+        if key not in self.accounts:
+            self.queue(peer, error_line('%s is no longer registered' % name))
+        elif right is None:
+            self.log('cannot check the password of %s: it was registered where hashlib has '
+                     'scrypt, and this Python has not' % name)
+            self.queue(peer, error_line('this server cannot check the password of %s (its '
+                                        'Python lacks scrypt)' % name))
+        elif not right:
+            self.gate.strike(peer, 'wrong password for the name %s' % name)
+        elif self.names.get(key) not in (None, peer):
+            holder = self.names[key]
+            if holder.lost_at is None or holder.close_reason is not None:
+                self.queue(peer, error_line('cannot use the name %s: it is in use, from '
+                                            'another connection' % name))
+            else:
+                self.resume_session(holder, peer)
+        else:
+            problem = self.rename(peer, name, owner=True)
+            if problem is not None:
+                self.queue(peer, error_line('cannot use the name %s: %s' % (name, problem)))
+            else:
+                self.deliver_mail(peer)
+
+    @command('/register PASSWORD', 'make your name yours (it then needs the password)')
+    def cmd_register(self, peer, password):
+        name = peer.name
+        if self.data is None:
+            self.queue(peer, error_line('this server keeps no names: it runs without --data'))
+        elif not password:
+            self.usage(peer, self.cmd_register)
+        elif peer.key.startswith(GUEST_PREFIX):
+            self.queue(peer, error_line('choose a name first (/nick NAME), then register it'))
+        elif len(password) < MIN_NAME_PASSWORD_CHARS:
+            self.queue(peer, error_line('the password must have at least %d characters'
+                                        % MIN_NAME_PASSWORD_CHARS))
+        elif not self.worker.submit(lambda: hash_password(password),
+                                    lambda peer, hashed: self.registered(peer, name, hashed),
+                                    peer):
+            self.queue(peer, error_line('the server is busy checking passwords: try again '
+                                        'in a moment'))
+
+    def registered(self, peer, name, hashed):
+        """The hash for /register is made: keep it, if peer still has the name."""
+        if peer.name != name or peer.close_reason is not None:
+            return  # renamed or gone meanwhile: nothing to register
+        if hashed is None:
+            self.queue(peer, error_line('could not register %s: the password hash failed'
+                                        % name))
+            return
+        again = peer.key in self.accounts
+        self.accounts[peer.key] = (name, hashed)
+        self.data.people.note('name', name, hashed)
+        self.log('%s %s' % (name, 'changed its password' if again else 'registered its name'))
+        self.queue(peer, notice_line(
+            'The name %s is yours%s: from now on it needs the password (/nick %s PASSWORD, '
+            'or the client\'s --name with CHAT_NAME_PASSWORD)' % (
+                name, ', with the new password' if again else '', name)))
+
+    @command('/unregister', 'let your name go: anyone may take it again')
+    def cmd_unregister(self, peer, argument):
+        if peer.key not in self.accounts:
+            self.queue(peer, error_line('%s is not registered' % peer.name))
+            return
+        self.forget_name(peer.key, peer.name)
+        self.queue(peer, notice_line('%s is no longer registered' % peer.name))
+
+    @command('/drop NAME', 'take a registered name from its owner', who=OPERATORS,
+             console=True)
+    def cmd_drop(self, peer, name):
+        key = name_key(name) if name else None
+        if not name:
+            self.usage(peer, self.cmd_drop)
+        elif key not in self.accounts:
+            self.queue(peer, error_line('%s is not registered' % name))
+        else:
+            name = self.accounts[key][0]
+            self.forget_name(key, peer.name)
+            self.queue(peer, notice_line('%s is no longer registered' % name))
+
+    def forget_name(self, key, by):
+        """The name is no one's any more; the messages that waited for it go."""
+        name, _ = self.accounts.pop(key)
+        self.mail.pop(key, None)
+        self.data.people.note('unname', name)
+        self.log('%s is no longer registered (by %s)' % (name, by))
+
+    def leave_mail(self, peer, key, text):
+        """/msg to a registered name that is not here: it waits (at most
+        MAIL_PER_NAME, for MAIL_KEEP_SEC), and the sender is told."""
+        name = self.accounts[key][0]
+        box = self.mail.setdefault(key, [])
+        box[:] = [mail for mail in box if stamp_age(mail[0]) < MAIL_KEEP_SEC]
+        if len(box) >= MAIL_PER_NAME:
+            self.queue(peer, error_line('%s has %d messages waiting already: this one is not '
+                                        'kept' % (name, MAIL_PER_NAME)))
+            return
+        box.append((self.stamp(), peer.name, text))
+        self.data.people.note('mail', name, peer.name, text)
+        self.queue(peer, sent_line(name, text))
+        self.queue(peer, notice_line('%s is not here: the message waits for them (up to %d '
+                                     'days)' % (name, MAIL_KEEP_SEC // 86400)))
+
+    def deliver_mail(self, peer):
+        """peer has come in with its registered name: the messages that waited."""
+        box = [mail for mail in self.mail.pop(peer.key, ())
+               if stamp_age(mail[0]) < MAIL_KEEP_SEC]
+        if box:
+            self.queue(peer, notice_line('%s waited for you:' % plural(len(box), 'message'))
+                       + b''.join(replayed((stamp, private_line(sender, text)))
+                                  for stamp, sender, text in box))
+            self.data.people.note('read', peer.name)
+
+    def rename(self, peer, name, by=None, owner=False):
+        """Give peer the name, and tell its room; why not, if it may not.  A
+        registered name only to its owner (who gave its password)."""
         key = name_key(name)
         holder = self.names.get(key)
         problem = name_problem(name)
@@ -2095,7 +2348,10 @@ class Commands:
             problem = 'the server keeps "%s" and names starting with "%s"' % (
                 SERVER_NAME, GUEST_PREFIX)
         if problem is None and holder not in (None, peer):
-            problem = 'the name is taken by %s' % holder.name
+            problem = 'the name is taken by %s%s' % (holder.name, ', whose connection was lost '
+                                                    '(it may come back)' if holder.lost_at else '')
+        if problem is None and key in self.accounts and not owner and holder is not peer:
+            problem = 'it is registered; give its password: /nick %s PASSWORD' % name
         if problem is None and self.gate.name_banned(key):
             problem = 'the name is banned %s' % self.gate.name_banned(key).until_text()
         if problem is None and name == peer.name:
@@ -2107,6 +2363,7 @@ class Commands:
         peer.name, peer.key = name, key
         self.names[key] = peer
         peer.room.rename(peer, old_key)
+        self.note_session(peer)
         self.log('%s is now known as %s%s' % (old, name, ' (renamed by %s)' % by if by else ''))
         renamed = notice_line('%s is now known as %s%s' % (
             old, name, ' (renamed by %s)' % by if by else ''))
@@ -2138,10 +2395,13 @@ class Commands:
             self.usage(peer, self.cmd_msg)
             return
         recipient = self.names.get(name_key(name))
-        if recipient is None:
+        if recipient is None and name_key(name) in self.accounts:
+            if not self.refused_if_muted(peer):
+                self.leave_mail(peer, name_key(name), text)
+        elif recipient is None:
             self.queue(peer, error_line('no one called %s is online' % name))
-            return
-        self.tell(peer, recipient, text)
+        else:
+            self.tell(peer, recipient, text)
 
     @command('/reply TEXT', 'answer the last private message')
     def cmd_reply(self, peer, text):
@@ -2249,35 +2509,49 @@ class Commands:
         self.queue(peer, notice_line(GOODBYE))
         self.drop(peer, 'quit: %s' % reason if reason else 'quit', linger=True)
 
-    @command('/resume TOKEN [N]', 'come back after a lost connection (N: lines you '
-             'got since the token; without N, what was said while you were away)',
-             who=AT_THE_DOOR)
+    @command('/resume TOKEN [N [P]]', 'come back after a lost connection (N: lines you '
+             'got since the token; P: of them, public lines of your room since you entered '
+             'it; without them, what was said while you were away)', who=AT_THE_DOOR)
     def cmd_resume(self, peer, argument):
-        token, _, seen = argument.partition(' ')
-        owner = self.sessions.get(token)
+        token, seen, heard = (argument.split(' ') + ['', ''])[:3]
+        owner = self.sessions.get(token_digest(token))
         if (owner is None or owner is peer or owner.close_reason is not None  # leaving now
-                or self.gate.name_banned(owner.key) or (seen and not seen.isdigit())):
+                or self.gate.name_banned(owner.key)
+                or not all(count.isdigit() for count in (seen, heard) if count)):
             self.log('%s: no session to resume' % (peer.name or peer.address))
             self.queue(peer, error_line('cannot resume: no such session (it may have '
                                         'ended or expired)'))
             if peer.key is None:
                 self.gate.open_door(peer)  # in as a newcomer, then
             return
-        if seen:
-            lines, forgotten = owner.session.lines()
-            seen = int(seen)
-        elif owner.lost_at is not None:  # typed by a person: what came since the loss
-            lines, forgotten = owner.session.lines(owner.session.loss_run)
-            seen = forgotten
-        else:  # the connection is not lost (yet): nothing is missed
-            lines, forgotten, seen = [], 0, 0
-        missed, lost = lines[max(0, seen - forgotten):], max(0, forgotten - seen)
+        self.resume_session(owner, peer, int(seen) if seen else None,
+                            int(heard) if heard else None)
+
+    def resume_session(self, owner, peer, seen=None, heard=None):
+        """peer's connection becomes owner's, and is sent what owner missed:
+        after the first seen lines since its token (or, without a count,
+        what came since the loss).  After a restart the server knows only
+        the room's logged lines from before it: the client's count of its
+        room's public lines (heard) says which of those it had."""
+        session = owner.session
+        if session.restored is not None:
+            lines, lost = session.lines(session.loss_run)  # since the restart
+            missed = (session.before_restart(heard) if heard is not None else []) + lines
+        else:
+            if seen is not None:
+                lines, forgotten = session.lines()
+            elif owner.lost_at is not None:  # typed by a person: what came since the loss
+                lines, forgotten = session.lines(session.loss_run)
+                seen = forgotten
+            else:  # the connection is not lost (yet): nothing is missed
+                lines, forgotten, seen = [], 0, 0
+            missed, lost = lines[max(0, seen - forgotten):], max(0, forgotten - seen)
         self.take_over(owner, peer)
-        self.give_session(owner)
         self.queue(owner, notice_line('You are back as %s in %s: %s you missed%s' % (
             owner.name, owner.room.shown, plural(len(missed), 'line'),
             ' (about %d more are gone)' % lost if lost else '')))
         self.queue(owner, b''.join(missed))
+        self.give_session(owner)  # after what it missed: its client counts from here
         if owner.lost_at is not None:
             owner.lost_at = None
             owner.room.returns.append(owner)  # told with other comings and goings
@@ -2502,11 +2776,12 @@ class Server(Commands):
         self.rooms = {}             # name_key -> Room; a room is made on first join
         self.data = data            # DataLog (--data), or None: history in memory only
         self.resume_for = resume_for  # seconds a lost connection may come back (0: never)
-        self.sessions = {}          # resume token -> Peer
+        self.sessions = {}          # SHA-256 of a resume token (token_digest) -> Peer
+        self.accounts = {}          # name_key -> (name, password hash): /register
+        self.mail = {}              # name_key -> [(stamp, sender, text)] waiting for it
+        self.worker = Worker(self)  # password hashes, off the loop
         self.stamp_second, self.stamp_bytes = None, b''
         self.lobby = self.room_named(LOBBY)
-        if data is not None:
-            data.load(self)
         self.busy_rooms = []        # rooms with lines broadcast this turn
         self.motd = list(motd)      # the message of the day, lines of text
         self.settings = settings    # reads the MOTD and password files again (SIGHUP)
@@ -2524,6 +2799,11 @@ class Server(Commands):
         self.timers = []            # heap of (when, seq, callback, argument)
         self.timer_seq = itertools.count()
         self.guest_numbers = itertools.count(1)  # never reused
+        if data is not None:
+            data.load(self)
+            opened = data.people.load(self)
+            if resume_for:
+                self.restore_sessions(opened)
         self.fds_exhausted = False
         self.accepting = False      # the listeners are in the selector
         self.stopping = False
@@ -2572,6 +2852,7 @@ class Server(Commands):
                 self.accept(key.fileobj)
             elif peer == 'wake':
                 drain(self.wake_r)
+                self.worker.finish()
             elif peer == 'console':
                 self.guarded(self.on_console, self.console)
             elif peer.sock is not None:  # not closed earlier this turn
@@ -2742,12 +3023,56 @@ class Server(Commands):
         session = Session(peer)  # from the room's lines said so far
         self.queue(peer, notice_line(RESUME_NOTICE % session.token))
         peer.session = session   # counts what comes after the notice
-        self.sessions[session.token] = peer
+        self.sessions[session.digest] = peer
+        self.note_session(peer)
 
-    def end_session(self, peer):
+    def note_session(self, peer):
+        """With --data, keep on disk who holds peer's session, in which room,
+        and where that room's log stood: after a restart the session waits
+        for its client (restore_sessions), which is sent what it missed.  At
+        every new token, room and name."""
+        if self.data is not None and peer.session is not None:
+            stamp, count = peer.room.history.position()
+            self.data.people.note('session', peer.session.digest, peer.name, peer.room.shown,
+                                  str(peer.ip), stamp.decode(), str(count))
+
+    def end_session(self, peer, on_disk=True):
+        """peer's token no longer works (here; and on disk, unless told not to)."""
         if peer.session is not None:
-            self.sessions.pop(peer.session.token, None)
+            self.sessions.pop(peer.session.digest, None)
+            if self.data is not None and on_disk:
+                self.data.people.note('ended', peer.session.digest)
             peer.session = None
+
+    def restore_sessions(self, opened):
+        """After a restart (--data): each session that was open waits for its
+        client for --resume-for, as a lost connection does, with its name
+        and its room, which had no notice of it."""
+        restored = 0
+        for digest, (name, room_name, ip, stamp, count) in opened.items():
+            key = name_key(name)
+            try:
+                ip = ipaddress.ip_address(ip)
+            except ValueError:
+                continue
+            if key in self.names or name_problem(name) or name_problem(room_name[1:]):
+                continue
+            peer = Peer(None, '%s (before the restart)' % ip, self.burst, ip)
+            peer.name, peer.key = name, key
+            room = peer.room = self.room_named(room_name[1:])
+            room.members[key], room.roster = peer, None
+            self.names[key] = peer
+            peer.session = Session(peer, digest)
+            peer.session.mark_loss()
+            peer.session.restored = ((stamp.encode(), int(count)), room.history.position())
+            peer.lost_at = time.monotonic()
+            self.sessions[digest] = peer
+            self.call_later(self.resume_for, self.expire_session, peer)
+            restored += 1
+        if restored:
+            self.log('data: %s for %s' % (
+                '1 session waits for its client' if restored == 1 else
+                '%d sessions wait for their clients' % restored, duration(self.resume_for)))
 
     def lost(self, peer):
         """peer's connection is gone but it may come back: its name and room
@@ -2789,6 +3114,7 @@ class Server(Commands):
         if peer.session is not None:
             peer.session.moved(room)
         self.queue(peer, notice_line(YOU_ARE_IN % room.shown))
+        self.note_session(peer)  # its client counts room lines from that notice
         if room.topic:
             self.queue(peer, notice_line('Topic of %s: %s' % (room.shown, room.topic)))
         self.queue(peer, room.welcome_list())
@@ -2825,7 +3151,9 @@ class Server(Commands):
                 self.lost(peer)
                 continue
             if peer.key is not None and self.names.get(peer.key) is peer:
-                self.end_session(peer)
+                # Lost as the server stops: it may resume after the restart.
+                self.end_session(peer, on_disk=not (self.stopping and
+                                                    peer.close_reason in LOST_REASONS))
                 peer.lost_at = None
                 del self.names[peer.key]
                 self.log('%s left (%s)' % (peer.name, peer.close_reason))
@@ -3604,12 +3932,19 @@ def make_log(quiet=False, stream=None):
 # notice), and the CRC-32 of what precedes it, so a damaged record is
 # recognised and skipped.
 RECORD = re.compile(rb'(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\t(#[^\t\n]+)\t([^\t\n]+)\t([0-9a-f]{8})\Z')
+RECORD_STAMP = re.compile(r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\Z')
 TOPIC_SET = re.compile(r'-!- (\S+) set the topic: (.*)\Z')
 
 
 def data_record(stamp, room, line):
     """The record for one line (without its newline) said in room at stamp."""
-    body = b'%s\t%s\t%s' % (stamp, room.encode('utf-8'), line)
+    return tab_record((stamp, room.encode('utf-8'), line))
+
+
+def tab_record(fields):
+    """A record: the fields (bytes, no tab or newline in them), tabs between,
+    then the CRC-32 of all that."""
+    body = b'\t'.join(fields)
     return b'%s\t%08x\n' % (body, zlib.crc32(body))
 
 
@@ -3626,6 +3961,29 @@ def parse_record(raw):
     if name_problem(room) is not None:
         return None
     return match.group(1), room, match.group(3)
+
+
+def read_saved(path):
+    """The bytes of a file of DIR (none if it is not there yet)."""
+    try:
+        with open(path, 'rb') as saved:
+            return saved.read()
+    except FileNotFoundError:
+        return b''
+    except OSError as exc:
+        raise UserError('cannot read %s: %s' % (path, exc.strerror))
+
+
+def replace_synced(path, data):
+    """Put data in place of the file at path, whole or not at all: written
+    to a new file (mode 600), synced, and renamed over it, so that a crash
+    or a power cut leaves the old file or the new one."""
+    fresh = path + '.new'
+    with os.fdopen(os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 'wb') as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(fresh, path)
 
 
 class DataLog:
@@ -3657,6 +4015,7 @@ class DataLog:
         self.unsynced = False
         self.sync_lock = threading.Lock()  # the fsync thread and a compaction's swap
         self.stopping = threading.Event()
+        self.people = PeopleLog(folder, self.log)
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
             self.lock_fd = os.open(folder, os.O_RDONLY)
@@ -3675,13 +4034,7 @@ class DataLog:
     def load(self, server):
         """Give each room its history and topic back from the log; skip
         damaged records (a torn last one is cut off, so appends start clean)."""
-        try:
-            with open(self.path, 'rb') as saved:
-                data = saved.read()
-        except FileNotFoundError:
-            data = b''
-        except OSError as exc:
-            raise UserError('cannot read %s: %s' % (self.path, exc.strerror))
+        data = read_saved(self.path)
         records, torn = data.split(b'\n'), 0
         if records[-1]:  # no newline after the last: a write cut short
             torn, good_end = 1, data.rfind(b'\n') + 1
@@ -3728,6 +4081,13 @@ class DataLog:
             self.pending += data_record(stamp, room, line)
 
     def write(self, server):
+        """Write what this turn said, then what it changed of people.log."""
+        self.write_history(server)
+        if self.people.pending or self.people.broken is not None:
+            self.people.write(server, self.fsync == 'always')
+            self.unsynced = True
+
+    def write_history(self, server):
         """Write what this turn said, in one write(); on failure keep it
         (bounded) and try again later; compact once the log is too big."""
         if not self.pending:
@@ -3789,16 +4149,9 @@ class DataLog:
         records = self.kept(server, None)
         if len(records) > self.max_bytes // 2:  # then what newcomers are shown
             records = self.kept(server, server.history)
-        fresh = self.path + '.new'
         try:
-            fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, records)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
             with self.sync_lock:
-                os.replace(fresh, self.path)
+                replace_synced(self.path, records)
                 os.close(self.fd)
                 self.fd = None
             self.size = self.compacted_size = len(records)
@@ -3829,11 +4182,12 @@ class DataLog:
             if self.unsynced:
                 self.unsynced = False
                 with self.sync_lock:
-                    try:
-                        if self.fd is not None:
-                            os.fsync(self.fd)
-                    except OSError:
-                        pass  # the next write says what is wrong
+                    for fd in (self.fd, self.people.fd):
+                        try:
+                            if fd is not None:
+                                os.fsync(fd)
+                        except OSError:
+                            pass  # the next write says what is wrong
 
     def close(self):
         """Write what is left and sync it (at shutdown)."""
@@ -3845,6 +4199,181 @@ class DataLog:
                 pass
         if self.fd is not None:
             try:
+                os.fsync(self.fd)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+        self.people.close()
+
+
+# DIR/people.log is kept the same way, one record per line, its fields
+# separated by tabs, the last the CRC-32 of the others; the first says when
+# (UTC) and the second what:
+#     TIME  name     NAME  HASH        NAME is registered (/register), with this
+#                                      password (hash_password: never the password)
+#     TIME  unname   NAME              and no longer (/unregister, /drop)
+#     TIME  mail     NAME  FROM  TEXT  a /msg for NAME, waiting until it comes in
+#     TIME  read     NAME              NAME was given the messages that waited
+#     TIME  session  DIGEST  NAME  #ROOM  IP  STAMP  COUNT
+#                                      a resume token (its SHA-256) held by NAME
+#                                      in #ROOM, whose log then ended with the
+#                                      COUNT-th line stamped STAMP ("-": none)
+#     TIME  ended    DIGEST            that session is over (quit, kick, expired)
+# It holds password hashes and private messages: mode 0600, in a 0700 DIR.
+PEOPLE_FIELDS = {'name': 2, 'unname': 1, 'mail': 3, 'read': 1, 'session': 6, 'ended': 1}
+
+
+def parse_people_record(raw):
+    """(stamp, kind, [fields]) from a people.log record, or None if damaged."""
+    fields = raw.split(b'\t')
+    if len(fields) < 3 or fields[-1] != b'%08x' % zlib.crc32(raw[:-len(fields[-1]) - 1]):
+        return None
+    try:
+        stamp, kind, *rest = [field.decode('utf-8') for field in fields[:-1]]
+    except UnicodeDecodeError:
+        return None
+    if PEOPLE_FIELDS.get(kind) != len(rest) or not RECORD_STAMP.match(stamp):
+        return None
+    return stamp.encode(), kind, rest
+
+
+def stamp_age(stamp):
+    """Seconds since a utc_stamp()."""
+    return time.time() - calendar.timegm(time.strptime(stamp.decode(), '%Y-%m-%dT%H:%M:%SZ'))
+
+
+class PeopleLog:
+    """--data DIR/people.log: registered names, the messages waiting for
+    them, and the sessions a restart must keep (see its format above).
+    Changes are appended with the turn's history (DataLog.write), in one
+    write(); the file is rewritten whole, with only what is still true, at
+    start, past PEOPLE_COMPACT_BYTES, and after a failed write (a full
+    disk): the server holds all of it in memory, so nothing waits in a
+    queue that could grow."""
+
+    def __init__(self, folder, log):
+        self.path = os.path.join(folder, PEOPLE_LOG_NAME)
+        self.log = log
+        self.fd = None
+        self.pending = bytearray()   # records not yet written
+        self.sessions = {}           # digest -> its latest session record
+        self.size = self.compacted_size = 0
+        self.broken = None           # the error that stopped appends: rewrite when we can
+
+    def note(self, kind, *fields):
+        """A change, to be written at the end of this turn."""
+        record = tab_record([utc_stamp(time.time()), kind.encode()]
+                            + [field.encode('utf-8') for field in fields])
+        if kind == 'session':
+            self.sessions[fields[0]] = record
+        elif kind == 'ended':
+            self.sessions.pop(fields[0], None)
+        self.pending += record
+
+    def load(self, server):
+        """Fill server.accounts and server.mail; the sessions that were open,
+        digest -> (name, #room, ip, stamp, count).  Damaged records are
+        skipped and counted; then the file is rewritten compact."""
+        data = read_saved(self.path)
+        opened, damaged = {}, 0
+        for raw in data.split(b'\n'):
+            parsed = parse_people_record(raw) if raw else None
+            if parsed is None:
+                damaged += bool(raw)
+                continue
+            stamp, kind, fields = parsed
+            key = name_key(fields[0])
+            if kind == 'name':
+                server.accounts[key] = tuple(fields)
+            elif kind == 'unname' or kind == 'read':
+                server.mail.pop(key, None)
+                if kind == 'unname':
+                    server.accounts.pop(key, None)
+            elif kind == 'mail' and key in server.accounts:
+                server.mail.setdefault(key, []).append((stamp, fields[1], fields[2]))
+            elif kind == 'session':
+                self.sessions[fields[0]] = raw + b'\n'
+                opened[fields[0]] = fields[1:]
+            elif kind == 'ended':
+                self.sessions.pop(fields[0], None)
+                opened.pop(fields[0], None)
+        for key, box in list(server.mail.items()):
+            box[:] = [mail for mail in box if stamp_age(mail[0]) < MAIL_KEEP_SEC]
+            if not box:
+                del server.mail[key]
+        self.log('data: %s, %s and %s from %s%s' % (
+            plural(len(server.accounts), 'registered name'),
+            plural(sum(map(len, server.mail.values())), 'waiting message'),
+            plural(len(opened), 'open session'), self.path,
+            ', %s skipped' % plural(damaged, 'damaged record') if damaged else ''))
+        self.rewrite(server)
+        return opened
+
+    def kept(self, server):
+        """The records of what is still true: names, waiting mail, sessions."""
+        records = bytearray()
+        for key, (name, hashed) in server.accounts.items():
+            records += tab_record([server.stamp(), b'name', name.encode(), hashed.encode()])
+            for stamp, sender, text in server.mail.get(key, ()):
+                records += tab_record([stamp, b'mail'] + [
+                    field.encode() for field in (name, sender, text)])
+        for record in self.sessions.values():
+            records += record
+        return records
+
+    def write(self, server, fsync):
+        """Append this turn's changes in one write(); after a failure, or
+        past the size bound, rewrite the file whole instead."""
+        if self.broken is not None or self.size > max(PEOPLE_COMPACT_BYTES,
+                                                      2 * self.compacted_size):
+            if self.broken is None or time.monotonic() >= self.broken:
+                self.rewrite(server)
+            return
+        if not self.pending:
+            return
+        try:
+            written = os.write(self.fd, self.pending)
+            if fsync:
+                os.fsync(self.fd)
+        except OSError as exc:
+            self.failed(exc)
+            return
+        self.size += written
+        del self.pending[:written]
+
+    def rewrite(self, server):
+        """Put a compact file in place (written, synced, then renamed over
+        the old one) and append from there."""
+        records = self.kept(server)
+        try:
+            replace_synced(self.path, records)
+            if self.fd is not None:
+                os.close(self.fd)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            self.failed(exc)
+            return
+        if self.broken is not None:
+            self.log('data: writing %s again' % self.path)
+        self.broken = None
+        self.size = self.compacted_size = len(records)
+        del self.pending[:]
+
+    def failed(self, exc):
+        """Logged once; the whole file is rewritten when it can be."""
+        if self.broken is None:
+            self.log('data: cannot write %s: %s; names and sessions are kept in memory, '
+                     'writing is tried again every %g s' % (
+                         self.path, exc.strerror or exc, DATA_RETRY_SEC))
+        self.broken = time.monotonic() + DATA_RETRY_SEC
+        del self.pending[:]
+
+    def close(self):
+        """Write what is left and sync it (at shutdown)."""
+        if self.fd is not None:
+            try:
+                os.write(self.fd, self.pending)
                 os.fsync(self.fd)
             except OSError:
                 pass
@@ -4021,9 +4550,11 @@ let greetAgain = false;       // a password prompt swallowed the greeting
 let unechoed = [];            // our lines sent before we knew our name
 let mentionPattern = null;    // our name as a whole word
 let unread = 0;               // lines that came while the tab was hidden
-let token = null, seen = 0;   // our resume token, and the lines received since it
+let token = null, seen = 0;   // our resume token, and the lines received since it,
+let heard = 0;                // and of them public lines of our room since we entered it
 let resuming = false;         // we sent /resume: a token that comes now is a new one
 let roomBeforeDrop = null;    // to go back to if we cannot resume
+let held = null;              // while resuming, what the connection was sent as a newcomer
 let stickToEnd = true;        // the log follows new lines unless scrolled up
 let composing = false;        // an IME is composing in the input line
 const sent = [];              // lines sent, for Up and Down
@@ -4104,7 +4635,8 @@ function onOpen() {
   setBanner(null);
   if (attempt) showLocal('notice', 'connected again');
   resuming = Boolean(token);
-  if (token) send('/resume ' + token + ' ' + seen);
+  held = token ? [] : null;
+  if (token) send('/resume ' + token + ' ' + seen + ' ' + heard);
   else greet();
 }
 
@@ -4119,6 +4651,7 @@ function greet() {
 function onClose() {
   if (isOpen && !stopReason) showLocal('error', 'connection lost');
   roomBeforeDrop = roomBeforeDrop || room;
+  held = null;
   socket = null;
   isOpen = false;
   $('password-form').hidden = true;
@@ -4162,14 +4695,27 @@ function classify(text) {
 }
 
 function onLine(text) {
+  if (held) {   // a WebSocket is let in as a newcomer, until the resume says otherwise
+    if (/^-!- You are back as /.test(text)) held = null;   // those lines are moot
+    else if (text.startsWith('!!! cannot resume')) {
+      const lines = held;
+      held = null;
+      lines.forEach(onLine);   // we are that newcomer after all
+    } else {
+      held.push(text);
+      return;
+    }
+  }
   const resume = /^-!- To resume after a lost connection: [/]resume ([^ ]+)$/.exec(text);
   if (resume) {   // counted from here; not shown: the page resumes by itself
     token = resume[1];
-    seen = 0;
+    seen = heard = 0;
     resuming = false;
     return;
   }
   if (token) seen += 1;
+  if (/^(<[^ ]+> |[*] [^ ]+ )/.test(text)) heard += 1;   // what a restart keeps
+  else if (/^-!- You are in #/.test(text)) heard = 0;
   if (text.startsWith('!!! cannot resume')) {
     if (resuming) token = null;   // else the guest we came in as has a token already
     resuming = false;
@@ -4553,10 +5099,11 @@ class Client:
     pipes and files, TerminalScreen (a line editor) for a terminal."""
 
     def __init__(self, sock, screen, name=None, stdin_fd=0, received=b'', history=True,
-                 room=None, redial=None):
+                 room=None, redial=None, name_password=None):
         self.sock = sock
         self.screen = screen
         self.wanted_name = name       # asked for on connect
+        self.name_password = name_password  # its password, if registered and known
         self.wanted_room = room       # joined on connect
         self.history = history        # show the lines replayed on joining
         self.replayed = 0             # of those, how many are still to come
@@ -4576,7 +5123,9 @@ class Client:
         # bytes read), or None: not here).
         self.redial = redial
         self.token = None             # the server's resume token, if it gave one
-        self.seen = 0                 # lines received since it
+        self.seen = 0                 # lines received since it,
+        self.heard = 0                # and of them, public lines of our room since we
+        # entered it: what a server restarted with --data knows of (Session.before_restart)
         self.refusal = None           # the server shut the door: no coming back
         self.retry_at = None          # when to try to reconnect, while cut off
         self.attempt = 0              # tries since the loss
@@ -4590,7 +5139,7 @@ class Client:
         if self.screen.wakeup is not None:  # signals the screen must see
             self.selector.register(self.screen.wakeup, selectors.EVENT_READ)
         if self.wanted_name:
-            self.send_line('/nick ' + self.wanted_name)
+            self.ask_name(self.wanted_name)
             if self.screen.wakeup is None:  # piped: nothing is sent under a name refused
                 self.naming = time.monotonic()
         if self.wanted_room:
@@ -4665,14 +5214,18 @@ class Client:
         """Display lines from the server, noting our own name as it changes,
         the server's flood control rate, if it says so, and our resume
         token and how many lines came since."""
-        shown = []
+        shown, asked = [], None
         for text in texts:
             resume = RESUME_TOKEN.match(text)
             if resume:
-                self.token, self.seen = resume.group(1), 0
+                self.token, self.seen, self.heard = resume.group(1), 0, 0
                 continue  # the client resumes by itself: the token need not be shown
             if self.token is not None:
                 self.seen += 1
+            if SPEAKER.match(text):
+                self.heard += 1
+            elif ENTERED.match(text):
+                self.heard = 0
             if text.startswith('!!! ') and REFUSAL.search(text[4:]):
                 self.refusal = text[4:]
             elif text.startswith('!!! cannot resume'):
@@ -4696,14 +5249,19 @@ class Client:
                 self.dismissed = True
             elif flood:
                 self.server_rate = float(flood.group(1))
-            elif self.naming is not None and text.startswith('!!! cannot use the name '):
-                self.refused = text[4:]
+            elif self.naming is not None and text.startswith(NAME_REFUSED):
+                self.refused = text[4:] + (' (set CHAT_NAME_PASSWORD)' if (
+                    NAME_PASSWORD_WANTED.match(text) and not self.name_password) else '')
+            elif NAME_PASSWORD_WANTED.match(text):
+                asked = NAME_PASSWORD_WANTED.match(text)
             shown.append(text)
         self.screen.show(shown)
         if self.unechoed and self.screen.name:
             for line in self.unechoed:
                 self.screen.echo(own_line(self.screen.name, line))
             self.unechoed = []
+        if asked:  # once what came before it is on the screen
+            self.password_wanted(asked.group(1) or asked.group(2))
 
     def named(self):
         """Our name is settled (or the server will not say): start sending."""
@@ -4744,7 +5302,7 @@ class Client:
     def reconnect(self):
         """Try once to connect again: resume with the token if we have one,
         else join anew with our name and room; then send what was typed."""
-        first = 'resume %s %d' % (self.token, self.seen) if self.token else ''
+        first = 'resume %s %d %d' % (self.token, self.seen, self.heard) if self.token else ''
         try:
             sock, received = self.redial('/' + first if first else '')
         except (UserError, OSError):
@@ -4767,12 +5325,29 @@ class Client:
         """In as a newcomer after all: ask for our name and room again."""
         self.token = None
         if self.screen.name and not self.screen.name.startswith(GUEST_PREFIX):
-            self.send_line('/nick ' + self.screen.name)
+            self.ask_name(self.screen.name)
         elif self.wanted_name:
-            self.send_line('/nick ' + self.wanted_name)
+            self.ask_name(self.wanted_name)
         room = self.room_before or self.screen.people.room
         if room and room != '#' + LOBBY:
             self.send_line('/join ' + room)
+
+    def ask_name(self, name):
+        """/nick NAME, with its password if it is the name we have one for."""
+        if self.name_password and name_key(name) == name_key(self.wanted_name):
+            self.send_line('/nick %s %s' % (name, self.name_password))
+        else:
+            self.send_line('/nick ' + name)
+
+    def password_wanted(self, name):
+        """The server wants the password of the name we asked for (or had a
+        wrong one): ask, without echo, on a terminal, and send it."""
+        if self.wanted_name is None or name_key(name) != name_key(self.wanted_name):
+            return
+        password = self.screen.ask_secret('Password for the name %s: ' % name)
+        if password:
+            self.name_password = password
+            self.ask_name(name)
 
     def read_stdin(self):
         """Send each line typed or piped in; at the end of input, /quit."""
@@ -4885,6 +5460,9 @@ REFUSAL = re.compile(r'^(you were (kicked|banned) by |you are banned|server full
                      r'connections)|: goodbye$')
 LAST_MESSAGES = re.compile(r'^-!- Last (\d+) messages?( \(.*\))?:$')  # then that many replayed
 RENAMED = re.compile(r'^-!- (\S+) is now known as (\S+)$')
+NAME_REFUSED = ('!!! cannot use the name ', '!!! wrong password for the name ')
+NAME_PASSWORD_WANTED = re.compile(r'^!!! (?:cannot use the name (\S+): it is registered|'
+                                  r'wrong password for the name (\S+) \()')
 FLOOD_NOTICE = re.compile(r'^-!- flood control: .* ([0-9.]+) per second$')
 # And those that tell it where it is and who is there.
 ENTERED = re.compile(r'^-!- You are in (#\S+)$')
@@ -4949,6 +5527,9 @@ class PlainScreen:
 
     def set_status(self, text):
         pass  # error() said it: a pipe has no prompt to show it in
+
+    def ask_secret(self, prompt):
+        return None  # piped input is lines to send: CHAT_NAME_PASSWORD is the way
 
     def feed(self, data):
         """The complete lines in data; None last when input has ended."""
@@ -5051,6 +5632,7 @@ def default_name():
 
 ESCAPE_WAIT_SEC = 0.05     # a lone ESC is a key, not a sequence, after this
 LEAVE = object()           # what the line editor returns for Ctrl-D on an empty line
+SECRET_LINE = re.compile(r'/(pass|op|register) |/nick \S+ \S')  # not kept for Up
 NAME_COLOURS = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)  # SGR foregrounds
 STYLES = {'time': '2', 'notice': '2', 'error': '1;31', 'private': '1;35',
           'own': '1', 'mention': '1;7', 'prompt': '1'}
@@ -5222,7 +5804,7 @@ class LineEditor:
     def key_enter(self):
         line = ''.join(self.chars)
         self.chars, self.cursor = [], 0
-        if line.strip():
+        if line.strip() and not SECRET_LINE.match(line):  # Up shows no password
             self.history.append(line)
         self.recalled = len(self.history)  # browsing starts again from the end
         return line if line.strip() else None
@@ -5536,6 +6118,19 @@ class TerminalScreen:
         """Say in the prompt that we are cut off (text), or no longer (None)."""
         self.status = text
         self.show([])
+
+    def ask_secret(self, prompt):
+        """A line typed without echo (a password): getpass, with the terminal
+        as it was; then the line editor again.  None if the user gives none."""
+        self.write('\r\x1b[K')
+        termios.tcsetattr(self.fd_in, termios.TCSADRAIN, self.saved)
+        try:
+            return getpass.getpass(prompt)
+        except EOFError:
+            return None
+        finally:
+            self.enter_raw_mode()
+            self.write(self.input_line())
 
     def paint(self, style, text):
         return '\x1b[%sm%s\x1b[0m' % (style, text) if self.colour and text else text
@@ -5875,6 +6470,47 @@ def usable_secret(secret, where):
         raise UserError('the password in %s has spaces at its ends, long runs of spaces '
                         'or control characters, which /pass cannot carry' % where)
     return secret
+
+
+def hash_password(password):
+    """A salted slow hash of password, as DIR/people.log keeps it: the method
+    and its cost, the salt and the digest, "$" between them, so that a hash
+    is checked with the cost it was made with.  scrypt where hashlib has it
+    (Python built with OpenSSL 1.1 or newer), else PBKDF2-SHA256."""
+    secret, salt = password.encode('utf-8', 'surrogateescape'), os.urandom(16)
+    if hasattr(hashlib, 'scrypt'):
+        n, r, p = SCRYPT_COST
+        digest = hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, maxmem=64 << 20, dklen=32)
+        method = 'scrypt:%d:%d:%d' % SCRYPT_COST
+    else:
+        digest = hashlib.pbkdf2_hmac('sha256', secret, salt, PBKDF2_ROUNDS)
+        method = 'pbkdf2-sha256:%d' % PBKDF2_ROUNDS
+    return '%s$%s$%s' % (method, base64.b64encode(salt).decode(),
+                         base64.b64encode(digest).decode())
+
+
+def password_matches(password, stored):
+    """True if password is the one stored (a hash_password() text); None if
+    this Python cannot tell (an scrypt hash, and hashlib without scrypt)."""
+    try:
+        method, salt, digest = stored.split('$')
+        kind, *cost = method.split(':')
+        cost = [int(number) for number in cost]
+        salt, digest = base64.b64decode(salt), base64.b64decode(digest)
+        secret = password.encode('utf-8', 'surrogateescape')
+        if kind == 'scrypt':
+            if not hasattr(hashlib, 'scrypt'):
+                return None
+            n, r, p = cost
+            got = hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p,
+                                 maxmem=max(64 << 20, 256 * n * r * p), dklen=len(digest))
+        elif kind == 'pbkdf2-sha256':
+            got = hashlib.pbkdf2_hmac('sha256', secret, salt, cost[0])
+        else:
+            return False
+    except ValueError:  # a damaged hash (binascii.Error is one) matches nothing
+        return False
+    return hmac.compare_digest(got, digest)
 
 
 def authenticate(sock, first_line=''):
@@ -6487,7 +7123,8 @@ def build_parser():
     add_address_arguments(client, 'server name or address, HOST:PORT or [IPV6]:PORT '
                           '(default localhost)')
     client.add_argument('--name', '--nick', help='the name to ask for (default: your login '
-                        'name)')
+                        'name); a registered one takes its password from '
+                        'CHAT_NAME_PASSWORD, or asks for it')
     client.add_argument('--room', help='the room to join (default: the lobby)')
     client.add_argument('--history', action='store_true', help='piped, print the recent '
                         'lines the server replays on joining too (a terminal always shows them)')
@@ -6591,6 +7228,7 @@ def console_in_foreground():
 
 def run_client(args):
     name = args.name if args.name is not None else default_name()
+    name_password = usable_secret(read_secret(None, 'CHAT_NAME_PASSWORD'), 'CHAT_NAME_PASSWORD')
     host, port = server_address(args, 'localhost')
     sock, protection = connect(host, port, args.tls, args.cafile, args.tls_fingerprint)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds: the terminal is restored
@@ -6613,7 +7251,7 @@ def run_client(args):
             if not (args.reconnect or screen.wakeup is not None):
                 redial = None
             return Client(sock, screen, name=name, received=received, history=history,
-                          room=args.room, redial=redial).run()
+                          room=args.room, redial=redial, name_password=name_password).run()
     finally:
         sock.close()
 

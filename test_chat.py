@@ -670,7 +670,7 @@ class ProtocolTests:
             bob.send('/nick %s\n' % name)
             bob.expect(r'^!!! cannot use the name .*: .*%s' % re.escape(reason))
         bob.send('/nick\n')
-        bob.expect(r'^!!! usage: /nick NAME$')
+        bob.expect(r'^!!! usage: /nick NAME \[PASSWORD\]$')
 
     def test_a_case_change_of_your_own_name_is_allowed(self):
         bob = self.connect('bob')
@@ -1717,6 +1717,7 @@ class CuttableProxy:
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self.relay, daemon=True)
         self.running = True
+        self.refusing = False  # True: new connections are reset at once (no network)
         self.thread.start()
 
     def relay(self):
@@ -1730,6 +1731,9 @@ class CuttableProxy:
             for sock in ready:
                 if sock is self.listener:
                     client, _ = sock.accept()
+                    if self.refusing:
+                        self.cut((client,))
+                        continue
                     with self.lock:
                         self.pairs.append((client, socket.create_connection(
                             ('127.0.0.1', self.target))))
@@ -1818,12 +1822,13 @@ class TestSessions(SessionPeers, ServerTestCase):
         bob.expect(r'^\[PM to ann\] are you there\?$')
         bob.expect(r'^-!- ann lost the connection: it gets this if it comes back$')
         back = self.resume(token, seen, then='said with the resume\n')  # one packet
-        new_token = back.expect(RESUME_LINE)[1].group(1)
-        self.assertNotEqual(new_token, token)
         self.assertEqual(back.line(), '-!- You are back as ann in #lobby: 5 lines you missed')
         self.assertEqual([back.line() for _ in range(5)], [
             '<bob> line 2', '<bob> line 3', '<bob> line 4', '<bob> said while ann was away',
             '[PM from bob] are you there?'])
+        # The new token comes after what was missed: the client counts from it.
+        new_token = re.match(RESUME_LINE, back.line()).group(1)
+        self.assertNotEqual(new_token, token)
         bob.expect(r'^-!- ann is back$')  # before anything it says
         bob.expect(r'^<ann> said with the resume$')
         back.send('/msg ann sync\n')
@@ -1844,9 +1849,9 @@ class TestSessions(SessionPeers, ServerTestCase):
         got += before + [line.string]
         self.cut_off(ann, bob)
         back = self.resume(token, 2 + len(got))  # the rename, "bob joined", then these
-        back.expect(RESUME_LINE)
         self.assertEqual([back.line(), back.line()], [
             '-!- You are back as ann in #dev: 1 line you missed', '<bob> in dev 2'])
+        self.assertRegex(back.line(), RESUME_LINE)
 
     def test_a_used_or_made_up_token_is_refused(self):
         ann, token = self.session('ann')
@@ -1868,9 +1873,9 @@ class TestSessions(SessionPeers, ServerTestCase):
         bob.send('after\n')
         roundtrip(bob)
         back = self.resume(token)  # nc: the token as it was shown
-        back.expect(RESUME_LINE)
         self.assertEqual([back.line(), back.line()], [
             '-!- You are back as ann in #lobby: 1 line you missed', '<bob> after'])
+        self.assertRegex(back.line(), RESUME_LINE)
 
     def test_quit_kick_and_a_closed_connection_end_the_session(self):
         ann, token = self.session('ann')
@@ -2243,14 +2248,19 @@ class TestPage(PageTests, ServerTestCase):
 
 class TestPageReconnects(PageTests, unittest.TestCase):
 
+    def remy_in_dev(self, server):
+        """A page that joined as remy and went to #dev; it reconnects fast."""
+        browser = self.open_page(server.port, 'remy')
+        browser.evaluate('window.CHAT_BACKOFF_MS = [100, 200]')
+        self.type_line(browser, '/join dev')
+        self.wait_state(browser, "s.room === '#dev'", 'in #dev')
+        return browser
+
     def test_after_a_server_restart_with_its_name_room_and_draft(self):
         server = ServerProcess()
         self.addCleanup(lambda: server.stop())
         port = server.port
-        browser = self.open_page(port, 'remy')
-        browser.evaluate('window.CHAT_BACKOFF_MS = [100, 200]')
-        self.type_line(browser, '/join dev')
-        self.wait_state(browser, "s.room === '#dev'", 'in #dev')
+        browser = self.remy_in_dev(server)
         server.stop()
         self.wait_state(browser, "s.reconnecting && !s.connected", 'reconnecting')
         browser.wait_for("document.getElementById('banner-text').textContent"
@@ -2270,6 +2280,22 @@ class TestPageReconnects(PageTests, unittest.TestCase):
         nc.expect(r'^-!- \d+ online in #dev: .*remy')
         browser.press('Enter')
         nc.expect(r'^<remy> half a thought$')
+
+    def test_with_data_it_resumes_its_session_across_a_kill_9(self):
+        data = tempfile.mkdtemp(prefix='chat-data-')
+        self.addCleanup(shutil.rmtree, data)
+        server = ServerProcess('--data', data)
+        self.addCleanup(lambda: server.stop())
+        port = server.port
+        browser = self.remy_in_dev(server)
+        server.finish(signal.SIGKILL)
+        self.wait_state(browser, "s.reconnecting && !s.connected", 'reconnecting')
+        server = ServerProcess('--data', data, port=port)
+        server.wait_log(r'remy resumed from ')  # its session waited through the restart
+        self.wait_state(browser, "s.connected && s.name === 'remy' && s.room === '#dev'",
+                        'back as remy in #dev')
+        browser.wait_for("document.getElementById('log').textContent.includes("
+                         "'You are back as remy in #dev')", 'the resume notice')
 
     def test_no_reconnect_after_quit(self):
         server = ServerProcess()
@@ -2368,7 +2394,7 @@ class TestData(DataTests, unittest.TestCase):
 
     def test_every_line_is_written_before_anyone_receives_it(self):
         for fsync in chat.FSYNC_CHOICES:
-            server = self.serve('--fsync', fsync)
+            server = self.serve('--fsync', fsync, '--resume-for', '0')  # names free again
             ann, ben = self.join(server, 'ann'), self.join(server, 'ben')
             for number in range(20):
                 ann.send('line %d with %s\n' % (number, fsync))
@@ -2385,7 +2411,7 @@ class TestData(DataTests, unittest.TestCase):
         ann.expect(r'^-!- ann set the topic: fixing the build$')
         roundtrip(ann)
         server.finish()
-        again = self.serve()
+        again = self.serve('--resume-for', '0')  # no session waits in #dev: it is empty
         ben = self.join(again, 'ben')
         ben.send('/rooms\n')
         ben.expect(r'^-!-   #dev \(0\): fixing the build$')
@@ -2495,8 +2521,9 @@ class TestDataFaults(DataTests, unittest.TestCase):
         server = self.serve_on_tmpfs('1m', 'mount -o remount,ro "$DATA" &&')
         server.wait_log(r'data: cannot write \S+: Read-only file system')
         ann, ben = self.join(server, 'ann'), self.join(server, 'ben')
-        ann.send('said while read-only\n')
+        ann.send('said while read-only\n/register ann-secret\n')
         ben.expect(r'^<ann> said while read-only$')
+        ann.expect(r'^-!- The name ann is yours')  # kept in memory meanwhile
         subprocess.run(['nsenter', '-t', str(server.proc.pid), '-m', 'mount', '-o',
                         'remount,rw', self.data], check=True, timeout=TIMEOUT)
         ann.send('and after\n')
@@ -2504,6 +2531,236 @@ class TestDataFaults(DataTests, unittest.TestCase):
         wait_until(lambda: os.path.exists(os.path.join(self.inside, chat.DATA_LOG_NAME))
                    and self.saved() == ['<ann> said while read-only', '<ann> and after'],
                    'both lines written')
+        people = os.path.join(self.inside, chat.PEOPLE_LOG_NAME)
+        wait_until(lambda: os.path.exists(people) and b'\tname\tann\t' in file_bytes(people),
+                   'the registered name written')
+
+
+def file_bytes(path):
+    with open(path, 'rb') as handle:
+        return handle.read()
+
+
+def people_records(folder):
+    """The records of DIR/people.log: (kind, fields)."""
+    with open(os.path.join(folder, chat.PEOPLE_LOG_NAME), 'rb') as saved:
+        parsed = [chat.parse_people_record(raw) for raw in saved.read().split(b'\n')[:-1]]
+    assert None not in parsed, parsed
+    return [(kind, fields) for _, kind, fields in parsed]
+
+
+class TestNames(DataTests, unittest.TestCase):
+    """/register, /nick NAME PASSWORD, /unregister, /drop, and messages that
+    wait for a registered name (--data)."""
+
+    def register(self, server, name, password):
+        conn = self.join(server, name)
+        conn.send('/register %s\n' % password)
+        conn.expect(r'^-!- The name %s is yours: from now on it needs the password' % name)
+        return conn
+
+    def test_a_registered_name_needs_its_password_even_after_a_restart(self):
+        server = self.serve('--resume-for', '0')
+        ann = self.register(server, 'ann', 'correct horse')
+        ann.send('/quit\n')
+        ann.expect_closed()
+        server.finish()
+        kinds = people_records(self.data)
+        self.assertEqual([kind for kind, _ in kinds], ['name'])
+        self.assertNotIn(b'correct horse', file_bytes(os.path.join(
+            self.data, chat.PEOPLE_LOG_NAME)))  # a salted hash, never it
+        self.assertRegex(kinds[0][1][1], r'^(scrypt:16384:8:1|pbkdf2-sha256:600000)\$')
+        self.assertEqual(os.stat(os.path.join(self.data, chat.PEOPLE_LOG_NAME)).st_mode
+                         & 0o777, 0o600)
+        again = self.serve('--resume-for', '0')
+        again.wait_log(r'data: 1 registered name, 0 waiting messages and 0 open sessions')
+        other = self.join(again, 'other')
+        other.send('/nick ann\n')
+        other.expect(r'^!!! cannot use the name ann: it is registered; give its password: '
+                     r'/nick ann PASSWORD$')
+        other.send('/nick ann wrong one\n')
+        other.expect(r'^!!! wrong password for the name ann \(2 tries left\)$')
+        other.send('/nick ANN correct horse\n')  # the name's key, as any name's
+        other.expect(r'^-!- other is now known as ANN$')
+        other.send('/nick ann\n')  # a registered name's owner may change its case
+        other.expect(r'^-!- ANN is now known as ann$')
+
+    def test_three_wrong_passwords_close_the_connection(self):
+        server = self.serve()
+        ann = self.register(server, 'ann', 'correct horse')
+        ann.send('/quit\n')
+        ann.expect_closed()
+        guesser = self.join(server, 'guesser')
+        for left in (2, 1):
+            guesser.send('/nick ann guess%d\n' % left)
+            guesser.expect(r'^!!! wrong password for the name ann \(%d tries? left\)$' % left)
+        guesser.send('/nick ann guess0\n')
+        self.assertIn('!!! wrong password for the name ann: goodbye', guesser.expect_closed())
+
+    def test_the_owner_takes_its_name_back_from_its_lost_connection(self):
+        server = self.serve()
+        ann = self.register(server, 'ann', 'correct horse')
+        ben = self.join(server, 'ben')
+        cut(ann)
+        ben.expect(r'^-!- ann lost the connection$')
+        ben.send('while ann is cut off\n')
+        roundtrip(ben)
+        back = self.join(server, 'guest')
+        back.send('/nick ann correct horse\n')  # its token is gone with its client
+        back.expect(r'^-!- You are back as ann in #lobby: \d+ lines? you missed')
+        missed = back.expect(RESUME_LINE)[0]
+        self.assertEqual(missed.count('<ben> while ann is cut off'), 1, missed)
+        ben.expect(r'^-!- ann is back$')
+
+    def test_unregister_and_drop_let_the_name_go(self):
+        server = self.serve(env=dict(os.environ, CHAT_OP_PASSWORD='op-secret'))
+        ann = self.register(server, 'ann', 'correct horse')
+        ann.send('/unregister\n')
+        ann.expect(r'^-!- ann is no longer registered$')
+        ann.send('/register horse battery\n')
+        ann.expect(r'^-!- The name ann is yours')
+        ann.send('/nick ann2\n')
+        ann.expect(r'^-!- ann is now known as ann2$')
+        op = self.join(server, 'op')
+        op.send('/drop ann\n')
+        op.expect(r'^!!! /drop is for operators')
+        op.send('/op op-secret\n/drop ann\n')
+        op.expect(r'^-!- ann is no longer registered$')
+        op.send('/nick ann\n')
+        op.expect(r'^-!- op is now known as ann$')
+        server.wait_log(r'ann is no longer registered \(by op\)')
+        self.assertEqual([kind for kind, _ in people_records(self.data)
+                          if kind in ('name', 'unname')], ['name', 'unname', 'name', 'unname'])
+
+    def test_what_register_refuses(self):
+        server = self.serve()
+        guest = Conn(server.port)
+        self.addCleanup(guest.close)
+        guest.send('/register longenough\n')
+        guest.expect(r'^!!! choose a name first \(/nick NAME\), then register it$')
+        guest.send('/nick ann\n/register short\n')
+        guest.expect(r'^!!! the password must have at least 6 characters$')
+        guest.send('/register\n')
+        guest.expect(r'^!!! usage: /register PASSWORD$')
+        guest.send('/nick bob secret99\n')  # not registered: the name, and a word
+        guest.expect(r'^-!- bob is not registered: the password was not used')
+
+    def test_a_message_to_a_registered_name_waits_for_it_across_a_restart(self):
+        with open(os.path.join(self.data, chat.PEOPLE_LOG_NAME), 'wb') as saved:
+            saved.write(chat.tab_record([chat.utc_stamp(time.time()), b'name', b'ann',
+                                         chat.hash_password('correct horse').encode()]))
+            saved.write(chat.tab_record([chat.utc_stamp(time.time() - 8 * 86400), b'mail',
+                                         b'ann', b'old', b'from last month']))  # too old
+        server = self.serve()
+        bob = self.join(server, 'bob')
+        bob.send('/msg ann are you coming tonight?\n')
+        bob.expect(r'^\[PM to ann\] are you coming tonight\?$')
+        bob.expect(r'^-!- ann is not here: the message waits for them \(up to 7 days\)$')
+        bob.send('/msg nobody hello\n')
+        bob.expect(r'^!!! no one called nobody is online$')  # not registered: not kept
+        for number in range(chat.MAIL_PER_NAME - 1):
+            bob.send('/msg ann note %d\n' % number)
+        bob.send('/msg ann one too many\n')
+        bob.expect(r'^!!! ann has 50 messages waiting already: this one is not kept$')
+        server.finish()
+        again = self.serve()
+        again.wait_log(r'data: 1 registered name, 50 waiting messages and \d+ open sessions?')
+        ann = self.join(again, 'guest')
+        ann.send('/nick ann correct horse\n')
+        ann.expect(r'^-!- 50 messages waited for you:$')
+        self.assertRegex(ann.line(), REPLAYED_LINE + r'\[PM from bob\] are you coming '
+                                                     r'tonight\?$')
+        mails = [ann.line() for _ in range(49)]
+        self.assertRegex(mails[-1], r'\] \[PM from bob\] note 48$')
+        ann.send('/quit\n')
+        ann.expect_closed()
+        again.finish()
+        third = self.serve()
+        third.wait_log(r'data: 1 registered name, 0 waiting messages')  # given once
+
+    def test_register_needs_data(self):
+        server = ServerProcess('--rate', '0')
+        self.addCleanup(server.stop)
+        ann = self.join(server, 'ann')
+        ann.send('/register correct horse\n')
+        ann.expect(r'^!!! this server keeps no names: it runs without --data$')
+
+
+class TestResumeAfterRestart(SessionPeers, DataTests, unittest.TestCase):
+    """With --data, a session outlives a restart of the server: the name
+    and room wait for it, and it is sent the lines it missed, once."""
+
+    def setUp(self):
+        DataTests.setUp(self)
+        self.conns = []
+        self.srv = self.serve()
+
+    def restart(self, sig=signal.SIGKILL):
+        port = self.srv.port
+        self.srv.finish(sig)
+        self.srv = self.serve(port=port)
+
+    def test_kill_9_then_resume_with_exactly_the_lines_missed(self):
+        ann, token = self.session('ann')
+        bob = self.connect_by_name('bob')
+        ann.send('/join dev\n')
+        ann.expect(r'^-!- 1 online in #dev: ann$')
+        bob.send('/join dev\n')
+        ann.expect(r'^-!- bob joined$')
+        bob.send('heard 1\nheard 2\n')
+        ann.expect(r'^<bob> heard 2$')
+        ann.send('said by ann\n')  # its own: never sent back to it
+        roundtrip(ann)
+        self.cut_off(ann, bob)
+        bob.send('missed before the restart\n')
+        roundtrip(bob)
+        self.restart()
+        self.conns = []
+        self.srv.wait_log(r'data: 2 sessions wait for their clients for 10 min')
+        cy = self.connect_by_name('cy')
+        cy.send('/nick ann\n')
+        cy.expect(r'^!!! cannot use the name ann: the name is taken by ann, whose connection '
+                  r'was lost')
+        cy.send('/who #dev\n')
+        cy.expect(r'^-!- 2 online in #dev: ann \(lost\), bob \(lost\)$')
+        cy.send('/join dev\nmissed after the restart\n')
+        roundtrip(cy)
+        for guess in ('A' * 22, token + 'x'):
+            thief = self.resume(guess)
+            self.assertEqual(thief.line(), '!!! cannot resume: no such session (it may have '
+                                           'ended or expired)')
+        back = Conn(self.srv.port, hello=False)
+        self.addCleanup(back.close)
+        # What its client counted: N lines since the token (which a restart
+        # cannot use), and P public lines of #dev (heard 1 and 2).
+        back.send('/resume %s 99 2\n' % token)
+        self.assertEqual(back.line(), '-!- You are back as ann in #dev: 3 lines you missed')
+        self.assertRegex(back.line(), REPLAYED_LINE + '<bob> missed before the restart$')
+        self.assertEqual([back.line(), back.line()], ['-!- cy joined',
+                                                      '<cy> missed after the restart'])
+        self.assertRegex(back.line(), RESUME_LINE)
+        cy.expect(r'^-!- ann is back$')
+        self.srv.wait_log(r'ann resumed from ')
+        replay = self.resume(token)  # replaced at the resume, on disk too
+        self.assertEqual(replay.line(), '!!! cannot resume: no such session (it may have '
+                                        'ended or expired)')
+
+    def test_a_session_that_ended_is_not_restored(self):
+        ann, token = self.session('ann')
+        ann.send('/quit\n')
+        ann.expect_closed()
+        self.restart(signal.SIGTERM)
+        self.srv.wait_log(r'data: 0 registered names, 0 waiting messages and 0 open sessions')
+        thief = self.resume(token)
+        self.assertEqual(thief.line(), '!!! cannot resume: no such session (it may have '
+                                       'ended or expired)')
+
+    def connect_by_name(self, name):
+        conn = self.join(self.srv, name)
+        for other in self.conns:
+            other.expect(came(name))
+        self.conns.append(conn)
+        return conn
 
 
 class TestHistoryCommand(ServerTestCase):
@@ -4195,6 +4452,48 @@ class TestClientComesBack(PtySession, ServerTestCase):
         watcher.expect(came('tess'))  # its token died with the server: in as new, by name
         self.read_until(lambda s: s.line() == '#dev>', 'back in #dev')
 
+    def test_with_data_it_resumes_across_a_restart_with_the_lines_it_missed(self):
+        data = tempfile.mkdtemp(prefix='chat-data-')
+        self.addCleanup(shutil.rmtree, data)
+        server = ServerProcess('--rate', '0', '--data', data)
+        self.addCleanup(lambda: server.stop())
+        port = server.port
+        proxy = CuttableProxy(port)  # the client's network, which the test can take down
+        self.addCleanup(proxy.stop)
+        bob = Conn(port)
+        self.addCleanup(bob.close)
+        bob.send('/nick bob\n/join dev\n')
+        bob.name = 'bob'
+        self.spawn_at(proxy.port, '--name', 'tess', '--room', 'dev')
+        bob.expect(came('tess'))
+        bob.send('before\n')
+        self.read_until(lambda s: '<bob> before' in s.text(), 'a line')
+        proxy.refusing = True
+        proxy.cut()
+        self.read_until(lambda s: '(reconnecting…) #dev>' in s.line(), 'the reconnecting state')
+        self.type('half a line')
+        bob.expect(r'^-!- tess lost the connection$')
+        bob.send('missed before the restart\n')
+        roundtrip(bob)
+        server.finish(signal.SIGKILL)
+        server = ServerProcess('--rate', '0', '--data', data, port=port)
+        cy = Conn(port)
+        self.addCleanup(cy.close)
+        cy.send('/nick cy\n/join dev\nmissed after the restart\n')
+        cy.name = 'cy'
+        roundtrip(cy)
+        proxy.refusing = False
+        self.read_until(lambda s: '<cy> missed after the restart' in s.text(), 'the missed lines')
+        self.read_until(lambda s: s.line() == '#dev> half a line', 'the typed text, kept')
+        text = self.screen.text()
+        self.assertEqual([text.count(line) for line in (
+            '<bob> before', '<bob> missed before the restart', '<cy> missed after the restart')],
+            [1, 1, 1])
+        self.assertIn('You are back as tess in #dev: 3 lines you missed', text)
+        server.wait_log(r'tess resumed from ')
+        self.type('\r')
+        cy.expect(r'^<tess> half a line$')
+
     def test_a_kick_is_not_undone_by_reconnecting(self):
         server = ServerProcess('--rate', '0', env=dict(os.environ, CHAT_OP_PASSWORD='op'))
         self.addCleanup(server.stop)
@@ -4207,6 +4506,57 @@ class TestClientComesBack(PtySession, ServerTestCase):
         op.send('/kick tess enough\n')
         self.assertEqual(self.wait_exit(), 1)
         self.assertIn('you were kicked by', self.screen.text())
+
+
+@unittest.skipIf(sys.platform == 'win32', 'pseudo-terminals are POSIX')
+class TestClientNamePassword(PtySession, DataTests, unittest.TestCase):
+    """The client's --name for a registered name: CHAT_NAME_PASSWORD, or a
+    prompt without echo on a terminal."""
+
+    def setUp(self):
+        DataTests.setUp(self)
+        self.srv = self.serve()
+        owner = self.join(self.srv, 'tess')
+        owner.send('/register correct horse\n')
+        owner.expect(r'^-!- The name tess is yours')
+        owner.send('/quit\n')
+        owner.expect_closed()
+
+    def test_piped_it_takes_the_password_from_the_environment(self):
+        client = ClientProcess(self.srv.port, '--name', 'tess',
+                               env=dict(os.environ, CHAT_NAME_PASSWORD='correct horse'))
+        client.expect(r'^-!- guest-\d+ is now known as tess$')
+        client.send('/quit\n')
+        self.assertEqual(client.finish()[0], 0)
+        refused = ClientProcess(self.srv.port, '--name', 'tess',
+                                env=dict(os.environ, CHAT_NAME_PASSWORD=''))
+        status, err = refused.finish()
+        self.assertEqual((status, err.strip()), (1, 'chat.py: error: CHAT_NAME_PASSWORD is set '
+                                                    'but empty'))
+        env = dict(os.environ)
+        env.pop('CHAT_NAME_PASSWORD', None)
+        refused = ClientProcess(self.srv.port, '--name', 'tess', env=env)
+        status, err = refused.finish()
+        self.assertEqual(status, 1)
+        self.assertIn('cannot use the name tess: it is registered; give its password: /nick '
+                      'tess PASSWORD (set CHAT_NAME_PASSWORD)', err)
+        self.assertNotIn('Traceback', err)
+
+    def test_on_a_terminal_it_asks_without_echo(self):
+        self.spawn('--name', 'tess', env={'CHAT_NAME_PASSWORD': None})
+        self.read_until(lambda s: 'Password for the name tess:' in s.text(), 'the prompt')
+        self.type('wrong guess\r')
+        self.read_until(lambda s: 'wrong password for the name tess (2 tries left)' in s.text(),
+                        'the wrong password refused')
+        self.read_until(lambda s: s.text().count('Password for the name tess:') == 2,
+                        'the prompt again')
+        self.type('correct horse\r')
+        self.read_until(lambda s: 'is now known as tess' in s.text(), 'the name')
+        self.assertNotIn('correct horse', self.screen.text())
+        self.assertNotIn('wrong guess', self.screen.text())
+        self.type('hello\r')
+        self.type('\x04')  # Ctrl-D: leave
+        self.assertEqual(self.wait_exit(), 0)
 
 
 class TestTelnet(PtySession, ServerTestCase):
