@@ -214,6 +214,8 @@ RESUME_NOTICE = 'To resume after a lost connection: /resume %s'  # 22-character 
 LOST_REASONS = ('connection lost', 'no answer to ping')  # not /quit, kick or ban
 LOST_NOTE = 'lost the connection'  # "-!- bob lost the connection", or among many leaves
 SAID_KEEP_SHARE = 4            # a room keeps what it said for resuming: 4 backlog caps
+RESUME_SHARE = 2               # a resume sends at most max_backlog / 2 of it, the newest:
+# more at once would be cut off as too slow (Server.judge)
 SESSION_MAX_RUNS = 1000        # a session's runs (room lines, own lines) kept
 
 # The data log (--data).
@@ -1088,7 +1090,7 @@ class Peer:
         self.replies_to = None      # who last sent it a private message
         self.http = False           # its first bytes were an HTTP request: being answered
         self.websocket = None       # a WebSocketReader, if it is a WebSocket
-        self.closed_ws = False      # a WebSocket close frame went to it
+        self.closed_ws = False      # a WebSocket close frame went to it: nothing more may
         self.heard_at = self.since  # when it last sent anything (WebSockets are pinged)
         self.pinged = None          # when a ping went to it since, if one did
         self.session = None         # a Session: what lets it resume
@@ -1181,7 +1183,6 @@ class History:
                 self.size -= len(blob)
                 self.count -= count
 
-
     def position(self):
         """Where the history ends now, in terms a restart keeps (the data
         log has the stamps): the last line's stamp and how many lines end
@@ -1211,9 +1212,20 @@ def replayed(entry):
     return b'[%s] %s' % entry
 
 
+STAMP_FORMAT = '%Y-%m-%dT%H:%M:%SZ'
+
+
 def utc_stamp(seconds):
     """ISO 8601, UTC, to the second: what the data log and replays carry."""
-    return time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(seconds)).encode()
+    return time.strftime(STAMP_FORMAT, time.gmtime(seconds)).encode()
+
+
+def stamp_seconds(stamp):
+    """The time a utc_stamp() text says, in seconds; None if it says none."""
+    try:
+        return calendar.timegm(time.strptime(stamp, STAMP_FORMAT))
+    except (ValueError, OverflowError):
+        return None
 
 
 class Room:
@@ -1366,7 +1378,7 @@ class Room:
         """Copy this turn's lines that peer has not had into its outbuf."""
         if peer.turn != self.server.turn:
             peer.turn, peer.batch_pos = self.server.turn, 0
-        for sender, line in self.batch[peer.batch_pos:]:
+        for sender, line in self.batch[peer.batch_pos:] if not peer.closed_ws else ():
             if sender is not peer and not ignores(peer, sender, line):
                 peer.outbuf += line if peer.websocket is None else text_frames(line)
                 self.server.lines_out += line.count(b'\n')  # a read's lines come as one
@@ -1379,7 +1391,7 @@ class Room:
         server, senders, framed = self.server, None, None
         lines_in_batch = everything.count(b'\n')  # for the count (an ignorer's copy: all)
         for peer in self.members.values():
-            if peer.sock is None:
+            if peer.sock is None or peer.closed_ws:  # no data may follow a close frame
                 continue
             lines = everything
             if peer.ignoring:  # the rare member who ignores someone: its own copy
@@ -1556,7 +1568,7 @@ class Session:
         if runs and runs[-1][0] is None:
             runs[-1][1] += data
         else:
-            runs.append([None, data])
+            runs.append([None, bytearray(data)])  # grows in place
         self.direct_bytes += len(data)
         if self.peer.room is not None:
             self.moved(self.peer.room)
@@ -1566,9 +1578,17 @@ class Session:
         """At most SESSION_MAX_RUNS runs and a few backlog caps of its own
         lines: the oldest go, counted."""
         budget = self.peer.room.server.max_backlog * SAID_KEEP_SHARE if self.peer.room else 0
-        while len(self.runs) > 2 and (len(self.runs) > SESSION_MAX_RUNS
+        while len(self.runs) > 1 and (len(self.runs) > SESSION_MAX_RUNS
                                       or self.direct_bytes > budget):
-            run = self.runs.popleft()
+            run = self.runs[0]  # the last, live one stays
+            excess = self.direct_bytes - budget
+            if run[0] is None and len(self.runs) <= SESSION_MAX_RUNS and excess < len(run[1]):
+                cut = run[1].find(b'\n', excess - 1) + 1  # its oldest lines are enough
+                self.skipped += run[1].count(b'\n', 0, cut)
+                self.direct_bytes -= cut
+                del run[1][:cut]
+                break
+            self.runs.popleft()
             if run[0] is None:
                 self.direct_bytes -= len(run[1])
                 self.skipped += run[1].count(b'\n')
@@ -2157,8 +2177,8 @@ class Commands:
     def cmd_history(self, peer, argument):
         """Lines said in your room before, replayed with when they were said:
         as many of the last N as fit one turn's share of output."""
-        if argument and not argument.isdigit():
-            self.queue(peer, error_line('usage: /history [N]'))
+        if argument and not NUMBER.match(argument):
+            self.usage(peer, self.cmd_history)
             return
         asked = min(int(argument or HISTORY_DEFAULT_LINES), HISTORY_MAX_LINES)
         replay = peer.room.recent_history(self.turn_budget, peer, asked)
@@ -2176,6 +2196,8 @@ class Commands:
         if not text:
             self.queue(peer, notice_line('Topic of %s: %s' % (room.shown, room.topic)
                                          if room.topic else '%s has no topic' % room.shown))
+            return
+        if self.refused_if_muted(peer):
             return
         room.set_topic(text[:MAX_TOPIC_CHARS], peer.name)
         self.log('%s set the topic of %s: %s' % (peer.name, room.shown, room.topic))
@@ -2206,10 +2228,7 @@ class Commands:
     def check_password(self, peer, name, password):
         """/nick NAME PASSWORD for a registered name: the hash is checked off
         the loop (password_checked goes on)."""
-        holder = self.names.get(name_key(name))
-        if holder is not None and holder is not peer and holder.lost_at is None:
-            self.queue(peer, error_line('cannot use the name %s: it is in use, from another '
-                                        'connection' % name))
+        if self.in_use(peer, name):
             return
         stored = self.accounts[name_key(name)][1]
         if not self.worker.submit(lambda: password_matches(password, stored),
@@ -2217,6 +2236,16 @@ class Commands:
                                   peer):
             self.queue(peer, error_line('the server is busy checking passwords: try again '
                                         'in a moment'))
+
+    def in_use(self, peer, name):
+        """True (and peer told) if another connection, not a lost one, has name."""
+        holder = self.names.get(name_key(name))
+        if holder in (None, peer) or (holder.lost_at is not None
+                                      and holder.close_reason is None):
+            return False
+        self.queue(peer, error_line('cannot use the name %s: it is in use, from another '
+                                    'connection' % name))
+        return True
 
     def password_checked(self, peer, name, right):
         """The password for a registered name was checked: a wrong one counts
@@ -2236,12 +2265,8 @@ class Commands:
         elif not right:
             self.gate.strike(peer, 'wrong password for the name %s' % name)
         elif self.names.get(key) not in (None, peer):
-            holder = self.names[key]
-            if holder.lost_at is None or holder.close_reason is not None:
-                self.queue(peer, error_line('cannot use the name %s: it is in use, from '
-                                            'another connection' % name))
-            else:
-                self.resume_session(holder, peer)
+            if not self.in_use(peer, name):
+                self.resume_session(self.names[key], peer)
         else:
             problem = self.rename(peer, name, owner=True)
             if problem is not None:
@@ -2316,8 +2341,7 @@ class Commands:
         """/msg to a registered name that is not here: it waits (at most
         MAIL_PER_NAME, for MAIL_KEEP_SEC), and the sender is told."""
         name = self.accounts[key][0]
-        box = self.mail.setdefault(key, [])
-        box[:] = [mail for mail in box if stamp_age(mail[0]) < MAIL_KEEP_SEC]
+        box = self.mail[key] = fresh_mail(self.mail.get(key, ()))
         if len(box) >= MAIL_PER_NAME:
             self.queue(peer, error_line('%s has %d messages waiting already: this one is not '
                                         'kept' % (name, MAIL_PER_NAME)))
@@ -2330,8 +2354,7 @@ class Commands:
 
     def deliver_mail(self, peer):
         """peer has come in with its registered name: the messages that waited."""
-        box = [mail for mail in self.mail.pop(peer.key, ())
-               if stamp_age(mail[0]) < MAIL_KEEP_SEC]
+        box = fresh_mail(self.mail.pop(peer.key, ()))
         if box:
             self.queue(peer, notice_line('%s waited for you:' % plural(len(box), 'message'))
                        + b''.join(replayed((stamp, private_line(sender, text)))
@@ -2513,11 +2536,11 @@ class Commands:
              'got since the token; P: of them, public lines of your room since you entered '
              'it; without them, what was said while you were away)', who=AT_THE_DOOR)
     def cmd_resume(self, peer, argument):
-        token, seen, heard = (argument.split(' ') + ['', ''])[:3]
+        token, seen, heard = (argument.split() + ['', '', ''])[:3]
         owner = self.sessions.get(token_digest(token))
         if (owner is None or owner is peer or owner.close_reason is not None  # leaving now
                 or self.gate.name_banned(owner.key)
-                or not all(count.isdigit() for count in (seen, heard) if count)):
+                or not all(NUMBER.match(count) for count in (seen, heard) if count)):
             self.log('%s: no session to resume' % (peer.name or peer.address))
             self.queue(peer, error_line('cannot resume: no such session (it may have '
                                         'ended or expired)'))
@@ -2546,6 +2569,11 @@ class Commands:
             else:  # the connection is not lost (yet): nothing is missed
                 lines, forgotten, seen = [], 0, 0
             missed, lost = lines[max(0, seen - forgotten):], max(0, forgotten - seen)
+        first, size = len(missed), 0
+        while first and size + len(missed[first - 1]) <= self.max_backlog // RESUME_SHARE:
+            first -= 1
+            size += len(missed[first])
+        missed, lost = missed[first:], lost + first
         self.take_over(owner, peer)
         self.queue(owner, notice_line('You are back as %s in %s: %s you missed%s' % (
             owner.name, owner.room.shown, plural(len(missed), 'line'),
@@ -2570,7 +2598,8 @@ class Commands:
             self.end_session(newcomer)
         if newcomer.events:
             self.selector.unregister(newcomer.sock)
-        for field in ('sock', 'address', 'ip', 'inbuf', 'websocket', 'closed_ws', 'telnet',
+        for field in ('sock', 'address', 'ip', 'inbuf', 'skipping', 'eof', 'websocket',
+                      'closed_ws', 'telnet',
                       'heard', 'heard_at', 'pinged'):
             setattr(owner, field, getattr(newcomer, field))
         owner.outbuf, owner.events = bytearray(), 0
@@ -3132,8 +3161,8 @@ class Server(Commands):
             peer.lingering = linger
             self.doomed.append(peer)
             if linger and peer.websocket is not None and not peer.closed_ws:
-                peer.closed_ws = True  # after what it was told, before the FIN
-                self.queue_frame(peer, close_frame(1000))
+                self.queue_frame(peer, close_frame(1000))  # after what it was told,
+                peer.closed_ws = True                      # before the FIN, and last
 
     def lose(self, peer, reason):
         """The connection cannot go on: close it now, announce it later."""
@@ -3260,8 +3289,6 @@ class Server(Commands):
             if verdict:
                 self.refuse_http(peer)
                 return
-            if not peer.inbuf.startswith(b'/resume '):  # else it may be let in as before
-                self.gate.open_door(peer)  # it spoke first: no need to wait
         self.handle_input(peer)
 
     def refuse_http(self, peer):
@@ -3392,6 +3419,8 @@ class Server(Commands):
 
     def handle_line(self, peer, raw):
         """One line from peer: a command, or a public message."""
+        if peer.sniffing and not raw.startswith(b'/resume '):
+            self.gate.open_door(peer)  # it spoke first (a resume may be let in as before)
         text = tidy(raw.decode('utf-8', 'replace'))
         peer.lines += 1
         self.lines_in += 1
@@ -3447,6 +3476,8 @@ class Server(Commands):
             if peer.session is not None and peer.lost_at is not None:
                 peer.session.direct(data)
             return
+        if peer.closed_ws:
+            return  # RFC 6455: no data after a close frame
         if peer.room is not None:
             peer.room.catch_up(peer)
         if peer.session is not None and data.endswith(b'\n'):
@@ -3684,9 +3715,9 @@ class Web:
                 self.server.queue_frame(peer, encode_frame(OP_PONG, event[1]))
             elif kind in ('close', 'fail'):
                 code = event[1]
-                peer.closed_ws = True  # the answer, echoing its code, is the last frame
                 self.server.queue_frame(peer, close_frame(code, event[2] if kind == 'fail'
                                                           else ''))
+                peer.closed_ws = True  # the answer, echoing its code, is the last frame
                 if kind == 'fail':
                     self.server.log('WebSocket %s broke the protocol: %s' % (
                         peer.name or peer.address, event[2]))
@@ -3932,7 +3963,6 @@ def make_log(quiet=False, stream=None):
 # notice), and the CRC-32 of what precedes it, so a damaged record is
 # recognised and skipped.
 RECORD = re.compile(rb'(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\t(#[^\t\n]+)\t([^\t\n]+)\t([0-9a-f]{8})\Z')
-RECORD_STAMP = re.compile(r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\Z')
 TOPIC_SET = re.compile(r'-!- (\S+) set the topic: (.*)\Z')
 
 
@@ -3999,7 +4029,6 @@ class DataLog:
     DATA_RETRY_SEC.  DIR is locked: a second server refuses to start."""
 
     def __init__(self, folder, fsync='everysec', max_bytes=DEFAULT_DATA_MAX, log=None):
-        self.folder = folder
         self.path = os.path.join(folder, DATA_LOG_NAME)
         self.fsync = fsync
         self.max_bytes = max_bytes
@@ -4015,10 +4044,12 @@ class DataLog:
         self.unsynced = False
         self.sync_lock = threading.Lock()  # the fsync thread and a compaction's swap
         self.stopping = threading.Event()
-        self.people = PeopleLog(folder, self.log)
+        self.people = PeopleLog(folder, self.log, self.sync_lock)
+        self.lock_fd = None          # DIR, open while its lock is held (POSIX)
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
-            self.lock_fd = os.open(folder, os.O_RDONLY)
+            if fcntl is not None:
+                self.lock_fd = os.open(folder, os.O_RDONLY)
         except OSError as exc:
             raise UserError('cannot use %s for --data: %s' % (folder, exc.strerror))
         if fcntl is not None:
@@ -4169,7 +4200,7 @@ class DataLog:
         for room in server.rooms.values():
             said = list(room.history)
             if most is not None:
-                said = said[len(said) - most:]
+                said = said[max(0, len(said) - most):]  # a quiet room keeps all it has
             said += [room.topic_said] if room.topic_said else []
             for stamp, line in sorted(said, key=lambda entry: entry[0]):
                 records += data_record(stamp, room.shown, line[:-1])
@@ -4205,6 +4236,9 @@ class DataLog:
             os.close(self.fd)
             self.fd = None
         self.people.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # and with it the lock
+            self.lock_fd = None
 
 
 # DIR/people.log is kept the same way, one record per line, its fields
@@ -4233,14 +4267,15 @@ def parse_people_record(raw):
         stamp, kind, *rest = [field.decode('utf-8') for field in fields[:-1]]
     except UnicodeDecodeError:
         return None
-    if PEOPLE_FIELDS.get(kind) != len(rest) or not RECORD_STAMP.match(stamp):
+    if PEOPLE_FIELDS.get(kind) != len(rest) or stamp_seconds(stamp) is None:
         return None
     return stamp.encode(), kind, rest
 
 
-def stamp_age(stamp):
-    """Seconds since a utc_stamp()."""
-    return time.time() - calendar.timegm(time.strptime(stamp.decode(), '%Y-%m-%dT%H:%M:%SZ'))
+def fresh_mail(box):
+    """The waiting messages (stamp, sender, text) not yet MAIL_KEEP_SEC old."""
+    since = time.time() - MAIL_KEEP_SEC
+    return [mail for mail in box if stamp_seconds(mail[0].decode()) > since]
 
 
 class PeopleLog:
@@ -4252,14 +4287,15 @@ class PeopleLog:
     disk): the server holds all of it in memory, so nothing waits in a
     queue that could grow."""
 
-    def __init__(self, folder, log):
+    def __init__(self, folder, log, sync_lock):
         self.path = os.path.join(folder, PEOPLE_LOG_NAME)
         self.log = log
+        self.sync_lock = sync_lock   # DataLog's: its fsync thread syncs this file too
         self.fd = None
         self.pending = bytearray()   # records not yet written
         self.sessions = {}           # digest -> its latest session record
         self.size = self.compacted_size = 0
-        self.broken = None           # the error that stopped appends: rewrite when we can
+        self.broken = None           # after a failed write: when to rewrite it whole
 
     def note(self, kind, *fields):
         """A change, to be written at the end of this turn."""
@@ -4299,8 +4335,8 @@ class PeopleLog:
                 self.sessions.pop(fields[0], None)
                 opened.pop(fields[0], None)
         for key, box in list(server.mail.items()):
-            box[:] = [mail for mail in box if stamp_age(mail[0]) < MAIL_KEEP_SEC]
-            if not box:
+            server.mail[key] = fresh_mail(box)
+            if not server.mail[key]:
                 del server.mail[key]
         self.log('data: %s, %s and %s from %s%s' % (
             plural(len(server.accounts), 'registered name'),
@@ -4348,9 +4384,11 @@ class PeopleLog:
         records = self.kept(server)
         try:
             replace_synced(self.path, records)
-            if self.fd is not None:
-                os.close(self.fd)
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            with self.sync_lock:
+                if self.fd is not None:
+                    os.close(self.fd)
+                    self.fd = None
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         except OSError as exc:
             self.failed(exc)
             return
@@ -4578,6 +4616,7 @@ function clock(when) {
 }
 
 // A replayed line starts "[2026-12-01T18:15:03Z] ": when it was said, in UTC.
+const SECRET_LINE = /^[/](pass|op|register) |^[/]nick [^ ]+ [^ ]/i;   // not kept for Up
 const STAMP = /^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$/;
 function saidAt(text) {
   const stamp = text.slice(1, 21);
@@ -4971,7 +5010,7 @@ function submitLine() {
     return showLocal('error', 'line too long (' + size + ' bytes; at most ' + MAX_LINE_BYTES + '): not sent');
   }
   if (!send(text)) return showLocal('error', 'not connected: the line is kept, to send once connected');
-  if (!/^[/](pass|op) /i.test(text) && sent[sent.length - 1] !== text) sent.push(text);   // no passwords
+  if (!SECRET_LINE.test(text) && sent[sent.length - 1] !== text) sent.push(text);
   if (/^[/]quit( |$)/i.test(text)) stopReason = 'you left the chat';
   echo(text);
   line.value = draft = '';
@@ -5129,6 +5168,7 @@ class Client:
         self.refusal = None           # the server shut the door: no coming back
         self.retry_at = None          # when to try to reconnect, while cut off
         self.attempt = 0              # tries since the loss
+        self.retry_failure = None     # why the last try failed, once shown
         self.offline = []             # lines typed while cut off, sent once back
         self.room_before = None       # the room we were in when cut off
 
@@ -5231,6 +5271,7 @@ class Client:
             elif text.startswith('!!! cannot resume'):
                 self.rejoin()
             welcome, renamed = WELCOME.match(text), RENAMED.match(text)
+            wanted = NAME_PASSWORD_WANTED.match(text)
             flood, replay = FLOOD_NOTICE.match(text), LAST_MESSAGES.match(text)
             self.screen.people.hear(text)
             if self.replayed:  # a line said before we came
@@ -5251,9 +5292,9 @@ class Client:
                 self.server_rate = float(flood.group(1))
             elif self.naming is not None and text.startswith(NAME_REFUSED):
                 self.refused = text[4:] + (' (set CHAT_NAME_PASSWORD)' if (
-                    NAME_PASSWORD_WANTED.match(text) and not self.name_password) else '')
-            elif NAME_PASSWORD_WANTED.match(text):
-                asked = NAME_PASSWORD_WANTED.match(text)
+                    wanted and not self.name_password) else '')
+            elif wanted:
+                asked = wanted
             shown.append(text)
         self.screen.show(shown)
         if self.unechoed and self.screen.name:
@@ -5305,11 +5346,15 @@ class Client:
         first = 'resume %s %d %d' % (self.token, self.seen, self.heard) if self.token else ''
         try:
             sock, received = self.redial('/' + first if first else '')
-        except (UserError, OSError):
+        except (UserError, OSError) as exc:
+            why = 'chat.py: %s' % (getattr(exc, 'strerror', None) or exc)
+            if why != self.retry_failure:  # once per reason, not every try
+                self.retry_failure = why
+                self.screen.error(why + '; trying again')
             self.attempt += 1
             self.schedule_reconnect()
             return
-        self.sock, self.retry_at = sock, None
+        self.sock, self.retry_at, self.retry_failure = sock, None, None
         self.sock.setblocking(False)
         self.selector.register(self.sock, selectors.EVENT_READ)
         self.screen.set_status(None)
@@ -5334,7 +5379,8 @@ class Client:
 
     def ask_name(self, name):
         """/nick NAME, with its password if it is the name we have one for."""
-        if self.name_password and name_key(name) == name_key(self.wanted_name):
+        if self.name_password and self.wanted_name and (
+                name_key(name) == name_key(self.wanted_name)):
             self.send_line('/nick %s %s' % (name, self.name_password))
         else:
             self.send_line('/nick ' + name)
@@ -5437,8 +5483,8 @@ class People:
         if entered:
             self.room, self.names = entered.group(1), set()
         elif listed and listed.group(1) == self.room:
-            self.names.update(name.split(' ')[0] for name in listed.group(2).split(', ')
-                              if ' others' not in name)
+            names = re.sub(r' and \d+ others$', '', listed.group(2))  # name_list()
+            self.names.update(name.split(' ')[0] for name in names.split(', '))
         elif joined:
             self.names.add(joined.group(1))
         elif left:
@@ -5459,7 +5505,7 @@ RESUME_TOKEN = re.compile('^-!- ' + re.escape(RESUME_NOTICE.split('%s')[0]) + r'
 REFUSAL = re.compile(r'^(you were (kicked|banned) by |you are banned|server full|too many '
                      r'connections)|: goodbye$')
 LAST_MESSAGES = re.compile(r'^-!- Last (\d+) messages?( \(.*\))?:$')  # then that many replayed
-RENAMED = re.compile(r'^-!- (\S+) is now known as (\S+)$')
+RENAMED = re.compile(r'^-!- (\S+) is now known as (\S+)(?: \(renamed by \S+\))?$')
 NAME_REFUSED = ('!!! cannot use the name ', '!!! wrong password for the name ')
 NAME_PASSWORD_WANTED = re.compile(r'^!!! (?:cannot use the name (\S+): it is registered|'
                                   r'wrong password for the name (\S+) \()')
@@ -5474,10 +5520,10 @@ SPEAKER = re.compile(r'^(?:<(\S+)> |\* (\S+) )')
 
 def local_time(stamp):
     """A replayed line's UTC stamp as local HH:MM, with the date unless it is today."""
-    try:
-        when = time.localtime(calendar.timegm(time.strptime(stamp, '%Y-%m-%dT%H:%M:%SZ')))
-    except (ValueError, OverflowError):
+    seconds = stamp_seconds(stamp)
+    if seconds is None:
         return stamp
+    when = time.localtime(seconds)
     today = time.localtime()[:3] == when[:3]
     return time.strftime('%H:%M' if today else '%Y-%m-%d %H:%M', when)
 
@@ -5632,7 +5678,9 @@ def default_name():
 
 ESCAPE_WAIT_SEC = 0.05     # a lone ESC is a key, not a sequence, after this
 LEAVE = object()           # what the line editor returns for Ctrl-D on an empty line
-SECRET_LINE = re.compile(r'/(pass|op|register) |/nick \S+ \S')  # not kept for Up
+# Lines that carry a password, which Up must not show again; the page has
+# the same pattern, written the same way (no backslash: see PAGE).
+SECRET_LINE = re.compile('^[/](pass|op|register) |^[/]nick [^ ]+ [^ ]', re.IGNORECASE)
 NAME_COLOURS = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)  # SGR foregrounds
 STYLES = {'time': '2', 'notice': '2', 'error': '1;31', 'private': '1;35',
           'own': '1', 'mention': '1;7', 'prompt': '1'}
@@ -6450,7 +6498,10 @@ def read_motd(path):
         return []
     try:
         with open(path, 'rb') as handle:
-            text = handle.read(MAX_MOTD_BYTES).decode('utf-8-sig')
+            data = handle.read(MAX_MOTD_BYTES + 1)
+        if len(data) > MAX_MOTD_BYTES:  # its first lines, not half a character
+            data = data[:data.rfind(b'\n', 0, MAX_MOTD_BYTES) + 1]
+        text = data.decode('utf-8-sig')
     except OSError as exc:
         raise UserError('cannot read MOTD file %s: %s' % (path, exc.strerror))
     except UnicodeDecodeError:
@@ -6477,16 +6528,22 @@ def hash_password(password):
     and its cost, the salt and the digest, "$" between them, so that a hash
     is checked with the cost it was made with.  scrypt where hashlib has it
     (Python built with OpenSSL 1.1 or newer), else PBKDF2-SHA256."""
-    secret, salt = password.encode('utf-8', 'surrogateescape'), os.urandom(16)
-    if hasattr(hashlib, 'scrypt'):
-        n, r, p = SCRYPT_COST
-        digest = hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, maxmem=64 << 20, dklen=32)
-        method = 'scrypt:%d:%d:%d' % SCRYPT_COST
-    else:
-        digest = hashlib.pbkdf2_hmac('sha256', secret, salt, PBKDF2_ROUNDS)
-        method = 'pbkdf2-sha256:%d' % PBKDF2_ROUNDS
-    return '%s$%s$%s' % (method, base64.b64encode(salt).decode(),
-                         base64.b64encode(digest).decode())
+    kind, cost = ('scrypt', SCRYPT_COST) if hasattr(hashlib, 'scrypt') else (
+        'pbkdf2-sha256', (PBKDF2_ROUNDS,))
+    salt = os.urandom(16)
+    digest = derive_key(kind, cost, password, salt, 32)
+    return '%s$%s$%s' % (':'.join([kind] + [str(number) for number in cost]),
+                         base64.b64encode(salt).decode(), base64.b64encode(digest).decode())
+
+
+def derive_key(kind, cost, password, salt, size):
+    """The slow hash of password by a method of hash_password()."""
+    secret = password.encode('utf-8', 'surrogateescape')
+    if kind == 'scrypt':
+        n, r, p = cost
+        return hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p,
+                              maxmem=max(64 << 20, 256 * n * r * p), dklen=size)
+    return hashlib.pbkdf2_hmac('sha256', secret, salt, cost[0], size)
 
 
 def password_matches(password, stored):
@@ -6497,17 +6554,11 @@ def password_matches(password, stored):
         kind, *cost = method.split(':')
         cost = [int(number) for number in cost]
         salt, digest = base64.b64decode(salt), base64.b64decode(digest)
-        secret = password.encode('utf-8', 'surrogateescape')
-        if kind == 'scrypt':
-            if not hasattr(hashlib, 'scrypt'):
-                return None
-            n, r, p = cost
-            got = hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p,
-                                 maxmem=max(64 << 20, 256 * n * r * p), dklen=len(digest))
-        elif kind == 'pbkdf2-sha256':
-            got = hashlib.pbkdf2_hmac('sha256', secret, salt, cost[0])
-        else:
+        if kind not in ('scrypt', 'pbkdf2-sha256'):
             return False
+        if kind == 'scrypt' and not hasattr(hashlib, 'scrypt'):
+            return None
+        got = derive_key(kind, cost, password, salt, len(digest))
     except ValueError:  # a damaged hash (binascii.Error is one) matches nothing
         return False
     return hmac.compare_digest(got, digest)
@@ -6949,6 +7000,7 @@ def start_local_server(data=None):
     port = banner.split('listening on 127.0.0.1:')[-1].split()[0] if 'listening' in banner else ''
     if not port.isdigit():
         server.kill()
+        server.wait()
         raise UserError('bench: the local server did not start')
     return server, int(port)
 
@@ -7268,26 +7320,26 @@ def run_bench(args):
     raise_open_files_limit()
     server = data = None
     host, port = server_address(args, None)
-    if host is None:
-        data = tempfile.mkdtemp(prefix='chat-bench-') if args.data else None
-        server, port = start_local_server(data)
-        host, args.server_pid = '127.0.0.1', server.pid
-    elif args.data:
-        raise UserError('bench: --data is for the server the bench starts itself')
-    try:
-        family, _, _, _, address = socket.getaddrinfo(
-            host.strip('[]'), port, 0, socket.SOCK_STREAM)[0]
-    except socket.gaierror as exc:
-        raise UserError('cannot find host %s: %s' % (host, exc.strerror))
     if args.senders >= args.clients:
         raise UserError('bench: --senders must be fewer than --clients')
+    if args.data and host is not None:
+        raise UserError('bench: --data is for the server the bench starts itself')
     if args.messages is None:
         args.messages = (int(args.rate * 5) if args.rate else
                          max(1, 10 ** 7 // (args.senders * (args.clients - 1))))
-    print('chat.py bench: %s%s' % (printable_address((host, port)),
-                                   ' (started here)' if server else ''),
-          flush=True)
-    try:
+    try:  # from here on, a server the bench started is stopped whatever happens
+        if host is None:
+            data = tempfile.mkdtemp(prefix='chat-bench-') if args.data else None
+            server, port = start_local_server(data)
+            host, args.server_pid = '127.0.0.1', server.pid
+        try:
+            family, _, _, _, address = socket.getaddrinfo(
+                host.strip('[]'), port, 0, socket.SOCK_STREAM)[0]
+        except socket.gaierror as exc:
+            raise UserError('cannot find host %s: %s' % (host, exc.strerror))
+        print('chat.py bench: %s%s' % (printable_address((host, port)),
+                                       ' (started here)' if server else ''),
+              flush=True)
         return Bench((family, address), args, server_pid=args.server_pid).run()
     finally:
         if server is not None:

@@ -397,6 +397,33 @@ class ServerProcess:
 
 class TestText(unittest.TestCase):
 
+    def test_a_long_motd_is_cut_at_a_line_not_in_a_character(self):
+        folder = tempfile.mkdtemp(prefix='chat-motd-')
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, 'motd')
+        with open(path, 'w', encoding='utf-8') as motd:
+            motd.write(('\u00e9' * 49 + 'x\n') * 400)  # 40 KB, two-byte characters
+        lines = chat.read_motd(path)
+        self.assertEqual(set(lines), {'\u00e9' * 49 + 'x'})
+        self.assertLessEqual(len('\n'.join(lines).encode()), chat.MAX_MOTD_BYTES)
+
+    def test_up_never_recalls_a_line_that_carries_a_password(self):
+        editor = chat.LineEditor()
+        for line in ('hello', '/PASS open sesame', '/register correct horse',
+                     '/nick ann correct horse', '/op secret', '/nick bob'):
+            for key in line:
+                editor.press(key)
+            self.assertEqual(editor.press('enter'), line)
+        self.assertEqual(editor.history, ['hello', '/nick bob'])
+        self.assertIn('const SECRET_LINE = /%s/i;' % chat.SECRET_LINE.pattern, chat.PAGE)
+
+    def test_the_client_follows_renames_by_operators_and_long_name_lists(self):
+        people = chat.People()
+        for text in ('-!- You are in #dev', '-!- 23 online in #dev: ann, bob and 21 others '
+                     '(/who lists them)', '-!- bob is now known as rob (renamed by op)'):
+            people.hear(text)
+        self.assertEqual(people.names, {'ann', 'rob'})
+
     def test_clean_removes_controls_escapes_and_bidi_overrides(self):
         evil = 'a\x1b[2Jb\x07c\rd\x00e\x7ff\x9b31mg\u202eh\u2066i\u2069j'
         self.assertEqual(chat.clean(evil), 'a[2Jbcdef31mghij')
@@ -949,12 +976,32 @@ class TestOperatorsOfRooms(ServerTestCase):
             bob.expect(r'^!!! you are muted by op')
         op.expect(r'^\[PM from bob\] please$')
         self.assertFalse([l for l in self.sync(carol) if 'bob' in l and not l.startswith('-!-')])
+        bob.send('/topic BUY CHEAP STUFF\n')  # a topic is said in public too
+        bob.expect(r'^!!! you are muted by op')
+        self.assertFalse([l for l in self.sync(carol) if 'BUY' in l])
         op.send('/unmute bob\n')
         bob.expect(r'^-!- op lets you speak again$')
         bob.send('thank you\n')
         carol.expect(r'^<bob> thank you$')
         bob.send('/mute carol\n')
         bob.expect(r'^!!! /mute is for operators')
+
+    def test_a_kicked_websocket_gets_nothing_after_its_close_frame(self):
+        op = self.operator()
+        ws = WsConn(self.srv.port).handshake()
+        self.addCleanup(ws.close)
+        ws.send_text('/nick webby')
+        ws.expect(r'is now known as webby$')
+        op.send('/kick webby\nhello after the kick\n')  # one turn: the line follows the kick
+        rest = b''
+        while True:  # the raw bytes: a reader stops at a close frame, a browser too
+            data = ws.sock.recv(65536)
+            if not data:
+                break
+            rest += data
+        self.assertIn(b'you were kicked by op', rest)
+        self.assertTrue(rest.endswith(chat.close_frame(1000)), rest[-60:])  # RFC 6455:
+        self.assertNotIn(b'hello after the kick', rest)                    # nothing after it
 
     def test_rename_and_wall(self):
         op, bob, carol = self.operator(), self.connect('bob'), self.connect('carol')
@@ -1790,6 +1837,14 @@ class SessionPeers:
         self.conns.append(conn)
         return conn, token
 
+    def lost_one(self, watcher='bob'):
+        """ann's token, once its connection is cut while watcher (returned too)
+        looks on."""
+        ann, token = self.session('ann')
+        other = self.connect(watcher)
+        self.cut_off(ann, other)
+        return token, other
+
     def cut_off(self, conn, watcher):
         """Reset conn's connection; watcher hears that it was lost."""
         cut(conn)
@@ -1891,9 +1946,7 @@ class TestSessions(SessionPeers, ServerTestCase):
             again.expect(r'^!!! cannot resume')
 
     def test_a_websocket_resumes_too(self):
-        ann, token = self.session('ann')
-        bob = self.connect('bob')
-        self.cut_off(ann, bob)
+        token, bob = self.lost_one()
         bob.send('for the browser\n')
         roundtrip(bob)
         ws = WsConn(self.srv.port).handshake()  # a page is let in at its handshake
@@ -1907,17 +1960,52 @@ class TestSessions(SessionPeers, ServerTestCase):
         self.assertEqual(self.sync(bob), [])  # the guest it was for a moment went unannounced
 
 
+class TestSessionsBounded(SessionPeers, ServerTestCase):
+    SERVER_OPTIONS = {'rate': 0, 'max_backlog': 16 * 1024}
+
+    def test_sessions_keep_a_bounded_share_of_private_lines(self):
+        token, bob = self.lost_one()
+        said = ['note %03d %s' % (number, 'p' * 90) for number in range(400)]  # 40 KB
+        bob.send(''.join('/msg ann %s\n' % text for text in said))
+        bob.expect(r'^\[PM to ann\] note 399 ')
+        back = self.resume(token, 2)  # its rename and bob's arrival
+        _, notice = back.expect(r'^-!- You are back as ann in #lobby: (\d+) lines you '
+                                r'missed \(about (\d+) more are gone\)$')
+        missed, gone = int(notice.group(1)), int(notice.group(2))
+        self.assertLess(missed * 100, 16 * 1024 // 2)  # RESUME_SHARE of the backlog cap
+        self.assertEqual(missed + gone, 400)
+        lines = [back.line() for _ in range(missed)]
+        self.assertEqual(lines[-1], '[PM from bob] ' + said[-1])
+
+
 class TestSessionsEnd(SessionPeers, ServerTestCase):
     SERVER_OPTIONS = {'rate': 0, 'op_password': 'op'}
 
     def test_a_ban_ends_a_lost_session(self):
-        ann, token = self.session('ann')
-        op = self.connect('op')
+        token, op = self.lost_one('op')
         op.send('/op op\n')
         op.expect(r'^-!- op is now an operator$')
-        self.cut_off(ann, op)
         op.send('/ban ann\n')
         op.expect(r'^-!- ann left \(banned by op\)$')
+        back = self.resume(token)
+        back.expect(r'^!!! cannot resume')
+
+    def test_counts_that_are_not_numbers_are_refused_and_a_long_first_line_lets_it_in(self):
+        token, bob = self.lost_one()
+        odd = self.resume(token + ' \u00b2')
+        odd.expect(r'^!!! cannot resume: no such session')
+        odd.expect(r'^-!- Welcome, guest-\d+!')  # a newcomer, then
+        long = Conn(self.srv.port, hello=False)
+        self.addCleanup(long.close)
+        long.send('/resume %s\nhello from a newcomer\n' % ('x' * 5000))
+        long.expect(r'^!!! line too long')
+        bob.expect(r'^<guest-\d+> hello from a newcomer$')
+
+    def test_a_kick_ends_the_session(self):
+        ann, token = self.session('ann')
+        op = self.connect('op')
+        op.send('/op op\n/kick ann enough\n')
+        op.expect(r'^-!- ann left \(kicked by op: enough\)$')
         back = self.resume(token)
         back.expect(r'^!!! cannot resume')
 
@@ -2009,6 +2097,18 @@ class TestSessionsExpire(ServerTestCase):
         bob.expect(r'^-!- ann left \(connection lost\)$')
         bob.send('/nick ann\n')
         bob.expect(r'^-!- bob is now known as ann$')
+
+    def test_the_token_ends_with_the_wait(self):
+        conn = Conn(self.srv.port)
+        self.addCleanup(conn.close)
+        token = conn.expect(RESUME_LINE)[1].group(1)
+        bob = self.connect('bob')
+        cut(conn)
+        bob.expect(r'^-!- guest-\d+ left \(connection lost\)$')
+        again = Conn(self.srv.port, hello=False)
+        self.addCleanup(again.close)
+        again.send('/resume %s\n' % token)
+        again.expect(r'^!!! cannot resume: no such session')
 
 
 # --- The page in a real browser ------------------------------------------------
@@ -2404,6 +2504,33 @@ class TestData(DataTests, unittest.TestCase):
                                   log.read())
             server.stop()
 
+    def test_a_turns_records_are_written_before_its_lines_are_sent(self):
+        data = chat.DataLog(self.data, fsync='no')
+        server, address = stepped_server(self, rate=0, data=data)
+        ann, ben = socket.create_connection(address), socket.create_connection(address)
+        for sock in (ann, ben):
+            self.addCleanup(sock.close)
+            sock.sendall(b'\n')
+        step_until(server, lambda: len(server.names) == 2, 'both in')
+
+        def ben_has_it():
+            try:
+                return b'written first' in ben.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False
+        had_it_before_the_write = []
+        real_write = data.write
+
+        def write_and_look(srv):
+            if b'written first' in data.pending:
+                had_it_before_the_write.append(ben_has_it())
+            real_write(srv)
+        data.write = write_and_look
+        ann.sendall(b'written first\n')
+        step_until(server, ben_has_it, 'the line sent')
+        self.assertEqual(had_it_before_the_write, [False])
+        self.assertRegex(file_bytes(self.log_path), rb'\t<guest-\d> written first\t')
+
     def test_topics_and_rooms_come_back_after_a_restart(self):
         server = self.serve()
         ann = self.join(server, 'ann')
@@ -2440,6 +2567,10 @@ class TestData(DataTests, unittest.TestCase):
         again.wait_log(r'data: 3 records of 1 room from \S+, 1 damaged record skipped$')
         self.assertEqual(history_of(self.join(again, 'ben'))[-1], '<ann> new after the tear')
 
+    def test_the_lock_goes_with_the_close(self):
+        chat.DataLog(self.data, fsync='no').close()
+        chat.DataLog(self.data, fsync='no').close()  # not "in use by another server"
+
     def test_a_second_server_on_the_same_folder_refuses(self):
         self.serve()
         result = run_chat('server', '0', '--host', '127.0.0.1', '--data', self.data)
@@ -2461,6 +2592,34 @@ class TestData(DataTests, unittest.TestCase):
         self.addCleanup(ben.close)
         ben.expect(r'^-!- Last 5 messages:$')
         self.assertRegex(ben.line(), REPLAYED_LINE + '<ann> line 195 ')
+
+    def test_compaction_keeps_every_line_of_a_quiet_room(self):
+        server = self.serve('--data-max', '4K', '--history', '5')
+        cy = self.join(server, 'cy')
+        cy.send('/join quiet\n/topic hush\nq one\nq two\nq three\n')
+        roundtrip(cy)
+        ann = self.join(server, 'ann')
+        for number in range(200):  # the lobby's lines make the log compact itself
+            ann.send('line %03d %s\n' % (number, 'x' * 40))
+        roundtrip(ann)
+        server.wait_log(r'data: compacted ')
+        server.finish()
+        again = self.serve('--history', '5', '--resume-for', '0')
+        ben = self.join(again, 'ben')
+        ben.send('/join quiet\n')
+        ben.expect(r'^-!- Topic of #quiet: hush$')
+        self.assertEqual(history_of(ben), ['<cy> q one', '<cy> q two', '<cy> q three'])
+
+    def test_private_messages_never_reach_the_log(self):
+        server = self.serve()
+        ann, ben = self.join(server, 'ann'), self.join(server, 'ben')
+        ann.send('/msg ben a secret\n/me waves in public\n')
+        ben.expect(r'^\* ann waves in public$')
+        roundtrip(ann)
+        saved = file_bytes(self.log_path)
+        self.assertIn(b'\t* ann waves in public\t', saved)
+        self.assertNotIn(b'a secret', saved)
+        self.assertNotIn(b'PM', saved)
 
     def test_a_wrong_fsync_is_refused(self):
         result = run_chat('server', '--data', self.data, '--fsync', 'sometimes')
@@ -2775,10 +2934,22 @@ class TestHistoryCommand(ServerTestCase):
         self.assertEqual(history_of(ben, 25), ['<ann> line %d' % n for n in range(5, 30)])
         ben.send('/history\n')  # 100 by default: all 30
         self.assertEqual(ben.expect(r'^-!- Last')[1].string, '-!- Last 30 messages:')
-        ben.send('/history lots\n')
+        ben.send('/history lots\n/history \u00b2\n')  # "²" is a digit to str.isdigit()
+        ben.expect(r'^!!! usage: /history \[N\]$')
         ben.expect(r'^!!! usage: /history \[N\]$')
         ben.send('/join dev\n')
         self.assertEqual(history_of(ben), [])
+
+    def test_history_gives_100_lines_by_default_and_1000_at_most(self):
+        ann = self.connect('ann')
+        ann.send(''.join('line %d\n' % number for number in range(1100)))
+        roundtrip(ann)
+        ann.send('/history\n')
+        self.assertEqual(ann.expect(r'^-!- Last')[1].string, '-!- Last 100 messages:')
+        self.assertRegex(ann.line(), REPLAYED_LINE + '<ann> line 1000$')
+        ann.send('/history 5000\n')
+        self.assertEqual(ann.expect(r'^-!- Last')[1].string, '-!- Last 1000 messages:')
+        self.assertRegex(ann.line(), REPLAYED_LINE + '<ann> line 100$')
 
     def test_history_fits_one_turns_share(self):
         ann = self.connect('ann')
@@ -3830,6 +4001,13 @@ class TestBench(unittest.TestCase):
         result = run_chat('bench', *args, timeout=60)
         self.assertNotIn('Traceback', result.stderr)
         return result
+
+    def test_a_wrong_option_starts_no_server(self):
+        # run_chat waits for standard error to close: a server left running
+        # would hold it open past the timeout.
+        result = run_chat('bench', '--clients', '3', '--senders', '5', '--data', timeout=20)
+        self.assertEqual((result.returncode, result.stderr),
+                         (1, 'chat.py: error: bench: --senders must be fewer than --clients\n'))
 
     def test_fan_out_with_its_own_server(self):
         result = self.bench('--clients', '20', '--senders', '2', '--messages', '300')
