@@ -4117,6 +4117,8 @@ class DataLog:
         if self.people.pending or self.people.broken is not None:
             self.people.write(server, self.fsync == 'always')
             self.unsynced = True
+            if self.people.broken is not None:
+                self.turn_at(server, self.people.broken)
 
     def write_history(self, server):
         """Write what this turn said, in one write(); on failure keep it
@@ -4153,12 +4155,16 @@ class DataLog:
         self.retry_at = time.monotonic() + DATA_RETRY_SEC
 
     def wait_to_retry(self, server):
-        """Keep the records (bounded), and make sure a loop turn comes when
-        it is time to try again, even in a quiet room."""
+        """Keep the records (bounded) until it is time to try again."""
         self.bound_pending()
+        self.turn_at(server, self.retry_at)
+
+    def turn_at(self, server, when):
+        """Make sure a loop turn comes at when (a monotonic time), so that a
+        failed write is tried again even on a quiet server."""
         if not self.retry_timer:
             self.retry_timer = True
-            server.call_later(max(0.0, self.retry_at - time.monotonic()), self.retry_turn)
+            server.call_later(max(0.0, when - time.monotonic()), self.retry_turn)
 
     def retry_turn(self, _):
         self.retry_timer = False  # the turn this timer makes writes (Server.end_turn)

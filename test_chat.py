@@ -2643,6 +2643,7 @@ class TestDataFaults(DataTests, unittest.TestCase):
         self.addCleanup(os.environ.pop, 'DATA')
         server = self.serve(python=('unshare', '-m', 'sh', '-c', TMPFS_RUN % (size, then),
                                     'sh', sys.executable))
+        self.server_pid = server.proc.pid
         self.inside = '/proc/%d/root%s' % (server.proc.pid, self.data)
         return server
 
@@ -2680,19 +2681,31 @@ class TestDataFaults(DataTests, unittest.TestCase):
         server = self.serve_on_tmpfs('1m', 'mount -o remount,ro "$DATA" &&')
         server.wait_log(r'data: cannot write \S+: Read-only file system')
         ann, ben = self.join(server, 'ann'), self.join(server, 'ben')
-        ann.send('said while read-only\n/register ann-secret\n')
+        ann.send('said while read-only\n')
         ben.expect(r'^<ann> said while read-only$')
-        ann.expect(r'^-!- The name ann is yours')  # kept in memory meanwhile
-        subprocess.run(['nsenter', '-t', str(server.proc.pid), '-m', 'mount', '-o',
-                        'remount,rw', self.data], check=True, timeout=TIMEOUT)
+        self.remount('rw')
         ann.send('and after\n')
         ben.expect(r'^<ann> and after$')
         wait_until(lambda: os.path.exists(os.path.join(self.inside, chat.DATA_LOG_NAME))
                    and self.saved() == ['<ann> said while read-only', '<ann> and after'],
                    'both lines written')
+
+    def test_a_name_registered_while_read_only_is_written_on_a_quiet_server(self):
+        server = self.serve_on_tmpfs('1m', 'mount -o remount,ro "$DATA" &&')
+        server.wait_log(r'data: cannot write \S+: Read-only file system')
+        ann = self.join(server, 'ann')
+        ann.send('/register ann-secret\n')
+        ann.expect(r'^-!- The name ann is yours')  # kept in memory meanwhile
+        self.remount('rw')  # and then nothing happens: a timer must bring the retry
         people = os.path.join(self.inside, chat.PEOPLE_LOG_NAME)
         wait_until(lambda: os.path.exists(people) and b'\tname\tann\t' in file_bytes(people),
                    'the registered name written')
+        server.wait_log(r'data: writing \S+people\.log again$')
+
+    def remount(self, mode):
+        """Make the server's data folder writable (rw) or not (ro)."""
+        subprocess.run(['nsenter', '-t', str(self.server_pid), '-m', 'mount', '-o',
+                        'remount,' + mode, self.data], check=True, timeout=TIMEOUT)
 
 
 def file_bytes(path):
