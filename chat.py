@@ -34,7 +34,8 @@ The file, top to bottom (each part a "# --- " heading):
     Compatibility             what differs across Pythons and platforms
     Limits and defaults       every number the program uses, with why
     Text protocol             cleaning text, the line kinds, names
-    Wire formats              HTTP and WebSocket (sans-I/O), telnet
+    Wire formats              HTTP and WebSocket (sans-I/O), telnet, Redis's
+                              RESP2 (sans-I/O)
     Server                    Peer, History, Room (members, notices, the
                               turn's batch), Session (/resume), Gate (who
                               gets in), Worker (password hashes, off the
@@ -44,6 +45,9 @@ The file, top to bottom (each part a "# --- " heading):
                               page, /ws, /metrics); listening sockets, the log
     Durable history           DataLog: --data records, fsync, compaction;
                               PeopleLog: names, waiting messages, sessions
+    Link                      --redis: several servers as one chat through
+                              Redis (the bus and its events, people on
+                              other servers, resuming on another server)
     The web page              PAGE, the browser client
     Client                    Client (reconnects, resumes), PlainScreen
     Terminal line editor      KeyReader, LineEditor, TerminalScreen
@@ -59,6 +63,7 @@ f'chat.py needs Python 3.6 or newer: run it with python3'
 
 import argparse
 import base64
+import bisect
 import calendar
 import codecs
 import collections
@@ -70,6 +75,7 @@ import heapq
 import hmac
 import ipaddress
 import itertools
+import json
 import os
 import queue
 import random
@@ -86,6 +92,7 @@ import tempfile
 import threading
 import time
 import unicodedata
+import urllib.parse
 import zlib
 
 __version__ = '1.1.0'
@@ -237,6 +244,26 @@ PBKDF2_ROUNDS = 600000          # of SHA-256, where hashlib has no scrypt (OWASP
 WORKER_MAX_JOBS = 16            # hashes waiting at once; more are refused (busy)
 MAIL_PER_NAME = 50              # messages waiting for one registered name,
 MAIL_KEEP_SEC = 7 * 24 * 3600   # for at most a week
+
+# Several servers as one chat (--redis).  A server unheard for LINK_DEAD_SEC
+# is taken for dead (its people lost): each beats every LINK_BEAT_SEC, and
+# the others look as often, so they know within about 25 s.
+DEFAULT_CLUSTER = 'chat'       # --cluster: the prefix of every Redis key and channel
+LINK_BEAT_SEC = 5.0
+LINK_DEAD_SEC = 20.0
+LINK_RETRY_SEC = (0.5, 1, 2, 4, 8)  # waits between tries to link again; the last repeats
+LINK_CONNECT_SEC = 5.0         # to reach Redis at start, and for each try after
+LINK_MAX_QUEUED = 8 << 20      # unsent to Redis, or unanswered: past it, start again
+LINK_GUEST_BLOCK = 1000        # guest numbers taken from Redis at a time
+LINK_SESSION_KEEP_SEC = 7 * 24 * 3600  # a session's record in Redis (for resuming
+# on another server) lasts this long after its last change, if not ended before
+LINK_BUS_KEEP = 100000         # events the bus keeps (about), for servers cut off a while
+LINK_READ_COUNT = 1000         # events read from the bus at a time
+LINK_READ_BLOCK_MS = 5000      # a read of the bus waits this long for one
+LINK_READ_BYTES = 1 << 20      # read from Redis at once, at most (a big reply comes whole),
+LINK_READ_CHUNK_BYTES = 256 * 1024  # a recv() at a time
+LINK_ANSWER_SEC = 10.0         # Redis silent this long with a command waiting: start again
+RESP_MAX_LINE = 64 * 1024      # a reply's header line (Redis's own limit for requests)
 
 # A vanished peer (no FIN, no reset) is found by TCP keepalive probes: the
 # first after this long idle, then every interval; after that many
@@ -393,6 +420,8 @@ PASSWORD_PROMPT = 'This room needs a password: send /pass PASSWORD within %d s' 
 PASSWORD_ACCEPTED = 'Password accepted'
 NOT_TLS = 'this server speaks TLS: join with python3 chat.py client HOST --tls'
 FLOOD_TEXT = 'flood control: your lines wait, %g per second'
+LINK_DOWN = 'the link to the other servers is down; only people on this server hear you'
+LINKED_AGAIN = 'linked again'
 GOODBYE = 'Goodbye'            # the answer to /quit: a client that sees it left cleanly
 NUMBER = re.compile(r'^[0-9]{1,6}$')  # str.isdigit() also takes '²', which int() refuses
 
@@ -1035,6 +1064,122 @@ def strip_telnet(data):
             i = j + 2
 
 
+# --- Wire formats: Redis (RESP2) ---------------------------------------------
+
+class RespError(Exception):
+    """An error reply from Redis ("-WRONGPASS ..."): args[0] is its text."""
+
+
+class RespFailure(Exception):
+    """What came from Redis is not RESP2: the connection cannot go on."""
+
+
+def resp_command(*args):
+    """One Redis command (str, bytes or int arguments) as RESP: an array of
+    bulk strings, which needs no escaping whatever the bytes are."""
+    parts = [b'*%d\r\n' % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            arg = arg.encode('utf-8')
+        elif isinstance(arg, int):
+            arg = b'%d' % arg
+        parts += (b'$%d\r\n' % len(arg), arg, b'\r\n')
+    return b''.join(parts)
+
+
+INCOMPLETE = object()  # RespReader.parse: the reply is not all here yet
+
+
+class RespReader:
+    """Redis's replies, sans I/O: feed() bytes as they come; replies()
+    takes every complete one, as str (simple string), int, bytes or None
+    (bulk string), list (array) or RespError.  Only RESP2: the server
+    never asks Redis for RESP3 (HELLO 3)."""
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.need = 0    # bytes the unfinished reply needs at least: not parsed again before
+
+    def feed(self, data):
+        self.buf += data
+
+    def replies(self):
+        if len(self.buf) < self.need:
+            return []  # a big reply coming in pieces is parsed once, not once a piece
+        found, pos = [], 0
+        while True:
+            reply, end = self.parse(pos, 0)
+            if reply is INCOMPLETE:
+                break
+            found.append(reply)
+            pos = end
+        del self.buf[:pos]
+        self.need -= pos
+        return found
+
+    def parse(self, pos, depth):
+        """The reply at pos and where it ends, or INCOMPLETE."""
+        buf = self.buf
+        end = buf.find(b'\r\n', pos, pos + RESP_MAX_LINE)
+        if end < 0:
+            if len(buf) - pos >= RESP_MAX_LINE:
+                raise RespFailure('a reply line longer than %d bytes' % RESP_MAX_LINE)
+            self.need = len(buf) + 1
+            return INCOMPLETE, pos
+        kind, line, after = buf[pos:pos + 1], bytes(buf[pos + 1:end]), end + 2
+        if kind == b'+':
+            return line.decode('utf-8', 'replace'), after
+        if kind == b'-':
+            return RespError(line.decode('utf-8', 'replace')), after
+        try:
+            number = int(line)  # (int() would take b' 1' or b'1_0': Redis sends neither)
+        except ValueError:
+            raise RespFailure('not RESP: %r' % bytes(buf[pos:pos + 40]))
+        if kind == b':':
+            return number, after
+        if kind == b'$':
+            if number < 0:
+                return None, after
+            if len(buf) < after + number + 2:
+                self.need = after + number + 2
+                return INCOMPLETE, pos
+            if buf[after + number:after + number + 2] != b'\r\n':
+                raise RespFailure('a bulk string not ended by CRLF')
+            return bytes(buf[after:after + number]), after + number + 2
+        if kind == b'*' and depth < 8:  # Redis's replies nest a few levels at most
+            items = []
+            for _ in range(max(0, number)):
+                item, after = self.parse(after, depth + 1)
+                if item is INCOMPLETE:
+                    return INCOMPLETE, pos
+                items.append(item)
+            return (items if number >= 0 else None), after
+        raise RespFailure('not RESP2: %r' % bytes(buf[pos:pos + 40]))
+
+
+RedisURL = collections.namedtuple('RedisURL', 'tls host port username password db')
+
+
+def parse_redis_url(url):
+    """redis://[USER:PASSWORD@]HOST[:PORT][/DB] (rediss:// for TLS) as a
+    RedisURL; a UserError says what is wrong with it.  USER and PASSWORD
+    are percent-encoded, so that a password may hold "@", ":" or "/"."""
+    match = re.match(r'(rediss?)://(?:([^:@/]*)(?::([^@/]*))?@)?(\[[^\]/]+\]|[^:/@\[\]]+)'
+                     r'(?::([0-9]{1,5}))?(?:/([0-9]{0,9}))?\Z', url or '')
+    if not match:
+        raise UserError('bad Redis URL: give redis://[USER:PASSWORD@]HOST[:PORT][/DB] '
+                        '(or rediss:// for TLS)')
+    scheme, user, password, host, port, db = match.groups()
+    port = int(port or 6379)
+    if not 0 < port < 65536:
+        raise UserError('bad Redis URL: the port must be 1-65535')
+    return RedisURL(scheme == 'rediss', host.strip('[]'),
+                    port, urllib.parse.unquote(user) if user else None,
+                    urllib.parse.unquote(password) if password is not None else None,
+                    int(db or 0))
+
+
+
 # --- Server ------------------------------------------------------------------
 
 TOO_LONG = object()  # what Peer.next_line returns for an overlong line
@@ -1049,7 +1194,7 @@ class Peer:
                  'wants_write', 'sniffing', 'heard', 'telnet', 'authorized', 'operator',
                  'strikes', 'lines', 'since', 'active_at', 'away', 'muted', 'ignoring',
                  'ignored_by', 'replies_to', 'http', 'websocket', 'closed_ws', 'heard_at',
-                 'pinged', 'session', 'lost_at')
+                 'pinged', 'session', 'lost_at', 'home', 'claimed')
 
     def __init__(self, sock, address, burst, ip=None):
         self.sock = sock
@@ -1095,6 +1240,8 @@ class Peer:
         self.pinged = None          # when a ping went to it since, if one did
         self.session = None         # a Session: what lets it resume
         self.lost_at = None         # when its connection was lost, while it may resume
+        self.home = None            # for a person on another server (--redis): its id
+        self.claimed = 0.0          # when it took its name (time.time()): the earlier wins
 
     def wanted_events(self):
         """The selector events this peer needs now: read unless paused or
@@ -1259,6 +1406,7 @@ class Room:
         self.said_bytes = 0
         self.seq = 0                # lines said in it, ever: the number of the next
         self.said_from = 0          # the first line number still in said
+        self.bus_marks = collections.deque()  # --redis: (bus entry, its first line number)
         self.behind = set()         # members with a backlog (Peer.behind_since)
         self.held_until = 0.0       # until when they hold the room's input back
         self.batch = []             # (sender, line) broadcast this turn
@@ -1301,8 +1449,10 @@ class Room:
             del self.server.rooms[self.key]
 
     def durable(self):
-        """With --data a room that has history or a topic outlives its last member."""
-        return self.server.data is not None and bool(len(self.history) or self.topic)
+        """With --data or --redis, a room that has history or a topic
+        outlives its last member."""
+        return (self.server.data is not None or self.server.link is not None) and bool(
+            len(self.history) or self.topic)
 
     def note_behind(self, peer):
         """peer came, went, fell behind or caught up: recompute how long the
@@ -1325,22 +1475,36 @@ class Room:
 
     # What is said ------------------------------------------------------------
 
-    def say(self, peer, line):
-        """A public line from peer: remember it and send it to the others."""
-        self.remember(line)
-        self.broadcast(line, sender=peer)
+    def say(self, peer, lines):
+        """Public lines from peer.  Linked (--redis), they go through Redis
+        first and are heard when they come back, in the order every server
+        hears them in."""
+        link = self.server.link
+        if link is None or not link.say(self, peer, lines):
+            self.hear(peer, lines)
 
-    def remember(self, lines):
+    def hear(self, sender, lines, stamp=None):
+        """Public lines said: remember them, and send them to all but sender."""
+        self.remember(lines, stamp)
+        self.broadcast(lines, sender=sender)
+
+    def remember(self, lines, stamp=None):
         """Public lines (one or more, each ending in a newline) into the
         history and, with --data, the data log (written before they are sent)."""
         if not self.history.most:
             return
-        stamp = self.server.stamp()
+        stamp = stamp or self.server.stamp()
         self.history.add(stamp, lines)
         if self.server.data is not None:
             self.server.data.record(stamp, self.shown, lines)
 
     def set_topic(self, text, setter):
+        """Linked, every server sets it when it comes back from Redis."""
+        link = self.server.link
+        if link is None or not link.topic(self, text, setter):
+            self.set_topic_here(text, setter)
+
+    def set_topic_here(self, text, setter):
         self.topic = text
         notice = notice_line('%s set the topic: %s' % (setter, text))
         self.topic_said = (self.server.stamp(), notice)
@@ -1360,7 +1524,7 @@ class Room:
         self.batch_bytes += len(line)
         if self.server.resume_for:
             self.keep_said(sender, line)
-        if sender is not None:
+        if sender is not None and sender.sock is not None:
             self.catch_up(sender)  # so deliver knows it must skip this line
 
     def keep_said(self, sender, lines):
@@ -1373,6 +1537,8 @@ class Room:
             first, _, gone, count = self.said.popleft()
             self.said_bytes -= len(gone)
             self.said_from = first + count
+        while self.bus_marks and self.bus_marks[0][1] < self.said_from:
+            self.bus_marks.popleft()
 
     def catch_up(self, peer):
         """Copy this turn's lines that peer has not had into its outbuf."""
@@ -1436,7 +1602,8 @@ class Room:
         big room hears them less often, so a storm costs O(N) bytes."""
         arrivals, self.arrivals = list(self.arrivals), {}
         departures, self.departures = self.departures, []
-        returns = [peer for peer in self.returns if peer.room is self and peer.sock is not None]
+        returns = [peer for peer in self.returns if peer.room is self and (
+            peer.sock is not None or peer.home is not None)]
         self.returns = []
         self.notice_timer = False
         self.notices_due = time.monotonic() + max(
@@ -1518,7 +1685,7 @@ class Session:
     numbered them, which may count a few the peer never had."""
 
     __slots__ = ('token', 'digest', 'peer', 'runs', 'direct_bytes', 'skipped', 'loss_run',
-                 'restored')
+                 'restored', 'bus_mark')
 
     def __init__(self, peer, digest=None):
         self.token = None if digest else secrets.token_urlsafe(16)  # 128 random bits
@@ -1531,7 +1698,8 @@ class Session:
         self.direct_bytes = 0
         self.skipped = 0            # lines of runs forgotten (over the budget)
         self.loss_run = None        # the first run after the connection was lost
-        self.moved(peer.room)
+        self.bus_mark = b'0-0'      # --redis: the last bus entry heard when the token
+        self.moved(peer.room)       # was given or the room entered (Link.missed)
 
     def moved(self, room):
         """The peer is in room now, or ignores other people: a new run."""
@@ -1887,7 +2055,8 @@ class Gate:
         """Refuse network for seconds (None: until restart) and close its
         connections, telling each why."""
         self.bans[network] = Ban(shown, seconds)
-        lost = [peer for peer in self.server.names.values() if peer.lost_at is not None]
+        lost = [peer for peer in self.server.names.values()
+                if peer.lost_at is not None and peer.home is None]
         for peer in list(self.server.peers) + lost:  # a lost one may not come back
             if peer.ip in network:
                 self.server.queue(peer, error_line('you were banned by %s' % by))
@@ -2071,12 +2240,21 @@ class Commands:
         elif handler.who == OPERATORS and not peer.operator:
             refusal = '/%s is for operators (/op PASSWORD)' % word
         else:
-            handler(peer, argument)
+            target = self.names.get(name_key(argument.partition(' ')[0]))
+            if target is None or target.home is None or handler.__name__ not in self.FORWARDED:
+                handler(peer, argument)
+            elif not self.link.publish('act', target.name, peer.name, '%s %s' % (
+                    handler.__name__[len('cmd_'):], argument)):
+                self.queue(peer, error_line('%s is on another server, and the link to it is '
+                                            'down' % target.name))
             return
         self.queue(peer, error_line(refusal))
 
     def usage(self, peer, handler):
         self.queue(peer, error_line('usage: ' + handler.usage))
+
+    # Run by the server the person they name is on (--redis).
+    FORWARDED = ('cmd_kick', 'cmd_ban', 'cmd_mute', 'cmd_unmute', 'cmd_rename')
 
     @command('/help', 'list the commands', console=True)
     def cmd_help(self, peer, argument):
@@ -2381,20 +2559,29 @@ class Commands:
             problem = 'that is the name already'
         if problem is not None:
             return problem
+        if key != peer.key:
+            peer.claimed = time.time()
+        self.rename_now(peer, name, by)
+        return None
+
+    def rename_now(self, peer, name, by=None):
+        """peer (here, or a mirror) is called name from now on: its room is told."""
         old, old_key = peer.name, peer.key
         del self.names[old_key]
-        peer.name, peer.key = name, key
-        self.names[key] = peer
+        peer.name, peer.key = name, name_key(name)
+        self.names[peer.key] = peer
         peer.room.rename(peer, old_key)
         self.note_session(peer)
         self.log('%s is now known as %s%s' % (old, name, ' (renamed by %s)' % by if by else ''))
         renamed = notice_line('%s is now known as %s%s' % (
             old, name, ' (renamed by %s)' % by if by else ''))
         if peer in peer.room.arrivals:  # the others will hear it joined by this name
-            self.queue(peer, renamed)
+            if peer.home is None:
+                self.queue(peer, renamed)
         else:
             peer.room.broadcast(renamed)
-        return None
+        if self.link is not None and peer.home is None:
+            self.link.claim(peer, 'nick', old, name, peer.room.name, peer.claimed)
 
     @command('/me ACTION', 'say what you are doing')
     def cmd_me(self, peer, action):
@@ -2443,9 +2630,12 @@ class Commands:
         if peer.muted is not None and not recipient.operator:
             self.refused_if_muted(peer)
             return
-        if peer not in recipient.ignoring:
-            self.queue(recipient, private_line(peer.name, text))
-            recipient.replies_to = peer
+        if recipient.home is None:
+            self.hear_private(peer, recipient, text)
+        elif not self.link.publish('pm', peer.name, recipient.name, text):
+            self.queue(peer, error_line('%s is on another server, and the link to it is '
+                                        'down: not sent' % recipient.name))
+            return
         self.queue(peer, sent_line(recipient.name, text))
         if recipient.lost_at is not None:
             self.queue(peer, notice_line('%s lost the connection: it gets this if it comes back'
@@ -2455,11 +2645,19 @@ class Commands:
         if recipient.behind_since is not None and recipient.room.holding():
             self.pause(peer, NUDGE_SEC)  # more would bury a reader that is catching up
 
+    def hear_private(self, sender, recipient, text):
+        """A private message for recipient, here; sender may be a mirror."""
+        if sender not in recipient.ignoring:
+            self.queue(recipient, private_line(sender.name, text))
+            recipient.replies_to = sender
+
     @command('/away [REASON]', 'say you are away (for /who and /msg)')
     def cmd_away(self, peer, reason):
         peer.away = reason[:MAX_TOPIC_CHARS] or 'away'
         self.queue(peer, notice_line('You are away: %s (/back when you are back)' % peer.away))
         peer.room.roster = None
+        if self.link is not None:
+            self.link.publish('away', peer.name, peer.away)
 
     @command('/back', 'say you are back')
     def cmd_back(self, peer, argument):
@@ -2469,6 +2667,8 @@ class Commands:
         peer.away = None
         peer.room.roster = None
         self.queue(peer, notice_line('You are back'))
+        if self.link is not None:
+            self.link.publish('away', peer.name, '')
 
     @command('/ignore [NAME]', 'stop hearing NAME (alone: who you ignore)')
     def cmd_ignore(self, peer, name):
@@ -2509,16 +2709,20 @@ class Commands:
                        else error_line('usage: ' + self.cmd_whois.usage))
             return
         now = time.monotonic()
-        facts = ['in %s' % other.room.shown, 'here %s' % duration(now - other.since),
-                 'idle %s' % duration(now - other.active_at)]
+        facts = ['in %s' % other.room.shown] + (
+            ['on another server'] if other.home is not None else
+            ['here %s' % duration(now - other.since), 'idle %s' % duration(now - other.active_at)])
+        if other.lost_at is not None:
+            facts.append(LOST_NOTE)
         if other.away is not None:
             facts.append('away: %s' % other.away)
-        facts.append('TLS' if self.gate.tls else 'not encrypted')
+        if other.home is None:
+            facts.append('TLS' if self.gate.tls else 'not encrypted')
         if other.operator:
             facts.append('operator')
         if other.muted is not None:
             facts.append('muted')
-        if peer.operator:  # where people are from is for operators only
+        if peer.operator and other.home is None:  # where people are from: operators only
             facts.append('from %s' % other.address)
         self.queue(peer, notice_line('%s: %s' % (other.name, ', '.join(facts))))
 
@@ -2538,17 +2742,57 @@ class Commands:
     def cmd_resume(self, peer, argument):
         token, seen, heard = (argument.split() + ['', '', ''])[:3]
         owner = self.sessions.get(token_digest(token))
+        if not all(NUMBER.match(count) for count in (seen, heard) if count):
+            owner = None
+        elif owner is None and self.link is not None and self.link.up:
+            # Redis may know it: a session of another server (that server may be gone).
+            self.link.find_session(peer, token_digest(token), int(heard) if heard else 0)
+            return
         if (owner is None or owner is peer or owner.close_reason is not None  # leaving now
-                or self.gate.name_banned(owner.key)
-                or not all(NUMBER.match(count) for count in (seen, heard) if count)):
-            self.log('%s: no session to resume' % (peer.name or peer.address))
-            self.queue(peer, error_line('cannot resume: no such session (it may have '
-                                        'ended or expired)'))
-            if peer.key is None:
-                self.gate.open_door(peer)  # in as a newcomer, then
+                or self.gate.name_banned(owner.key)):
+            self.refuse_resume(peer)
             return
         self.resume_session(owner, peer, int(seen) if seen else None,
                             int(heard) if heard else None)
+
+    def refuse_resume(self, peer):
+        self.log('%s: no session to resume' % (peer.name or peer.address))
+        self.queue(peer, error_line('cannot resume: no such session (it may have '
+                                    'ended or expired)'))
+        if peer.key is None:
+            self.gate.open_door(peer)  # in as a newcomer, then
+
+    def resume_from_elsewhere(self, peer, mirror, missed, gone):
+        """peer resumes the session of mirror, a person of another server
+        (--redis; that server may be gone): mirror becomes this server's,
+        with peer's connection, and is sent what it missed (Link.missed)."""
+        mirror.home = None
+        mirror.tokens, mirror.tokens_at = self.burst, time.monotonic()
+        self.take_over(mirror, peer)
+        self.queue(mirror, notice_line('You are back as %s in %s: %s you missed%s' % (
+            mirror.name, mirror.room.shown, plural(len(missed), 'line'), gone)))
+        self.queue(mirror, b''.join(missed))
+        self.give_session(mirror)
+        self.back(mirror)
+        self.link.publish('moved', mirror.name)
+        self.log('%s resumed from %s, from another server (%d lines)' % (
+            mirror.name, mirror.address, len(missed)))
+
+    def back(self, peer):
+        """peer's connection was lost, and it is back: its room hears it."""
+        if peer.lost_at is not None:
+            peer.lost_at = None
+            peer.room.returns.append(peer)  # told with other comings and goings
+            peer.room.announce_soon()
+            peer.room.roster = None
+
+    def hand_over(self, peer, home):
+        """peer resumed on server home (--redis): here it is one of home's
+        now, and its old connection, if it still had one, closes unannounced."""
+        if peer.sock is not None:
+            self.close(peer)
+        self.end_session(peer, on_disk=False)
+        peer.home = home
 
     def resume_session(self, owner, peer, seen=None, heard=None):
         """peer's connection becomes owner's, and is sent what owner missed:
@@ -2580,10 +2824,9 @@ class Commands:
             ' (about %d more are gone)' % lost if lost else '')))
         self.queue(owner, b''.join(missed))
         self.give_session(owner)  # after what it missed: its client counts from here
-        if owner.lost_at is not None:
-            owner.lost_at = None
-            owner.room.returns.append(owner)  # told with other comings and goings
-            owner.room.announce_soon()
+        if owner.lost_at is not None and self.link is not None:
+            self.link.publish('back', owner.name)
+        self.back(owner)
         self.log('%s resumed from %s (%d lines)' % (owner.name, owner.address, len(missed)))
 
     def take_over(self, owner, newcomer):
@@ -2596,6 +2839,8 @@ class Commands:
             self.names.pop(newcomer.key, None)
             newcomer.room.remove(newcomer, 'resumed as %s' % owner.name)
             self.end_session(newcomer)
+            if self.link is not None:
+                self.link.publish('out', newcomer.name, 'resumed as %s' % owner.name)
         if newcomer.events:
             self.selector.unregister(newcomer.sock)
         for field in ('sock', 'address', 'ip', 'inbuf', 'skipping', 'eof', 'websocket',
@@ -2635,6 +2880,8 @@ class Commands:
             peer.operator = True
             self.log('%s is now an operator' % peer.name)
             peer.room.broadcast(notice_line('%s is now an operator' % peer.name))
+            if self.link is not None:
+                self.link.publish('op', peer.name)
         else:
             self.gate.strike(peer, 'wrong operator password')
 
@@ -2690,9 +2937,13 @@ class Commands:
         self.wall(notice_line(what))
         if network is None:
             self.gate.ban_person(target, seconds, peer.name)
+            what, shown = 'name', target.name
         else:
-            self.gate.ban(network, words[0] if target is None else str(network), seconds,
-                          peer.name)
+            what = network
+            shown = words[0] if target is None else str(network)
+            self.gate.ban(network, shown, seconds, peer.name)
+        if self.link is not None:  # every server refuses it
+            self.link.publish('ban', what, seconds or '', peer.name, shown)
 
     @command('/unban NAME|ADDRESS', 'lift a ban', who=OPERATORS, console=True)
     def cmd_unban(self, peer, argument):
@@ -2785,7 +3036,7 @@ class Server(Commands):
                  tls=None, password=None, op_password=None, allow=(), deny=(),
                  max_per_address=MAX_PER_ADDRESS, console=False, motd=(), settings=None,
                  web=True, web_origins=(), metrics=False, data=None,
-                 resume_for=DEFAULT_RESUME_FOR):
+                 resume_for=DEFAULT_RESUME_FOR, link=None):
         self.listeners = listeners
         self.log = log or (lambda message: None)
         self.history = history
@@ -2828,6 +3079,7 @@ class Server(Commands):
         self.timers = []            # heap of (when, seq, callback, argument)
         self.timer_seq = itertools.count()
         self.guest_numbers = itertools.count(1)  # never reused
+        self.link = link            # Link (--redis), or None: this server alone
         if data is not None:
             data.load(self)
             opened = data.people.load(self)
@@ -2845,6 +3097,8 @@ class Server(Commands):
         for listener in listeners:
             listener.setblocking(False)
         self.resume_accepting()
+        if link is not None:
+            link.start(self)
         # The server's own terminal takes operator commands, as "server".
         self.console = None
         if console:
@@ -2884,6 +3138,8 @@ class Server(Commands):
                 self.worker.finish()
             elif peer == 'console':
                 self.guarded(self.on_console, self.console)
+            elif isinstance(peer, RedisConnection):
+                self.link.on_event(peer, mask)
             elif peer.sock is not None:  # not closed earlier this turn
                 self.guarded(self.on_event, peer, mask)
         unread, self.unread = self.unread, set()
@@ -3032,14 +3288,19 @@ class Server(Commands):
     def let_in(self, peer):
         """peer has passed the gate: give it a guest name, welcome it into
         the lobby and tell the others."""
-        name = GUEST_PREFIX + str(next(self.guest_numbers))
-        peer.name, peer.key = name, name_key(name)
+        name = self.guest_name()
+        peer.name, peer.key, peer.claimed = name, name_key(name), time.time()
         self.names[peer.key] = peer
         self.log('%s joined from %s' % (name, peer.address))
         self.queue(peer, notice_line(WELCOME_TEXT % name))
         self.queue(peer, b''.join(notice_line(line) for line in self.motd))
         self.join(peer, self.lobby)
         self.give_session(peer)
+
+    def guest_name(self):
+        """guest-N, N never used before (linked: in the whole chat)."""
+        number = self.link.guest_number() if self.link is not None else None
+        return GUEST_PREFIX + str(next(self.guest_numbers) if number is None else number)
 
     # Sessions that resume ----------------------------------------------------------
 
@@ -3050,6 +3311,8 @@ class Server(Commands):
             return
         self.end_session(peer)
         session = Session(peer)  # from the room's lines said so far
+        if self.link is not None:
+            session.bus_mark = self.link.last_id or b'0-0'
         self.queue(peer, notice_line(RESUME_NOTICE % session.token))
         peer.session = session   # counts what comes after the notice
         self.sessions[session.digest] = peer
@@ -3064,6 +3327,8 @@ class Server(Commands):
             stamp, count = peer.room.history.position()
             self.data.people.note('session', peer.session.digest, peer.name, peer.room.shown,
                                   str(peer.ip), stamp.decode(), str(count))
+        if self.link is not None and peer.session is not None:
+            self.link.note_session(peer)
 
     def end_session(self, peer, on_disk=True):
         """peer's token no longer works (here; and on disk, unless told not to)."""
@@ -3071,6 +3336,8 @@ class Server(Commands):
             self.sessions.pop(peer.session.digest, None)
             if self.data is not None and on_disk:
                 self.data.people.note('ended', peer.session.digest)
+            if self.link is not None and on_disk:
+                self.link.call('DEL', self.link.key('session', peer.session.digest))
             peer.session = None
 
     def restore_sessions(self, opened):
@@ -3116,6 +3383,8 @@ class Server(Commands):
         peer.room.departures.append((peer.name, LOST_NOTE))  # told with other leaves
         peer.room.announce_soon()
         peer.close_reason = None
+        if self.link is not None:
+            self.link.publish('lost', peer.name)
         self.call_later(self.resume_for, self.expire_session, peer)
 
     def expire_session(self, peer):
@@ -3133,6 +3402,10 @@ class Server(Commands):
     def join(self, peer, room):
         """Put peer in room and tell it what a newcomer is told: where it is,
         the topic, who is there and the room's recent lines."""
+        if self.link is not None and peer.room is None:  # a name's first room: its claim
+            self.link.claim(peer, 'in', peer.name, room.name, peer.claimed)
+        elif self.link is not None:
+            self.link.publish('in', peer.name, room.name, peer.claimed)
         if peer.room is not None:
             old = peer.room
             old.catch_up(peer)  # what it was sent there this turn comes first
@@ -3142,6 +3415,8 @@ class Server(Commands):
         room.add(peer)
         if peer.session is not None:
             peer.session.moved(room)
+            if self.link is not None:
+                peer.session.bus_mark = self.link.last_id or b'0-0'
         self.queue(peer, notice_line(YOU_ARE_IN % room.shown))
         self.note_session(peer)  # its client counts room lines from that notice
         if room.topic:
@@ -3184,20 +3459,57 @@ class Server(Commands):
                 self.end_session(peer, on_disk=not (self.stopping and
                                                     peer.close_reason in LOST_REASONS))
                 peer.lost_at = None
-                del self.names[peer.key]
                 self.log('%s left (%s)' % (peer.name, peer.close_reason))
-                peer.room.remove(peer, peer.close_reason)
-                for other in peer.ignored_by:  # an ignore ends when either leaves
-                    other.ignoring.discard(peer)
-                    if other.session is not None and other.room is not None:
-                        other.session.moved(other.room)
-                for other in peer.ignoring:
-                    other.ignored_by.discard(peer)
+                self.forget(peer, peer.close_reason)
+                if self.link is not None:
+                    self.link.publish('out', peer.name, peer.close_reason)
             if peer.sock is not None:
                 if peer.lingering:
                     self.start_closing(peer)
                 else:
                     self.close(peer)
+
+    def forget(self, peer, reason):
+        """peer, here or on another server, has left the chat."""
+        del self.names[peer.key]
+        peer.room.remove(peer, reason)
+        for other in peer.ignored_by:  # an ignore ends when either leaves
+            other.ignoring.discard(peer)
+            if other.session is not None and other.room is not None:
+                other.session.moved(other.room)
+        for other in peer.ignoring:
+            other.ignored_by.discard(peer)
+
+    # People on other servers (--redis) -------------------------------------------
+
+    def add_mirror(self, home, name, room_name, claimed):
+        """A person on server home, as a Peer without a socket."""
+        mirror = Peer(None, 'on another server', 0)
+        mirror.home, mirror.name, mirror.key, mirror.claimed = (
+            home, name, name_key(name), claimed)
+        self.names[mirror.key] = mirror
+        self.room_named(room_name if name_problem(room_name) is None else LOBBY).add(mirror)
+        return mirror
+
+    def move_mirror(self, mirror, room_name):
+        room = self.room_named(room_name)
+        if room is not mirror.room:
+            mirror.room.remove(mirror, 'for ' + room.shown)
+            room.add(mirror)
+
+    def drop_mirror(self, mirror, reason):
+        if self.names.get(mirror.key) is mirror:
+            self.forget(mirror, reason)
+
+    def rename_guest(self, peer):
+        """A name clash settled against peer: a guest name instead."""
+        peer.claimed = time.time()
+        self.rename_now(peer, self.guest_name())
+
+    def wall_here(self, line):
+        """A notice for every room on this server."""
+        for room in list(self.rooms.values()):
+            room.broadcast(line)
 
     def start_closing(self, peer, code=1000):
         """Let peer read what is queued for it, then close (a WebSocket is
@@ -3237,12 +3549,14 @@ class Server(Commands):
     def must_wait(self, peer):
         """True if peer's lines must wait: this turn has queued a share of
         output (max_backlog / TURN_SHARE) for those they would reach, or a
-        member of its room has not read what it was sent (backpressure)."""
+        member of its room has not read what it was sent (backpressure),
+        or (--redis) lines said here wait for Redis to pass them back."""
         room = peer.room
         if room is None:
             return self.direct_bytes >= self.turn_budget
         return (room.batch_bytes + self.direct_bytes >= self.turn_budget
-                or (room.behind and room.holding()))
+                or (room.behind and room.holding())
+                or (self.link is not None and self.link.said_bytes > self.behind_bytes))
 
     def on_readable(self, peer):
         """Read one chunk from peer and handle the lines it completes."""
@@ -3360,8 +3674,7 @@ class Server(Commands):
         if room.batch_bytes + self.direct_bytes + len(lines) > self.turn_budget:
             return 0
         del peer.inbuf[:end + 1]
-        room.remember(lines)
-        room.broadcast(lines, sender=peer)
+        room.say(peer, lines)
         peer.lines += count
         self.lines_in += count
         peer.active_at = time.monotonic()
@@ -3460,9 +3773,9 @@ class Server(Commands):
     # Output --------------------------------------------------------------------
 
     def wall(self, line):
-        """A notice for every room."""
-        for room in list(self.rooms.values()):
-            room.broadcast(line)
+        """A notice for every room (linked: on every server)."""
+        if self.link is None or not self.link.publish('wall', line.decode().rstrip('\n')):
+            self.wall_here(line)
 
     def queue(self, peer, data):
         """Queue data for one peer, after the lines of its room it has not
@@ -3471,6 +3784,10 @@ class Server(Commands):
         if peer is self.console:
             sys.stdout.buffer.write(data)
             sys.stdout.flush()
+            return
+        if peer.home is not None:  # on another server: an answer to a command run here
+            if self.link is not None:
+                self.link.publish('to', peer.name, data)
             return
         if peer.sock is None:  # lost: kept for its return, if it may come back
             if peer.session is not None and peer.lost_at is not None:
@@ -3500,6 +3817,8 @@ class Server(Commands):
         peers dropped this turn out of their rooms."""
         if self.data is not None:
             self.data.write(self)  # write-ahead: nobody sees a line that is not written
+        if self.link is not None:
+            self.link.flush()
         busy, self.busy_rooms = self.busy_rooms, []
         for room in busy:
             room.deliver()
@@ -3591,6 +3910,8 @@ class Server(Commands):
     def close_all(self):
         for peer in list(self.peers | self.closing):
             self.close(peer)
+        if self.link is not None:
+            self.link.close()
         if self.data is not None:
             self.data.close()
         for sock in self.listeners + [self.wake_r, self.wake_w]:
@@ -4423,6 +4744,840 @@ class PeopleLog:
                 pass
             os.close(self.fd)
             self.fd = None
+
+
+# --- Link: several servers as one chat, through Redis -------------------------
+#
+# Every server started with the same --redis URL and --cluster is one chat.
+# Whatever the others must know goes as an event on one Redis stream, the
+# bus (CLUSTER:bus, XADD), and every server, the sender's own included, acts
+# on the events in the one order the stream has (XREAD).  So a room's lines
+# come in the same order everywhere, and when two servers let two people
+# take one name at the same moment, every server agrees whose claim came
+# first.  A stream rather than pub/sub: a server cut off for a moment reads
+# on from where it stopped, and misses nothing the bus still keeps.
+#
+# An event is "SERVER<TAB>KIND<TAB>FIELDS" in UTF-8, SERVER a random id the
+# server took at start.  The last field may hold tabs; no other can.
+#
+#     say N ROOM STAMP SENDER LINES the Nth public lines (messages, actions)
+#                                   SERVER sent, said in ROOM
+#     topic ROOM SETTER TEXT
+#     in NAME ROOM CLAIMED          NAME is in ROOM (came in, or moved); it
+#                                   took its name at CLAIMED (time.time())
+#     nick OLD NEW ROOM CLAIMED     a new name
+#     out NAME REASON               NAME left the chat
+#     lost NAME, back NAME          its connection was lost; it came back
+#     away NAME REASON              REASON empty: back
+#     op NAME                       NAME became an operator
+#     pm FROM TO TEXT               a private message, for TO's server
+#     to NAME LINES                 lines for NAME alone (answers to NAME's
+#                                   commands run on another server)
+#     act TARGET BY COMMAND         an operator's command on TARGET, run by
+#                                   TARGET's server
+#     ban WHAT SECONDS BY SHOWN     an operator's ban of an address (WHAT: its
+#                                   network) or a name (WHAT: "name")
+#     wall LINE                     a notice for every room
+#     hello                         SERVER (re)linked: the others send state
+#     state JSON                    everyone on SERVER: [[name, room, claimed,
+#                                   away, operator, lost], ...]
+#     moved NAME                    NAME resumed on SERVER: it is SERVER's now
+#     beat                          SERVER is alive
+#     bye                           SERVER stops: its people leave
+#
+# People on other servers are Peers without a socket ("mirrors", Peer.home
+# is their server), in self.names and in rooms like anyone, so /who, /rooms,
+# /whois, /msg, /ignore and name checks see the whole chat.
+
+
+class RedisConnection:
+    """One nonblocking connection to Redis, in the server's selector.
+    Commands go out pipelined, each with what to do with its reply, which
+    come back in order.  Any failure
+    ends the link (Link.fail), which starts again later."""
+
+    def __init__(self, link):
+        self.link = link
+        self.sock = None
+        self.ready = False           # connected, TLS done: output may go
+        self.outbuf = bytearray()
+        self.reader = RespReader()
+        self.waiting = collections.deque()  # per command sent, its callback or None
+        self.answered_at = 0.0       # when Redis last answered, or was last asked with
+        self.events = 0              # nothing waiting: Link.watch
+
+    def open(self):
+        link = self.link
+        sock = socket.socket(link.address[0], socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a line waits for no ACK
+        self.sock = sock
+        problem = sock.connect_ex(link.address[1])
+        if problem not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            raise OSError(problem, os.strerror(problem))
+        self.want(selectors.EVENT_WRITE)
+        url = link.url
+        if url.password is not None:
+            self.call(None, 'AUTH', *([url.username] if url.username else []) + [url.password])
+        if url.db:
+            self.call(None, 'SELECT', url.db)
+
+    def want(self, events):
+        if events != self.events:
+            if self.events:
+                self.link.server.selector.modify(self.sock, events, self)
+            else:
+                self.link.server.selector.register(self.sock, events, self)
+            self.events = events
+
+    def call(self, callback, *args):
+        """Queue a command; callback(reply) when its reply comes."""
+        self.outbuf += resp_command(*args)
+        if not self.waiting:
+            self.answered_at = time.monotonic()
+        self.waiting.append(callback)
+        if len(self.outbuf) > LINK_MAX_QUEUED or len(self.waiting) > LINK_MAX_QUEUED // 64:
+            raise RespFailure('Redis is not keeping up: %s queued' % human_bytes(
+                len(self.outbuf)))
+
+    def on_event(self, mask):
+        if not self.ready:
+            self.connect_step()
+        if self.ready and mask & selectors.EVENT_READ:
+            self.read()
+        self.flush()
+
+    def connect_step(self):
+        """The TCP connection is made (or failed); then, for rediss://, the
+        TLS handshake, a step per event."""
+        if not isinstance(self.sock, getattr(ssl, 'SSLSocket', ())):
+            problem = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if problem:
+                raise OSError(problem, os.strerror(problem))
+            if self.link.tls is None:
+                self.ready = True
+                return
+            self.link.server.selector.unregister(self.sock)
+            self.events = 0
+            self.sock = self.link.tls.wrap_socket(self.sock, server_hostname=self.link.url.host,
+                                                  do_handshake_on_connect=False)
+        try:
+            self.sock.do_handshake()
+            self.ready = True
+        except ssl.SSLWantReadError:
+            self.want(selectors.EVENT_READ)
+        except ssl.SSLWantWriteError:
+            self.want(selectors.EVENT_WRITE)
+
+    def read(self):
+        """What Redis sent (as much as is there, up to LINK_READ_BYTES),
+        then each complete reply to its command's callback."""
+        got, chunk = 0, self.link.chunk
+        while got < LINK_READ_BYTES:
+            try:
+                size = self.sock.recv_into(chunk)
+            except WOULD_BLOCK:
+                break
+            if not size:
+                raise OSError(errno.ECONNRESET, 'Redis closed the connection')
+            self.reader.feed(chunk[:size])
+            got += size
+        for reply in self.reader.replies():
+            if self.sock is None:
+                return  # a callback found the link broken: this connection is done
+            if not self.waiting:
+                raise RespFailure('a reply to no command')
+            callback = self.waiting.popleft()
+            self.answered_at = time.monotonic()
+            if callback is not None:
+                callback(reply)
+            elif isinstance(reply, RespError):
+                raise reply
+
+    def flush(self):
+        if self.ready and self.outbuf:
+            del self.outbuf[:send_some(self.sock, self.outbuf)]
+        if self.ready:
+            self.want(selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbuf else 0))
+
+    def close(self, linger=False):
+        """Close now; with linger, first try for a moment to send what is queued."""
+        if self.sock is None:
+            return
+        if self.events:
+            self.link.server.selector.unregister(self.sock)
+        if linger and self.ready and self.outbuf:
+            try:
+                self.sock.settimeout(SHUTDOWN_FLUSH_SEC)
+                self.sock.sendall(self.outbuf)
+            except OSError:
+                pass
+        self.sock.close()
+        self.sock = None
+
+
+def redis_address(url):
+    """Where the Redis of url is, looked up once (a name lookup blocks)."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(url.host, url.port, 0,
+                                                      socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UserError('cannot find the Redis host %s: %s' % (url.host, exc.strerror))
+    return family, address
+
+
+def check_redis(url, address, tls):
+    """At start, before the loop: reach Redis, log in and PING, blocking for
+    at most LINK_CONNECT_SEC; a UserError says what went wrong."""
+    where = '%s:%d' % (url.host, url.port)
+    try:
+        sock = socket.create_connection(address[1][:2], LINK_CONNECT_SEC)
+        with sock:
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=url.host)
+            command = b''
+            if url.password is not None:
+                command += resp_command('AUTH', *([url.username] if url.username else [])
+                                        + [url.password])
+            command += resp_command('SELECT', url.db) + resp_command('PING')
+            sock.sendall(command)
+            reader, replies = RespReader(), []
+            while len(replies) < command.count(b'*'):
+                data = sock.recv(65536)
+                if not data:
+                    raise OSError(errno.ECONNRESET, 'it closed the connection')
+                reader.feed(data)
+                replies += reader.replies()
+    except (OSError, RespFailure) as exc:
+        if ssl is not None and isinstance(exc, ssl.SSLError):
+            raise UserError('cannot speak TLS with Redis at %s: %s' % (where, exc.reason or exc))
+        raise UserError('cannot reach Redis at %s: %s' % (where, getattr(exc, 'strerror', None)
+                                                          or exc))
+    for reply in replies:
+        if isinstance(reply, RespError):
+            raise UserError('Redis at %s refused: %s' % (where, reply.args[0]))
+
+
+# Public lines go on the bus and into their room's history (a stream, kept
+# to HISTORY_MAX_LINES entries) in one step, so that both have them in the
+# same order; each history entry is the say event and names its bus entry.
+SAY_SCRIPT = b"""
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[2], 'b', id)
+redis.call('SADD', KEYS[3], ARGV[4])
+return id
+"""
+SAY_SCRIPT_SHA = hashlib.sha1(SAY_SCRIPT).hexdigest()
+
+
+def said_fields(fields):
+    """A say event's fields: (N, ROOM, STAMP, SENDER, LINES), as bytes."""
+    return fields.split(b'\t', 4)
+
+
+def stream_id(text):
+    """A Redis stream entry's id (b'MS-SEQ') as numbers, to compare."""
+    milliseconds, _, sequence = text.partition(b'-')
+    return int(milliseconds), int(sequence or 0)
+
+
+class Link:
+    """--redis: this server's part of one chat with every server on the
+    same Redis and --cluster (the format and the rules are above)."""
+
+    def __init__(self, url, address, cluster=DEFAULT_CLUSTER, tls=None):
+        self.url, self.address, self.tls = url, address, tls
+        self.cluster = cluster
+        self.bus = cluster + ':bus'
+        self.id = secrets.token_hex(6)
+        self.server = None
+        self.commands = self.reader = None
+        self.last_id = None          # of the last bus entry read
+        self.first_id = None         # of the bus entry this server began after
+        self.said_count = 0          # say events sent
+        self.up = False
+        self.down_told = False       # this outage was told (once)
+        self.tries = 0               # to link again, since it went down
+        self.said = collections.deque()  # (N, room, sender, stamp, lines) sent, until back
+        self.said_bytes = 0          # of their lines: past half a backlog cap, input waits
+        self.unconfirmed = {}        # name_key -> local Peer whose claim is not back yet
+        self.heard = {}              # server id -> when last heard (monotonic)
+        self.people = {}             # server id -> {name_key: mirror}
+        self.aliases = {}            # (server id, name_key) -> mirror: see mirror_of
+        self.dead = set()            # servers unheard for LINK_DEAD_SEC
+        self.guests = iter(())       # guest numbers taken from Redis
+        # Every read from Redis lands here first: a fresh buffer per recv()
+        # would cost a large allocation (mmap, munmap) each time.
+        self.chunk = memoryview(bytearray(LINK_READ_CHUNK_BYTES))
+        self.guests_left = 0
+
+    def start(self, server):
+        self.server = server
+        self.connect()
+        server.call_later(LINK_BEAT_SEC, self.beat)
+
+    # Connection ----------------------------------------------------------------
+
+    def connect(self, _=None):
+        """Two connections: one for commands, pipelined; one that waits on
+        the bus.  Read from where this server stopped, if it was linked
+        before: what it missed while cut off comes first (if the bus still
+        has it)."""
+        self.commands, self.reader = RedisConnection(self), RedisConnection(self)
+        try:
+            for connection in (self.commands, self.reader):
+                connection.open()
+        except OSError as exc:
+            self.fail(exc)
+            return
+        self.commands.call(None, 'SCRIPT', 'LOAD', SAY_SCRIPT)
+        self.reader.call(self.linked, 'XREVRANGE', self.bus, '+', '-', 'COUNT', 1)
+        self.take_guest_numbers()
+
+    def read_bus(self):
+        self.reader.call(self.on_bus, 'XREAD', 'COUNT', LINK_READ_COUNT, 'BLOCK',
+                         LINK_READ_BLOCK_MS, 'STREAMS', self.bus, self.last_id)
+
+    def on_bus(self, reply):
+        """Events from the bus, then wait for more."""
+        if isinstance(reply, RespError):
+            raise reply
+        for _, entries in reply or ():
+            for entry_id, fields in entries:
+                self.last_id = entry_id
+                self.on_message(fields[1])
+        if self.reader is not None and self.reader.sock is not None:
+            self.read_bus()
+
+    def linked(self, newest):
+        """Linked: say so to everyone, and to the people here if they heard
+        it was down; the others answer hello with their state."""
+        if isinstance(newest, RespError):
+            raise newest
+        if self.last_id is None:  # the first time: from the bus's newest entry on
+            self.last_id = self.first_id = newest[0][0] if newest else b'0-0'
+            self.load_rooms()
+        else:
+            self.read_bus()
+        self.up, self.tries = True, 0
+        now = time.monotonic()
+        for origin in self.people:
+            self.heard[origin] = now  # they have LINK_DEAD_SEC to answer
+        self.publish('hello')
+        self.publish('state', json.dumps(self.state()))
+        self.server.log('link: linked through Redis at %s:%d as %s, cluster %s' % (
+            self.url.host, self.url.port, self.id, self.cluster))
+        if self.down_told:
+            self.down_told = False
+            self.server.wall_here(notice_line(LINKED_AGAIN))
+
+    def fail(self, exc):
+        """The link broke: close it, let the people here talk on among
+        themselves (told once), and try again after a while."""
+        if self.commands is None:
+            return  # failed already: the next try is due
+        for connection in (self.commands, self.reader):
+            connection.close()
+        self.commands = self.reader = None
+        was_up, self.up = self.up, False
+        why = exc.args[0] if isinstance(exc, RespError) else getattr(exc, 'strerror', None) or exc
+        if was_up or not self.tries:
+            self.server.log('link: lost Redis at %s:%d: %s; trying again' % (
+                self.url.host, self.url.port, why))
+        if not self.down_told:
+            self.down_told = True
+            self.server.wall_here(notice_line(LINK_DOWN))
+        said, self.said, self.said_bytes = self.said, collections.deque(), 0
+        for _, room, sender, stamp, lines in said:  # not back from Redis: heard here at least
+            room.hear(sender if sender.room is room else None, lines, stamp)
+        self.unconfirmed.clear()
+        wait = LINK_RETRY_SEC[min(self.tries, len(LINK_RETRY_SEC) - 1)]
+        self.tries += 1
+        self.server.call_later(wait * random.uniform(0.8, 1.2), self.connect)
+
+    def flush(self):
+        """End of turn: what this turn queued goes to Redis, in one send."""
+        for connection in (self.commands, self.reader):
+            if connection is not None:
+                try:
+                    connection.flush()
+                except OSError as exc:
+                    self.fail(exc)
+                    return
+
+    def on_event(self, connection, mask):
+        if connection.sock is None:
+            return
+        try:
+            connection.on_event(mask)
+        except (OSError, RespError, RespFailure) as exc:
+            self.fail(exc)
+        except Exception as exc:  # a bug: start the link again rather than stop the server
+            self.server.log('link: internal error: %r' % exc)
+            self.fail(exc)
+
+    def close(self):
+        """At shutdown: the others hear this server's people leave."""
+        if self.up:
+            self.publish('bye')
+        for connection in (self.commands, self.reader):
+            if connection is not None:
+                connection.close(linger=True)
+
+    # Sending -------------------------------------------------------------------
+
+    def key(self, *parts):
+        """A Redis key of this cluster's."""
+        return ':'.join((self.cluster,) + parts)
+
+    def event(self, kind, *fields):
+        return b'\t'.join([self.id.encode(), kind.encode()] + [
+            field if isinstance(field, bytes) else str(field).encode('utf-8')
+            for field in fields])
+
+    def call(self, *command):
+        """Queue a command whose answer does not matter; False if the link
+        is down (or has just broken: Redis cannot keep up)."""
+        if not self.up:
+            return False
+        try:
+            self.commands.call(None, *command)
+        except RespFailure as exc:
+            self.fail(exc)
+            return False
+        return True
+
+    def publish(self, kind, *fields):
+        """Send an event to every server; False if the link is down."""
+        return self.call('XADD', self.bus, 'MAXLEN', '~', LINK_BUS_KEEP, '*', 'e',
+                         self.event(kind, *fields))
+
+    def say(self, room, sender, lines):
+        """Public lines go through Redis, and are heard when they come back
+        (in its order); False if the link is down.  They go into the room's
+        history in Redis in the same step (SAY_SCRIPT)."""
+        stamp, number = self.server.stamp(), self.said_count + 1
+        if not self.call('EVALSHA', SAY_SCRIPT_SHA, 3, self.bus, self.key('history', room.key),
+                         self.key('rooms'), LINK_BUS_KEEP,
+                         self.event('say', number, room.key, stamp, sender.name, lines),
+                         HISTORY_MAX_LINES, room.name):
+            return False
+        self.said_count = number
+        self.said_bytes += len(lines)
+        self.said.append((number, room, sender, stamp, lines))
+        self.server.direct_bytes += len(lines)  # against this turn's share, as if sent
+        return True
+
+    def claim(self, peer, kind, *fields):
+        """A local peer took a name (in, nick): it keeps it if no other
+        server's claim comes back first (on_claim)."""
+        if self.publish(kind, *fields):
+            self.unconfirmed[peer.key] = peer
+
+    def topic(self, room, text, setter):
+        """A new topic, for every server, and kept in Redis for later ones."""
+        return self.publish('topic', room.key, setter, text) and self.call(
+            'HSET', self.key('topics'), room.key, json.dumps([room.name, text, setter]))
+
+    # The first time linked: each room's history and topic, from Redis, for
+    # the rooms that have none here; then the bus, from where they end.
+
+    def load_rooms(self):
+        self.commands.call(self.got_topics, 'HGETALL', self.key('topics'))
+        self.commands.call(self.got_rooms, 'SMEMBERS', self.key('rooms'))
+
+    def got_topics(self, reply):
+        for value in reply[1::2]:
+            name, text, setter = json.loads(value.decode('utf-8', 'replace'))
+            if name_problem(name) is None:
+                room = self.server.room_named(name)
+                room.topic = room.topic or text
+
+    def got_rooms(self, names):
+        names = [name.decode('utf-8', 'replace') for name in names]
+        names = [name for name in names if name_problem(name) is None]
+        waiting = [len(names)]
+        def got(entries, name):
+            self.got_history(name, entries)
+            waiting[0] -= 1
+            if not waiting[0]:
+                self.read_bus()
+        for name in names:
+            self.commands.call(lambda entries, name=name: got(entries, name), 'XREVRANGE',
+                               self.key('history', name_key(name)), '+', '-',
+                               'COUNT', HISTORY_MAX_LINES)
+        if not names:
+            self.read_bus()
+
+    def got_history(self, name, entries):
+        """A room's lines from Redis, newest first: those said before the
+        bus entry this server reads on from (the rest come on the bus)."""
+        room = self.server.room_named(name)
+        if len(room.history):
+            return
+        for _, fields in reversed(entries):
+            said = dict(zip(fields[::2], fields[1::2]))
+            if stream_id(said[b'b']) <= stream_id(self.last_id):
+                _, _, stamp, _, lines = said_fields(said[b'e'].split(b'\t', 2)[2])
+                room.history.add(stamp, lines)
+
+    def take_guest_numbers(self):
+        """Guest names are numbered cluster-wide, a block at a time."""
+        def taken(reply):
+            if isinstance(reply, int):
+                self.guests = iter(range(reply - LINK_GUEST_BLOCK + 1, reply + 1))
+                self.guests_left = LINK_GUEST_BLOCK
+        self.commands.call(taken, 'INCRBY', self.cluster + ':guests', LINK_GUEST_BLOCK)
+
+    def guest_number(self):
+        """A number for a guest name; None to use the server's own count."""
+        self.guests_left -= 1
+        if self.guests_left == LINK_GUEST_BLOCK // 2 and self.up:
+            try:
+                self.take_guest_numbers()
+            except RespFailure as exc:
+                self.fail(exc)
+        return next(self.guests, None)
+
+    def state(self):
+        """Everyone on this server, for the others."""
+        return [[peer.name, peer.room.name, peer.claimed, peer.away or '', peer.operator,
+                 peer.lost_at is not None]
+                for peer in self.server.names.values()
+                if peer.home is None and peer.room is not None]
+
+    def beat(self, _=None):
+        """Say this server lives; take servers long unheard for dead; and
+        start again if Redis has left a command unanswered too long (the
+        bus is read with a wait of LINK_READ_BLOCK_MS, so it is answered
+        at least that often)."""
+        self.server.call_later(LINK_BEAT_SEC, self.beat)
+        now = time.monotonic()
+        for connection in (self.commands, self.reader):
+            if (connection is not None and connection.sock is not None and connection.waiting
+                    and now - connection.answered_at > LINK_ANSWER_SEC):
+                self.fail(OSError(errno.ETIMEDOUT, 'no answer for %s' % duration(
+                    now - connection.answered_at)))
+                return
+        if not self.up:
+            return
+        self.publish('beat')
+        for origin, heard in list(self.heard.items()):
+            if now - heard > LINK_DEAD_SEC and origin not in self.dead:
+                self.dead.add(origin)
+                people = list(self.people.get(origin, {}).values())
+                self.server.log('link: server %s unheard for %s: its %s lost' % (
+                    origin, duration(now - heard), plural(len(people), 'person')))
+                for mirror in people:
+                    self.mirror_lost(mirror)
+
+    # Receiving -----------------------------------------------------------------
+
+    def on_message(self, payload):
+        """An event from the bus (see the format above)."""
+        origin, kind, rest = (payload.split(b'\t', 2) + [b'', b''])[:3]
+        origin = origin.decode('ascii', 'replace')
+        if origin != self.id:
+            self.heard[origin] = time.monotonic()
+        if origin in self.dead and origin != self.id:  # it was only cut off
+            self.dead.discard(origin)
+            self.publish('hello')  # its state comes again
+        handler = getattr(self, 'on_' + kind.decode('ascii', 'replace'), None)
+        if handler is None:
+            return  # a newer server's event: not for us
+        fields = rest if kind in (b'say', b'to') else rest.decode('utf-8', 'replace')
+        try:
+            handler(origin, fields)
+        except Exception as exc:  # a bad event, or a bug: never the server's end
+            self.server.log('link: cannot take a %s event from %s: %r' % (
+                kind.decode('ascii', 'replace'), origin, exc))
+
+    def mirror_of(self, origin, name):
+        """The mirror of name on server origin, or None.  A name whose claim
+        lost here (a clash) is its person's old name's mirror, until its
+        server renames it."""
+        peer = self.server.names.get(name_key(name))
+        if peer is not None and peer.home == origin:
+            return peer
+        peer = self.aliases.get((origin, name_key(name)))
+        return peer if peer is not None and self.server.names.get(peer.key) is peer else None
+
+    def on_say(self, origin, fields):
+        number, room_key, stamp, sender, lines = said_fields(fields)
+        if origin == self.id:  # unless heard already, when the link broke
+            if self.said and self.said[0][0] == int(number):
+                _, room, peer, stamp, lines = self.said.popleft()
+                self.said_bytes -= len(lines)
+                self.mark(room)
+                room.hear(peer if peer.room is room else None, lines, stamp)
+            return
+        room = self.server.rooms.get(room_key.decode('utf-8', 'replace'))
+        if room is not None:
+            mirror = self.mirror_of(origin, sender.decode('utf-8', 'replace'))
+            self.mark(room)
+            room.hear(mirror if mirror is not None and mirror.room is room else None,
+                      lines, stamp)
+
+    # Sessions that resume on another server ------------------------------------
+
+    def mark(self, room):
+        """room's next line is the bus entry just read (Link.missed)."""
+        if self.server.resume_for:
+            room.bus_marks.append((stream_id(self.last_id), room.seq))
+
+    def note_session(self, peer):
+        """Where peer's session is, for whichever server it resumes on."""
+        key = self.key('session', peer.session.digest)
+        self.call('HSET', key, 'name', peer.name, 'server', self.id,
+                  'mark', peer.session.bus_mark)
+        self.call('EXPIRE', key, LINK_SESSION_KEEP_SEC)
+
+    def find_session(self, peer, digest, heard):
+        """/resume of a session this server does not have: Redis may know
+        it, of another server.  peer's input waits for the answer."""
+        self.server.pause(peer, LINK_CONNECT_SEC)  # reads on at the answer, if not before
+        def found(record):
+            if peer.sock is None or peer.close_reason is not None:
+                return
+            session = dict(zip(record[::2], record[1::2])) if isinstance(record, list) else {}
+            mirror = self.mirror_of(session.get(b'server', b'').decode('ascii', 'replace'),
+                                    session.get(b'name', b'').decode('utf-8', 'replace'))
+            if mirror is None or self.server.gate.name_banned(mirror.key):
+                self.server.refuse_resume(peer)
+            else:
+                self.people.get(mirror.home, {}).pop(mirror.key, None)
+                missed, gone = self.missed(mirror, stream_id(session[b'mark']), heard)
+                self.server.resume_from_elsewhere(peer, mirror, missed, gone)
+                self.call('DEL', self.key('session', digest))  # its new token replaces it
+            self.server.resume(peer)
+        try:
+            self.commands.call(found, 'HGETALL', self.key('session', digest))
+        except RespFailure as exc:
+            self.fail(exc)
+
+    def missed(self, mirror, mark, heard):
+        """The public lines of mirror's room since bus entry mark, less its
+        own and less the first heard (which its client had), at most half a
+        backlog cap of the newest; and a note if some are gone."""
+        room, server = mirror.room, self.server
+        marks = room.bus_marks
+        index = bisect.bisect_right(marks, (mark, float('inf')))
+        first = marks[index][1] if index < len(marks) else room.seq
+        own = said_by(mirror.name)
+        lines = []
+        for start, sender, blob, _ in room.said:
+            for number, line in enumerate(blob.splitlines(True), start):
+                if (number >= first and sender is not mirror and line.startswith((b'<', b'* '))
+                        and not line.startswith(own)):
+                    lines.append(line)
+        lines = lines[heard:]
+        kept, size = len(lines), 0
+        while kept and size + len(lines[kept - 1]) <= server.max_backlog // RESUME_SHARE:
+            kept -= 1
+            size += len(lines[kept])
+        gone = kept or (index == 0 and marks and marks[0][0] > mark and (
+            room.said_from > 0 or stream_id(self.first_id) > mark))
+        return lines[kept:], ' (some earlier ones are gone)' if gone else ''
+
+    def on_moved(self, origin, name):
+        """name resumed on server origin: here it is one of origin's now."""
+        holder = self.server.names.get(name_key(name))
+        if origin == self.id or holder is None:
+            return
+        if holder.home is None:  # its old connection was here
+            self.server.hand_over(holder, origin)
+        self.people.get(holder.home, {}).pop(holder.key, None)
+        holder.home = origin
+        self.people.setdefault(origin, {})[holder.key] = holder
+        self.server.back(holder)
+
+    def on_topic(self, origin, fields):
+        room_key, setter, text = fields.split('\t', 2)
+        room = self.server.rooms.get(room_key)
+        if room is not None:
+            room.set_topic_here(text, setter)
+
+    def on_in(self, origin, fields):
+        name, room_name, claimed = fields.split('\t')
+        self.on_claim(origin, name, room_name, float(claimed))
+
+    def on_nick(self, origin, fields):
+        old, new, room_name, claimed = fields.split('\t')
+        if origin == self.id:
+            self.confirmed(new)
+            return
+        mirror = self.mirror_of(origin, old)
+        if mirror is None:
+            self.on_claim(origin, new, room_name, float(claimed))
+        elif self.winner(origin, new, mirror):
+            self.aliases.pop((origin, name_key(old)), None)
+            people = self.people.setdefault(origin, {})
+            people.pop(mirror.key, None)
+            self.server.rename_now(mirror, new)
+            people[mirror.key] = mirror
+        else:  # it keeps its old name here until its server renames it
+            self.aliases[(origin, name_key(new))] = mirror
+
+    def confirmed(self, name):
+        self.unconfirmed.pop(name_key(name), None)
+
+    def winner(self, origin, name, mirror=None):
+        """True if origin's claim of name, just come in, stands: no one has
+        it (but mirror, its claimer), or only a person here whose own claim
+        has not come back yet (and so came later), who takes a guest name."""
+        key = name_key(name)
+        holder = self.server.names.get(key)
+        if holder is None or holder is mirror:
+            return True
+        if holder.home is None and self.unconfirmed.get(key) is holder:
+            self.yield_name(holder)
+            return True
+        return False
+
+    def yield_name(self, peer):
+        """A clash settled against peer here: a guest name, and why."""
+        self.unconfirmed.pop(peer.key, None)
+        name = peer.name
+        self.server.rename_guest(peer)
+        self.server.queue(peer, notice_line('%s took the name %s on another server first: '
+                                            'you are %s now' % (name, name, peer.name)))
+
+    def on_claim(self, origin, name, room_name, claimed, away='', operator=False,
+                 lost=False):
+        """name is in room_name on server origin: came, moved, or is there
+        as its state says."""
+        if origin == self.id:
+            self.confirmed(name)
+            return
+        mirror = self.mirror_of(origin, name)
+        if mirror is None:
+            if not self.winner(origin, name):
+                return
+            mirror = self.server.add_mirror(origin, name, room_name, claimed)
+            self.people.setdefault(origin, {})[mirror.key] = mirror
+        elif name_problem(room_name) is None:
+            self.server.move_mirror(mirror, room_name)
+        mirror.claimed, mirror.away, mirror.operator = claimed, away or None, operator
+        mirror.room.roster = None
+        if lost and mirror.lost_at is None:
+            self.mirror_lost(mirror)
+        elif not lost and mirror.lost_at is not None:
+            self.on_back(origin, mirror.name)
+
+    def on_out(self, origin, fields):
+        name, reason = fields.split('\t', 1)
+        mirror = self.mirror_of(origin, name)
+        if mirror is not None:
+            self.drop_mirror(mirror, reason)
+
+    def drop_mirror(self, mirror, reason):
+        self.people.get(mirror.home, {}).pop(mirror.key, None)
+        for alias in [alias for alias, peer in self.aliases.items() if peer is mirror]:
+            del self.aliases[alias]
+        self.server.drop_mirror(mirror, reason)
+
+    def on_lost(self, origin, name):
+        mirror = self.mirror_of(origin, name)
+        if mirror is not None and mirror.lost_at is None:
+            self.mirror_lost(mirror)
+
+    def mirror_lost(self, mirror):
+        """A person on another server lost the connection, or that server
+        is gone: told as here, and waits --resume-for to come back."""
+        mirror.lost_at = time.monotonic()
+        mirror.room.departures.append((mirror.name, LOST_NOTE))
+        mirror.room.announce_soon()
+        mirror.room.roster = None
+        self.server.call_later(self.server.resume_for, self.expire_mirror, mirror)
+
+    def expire_mirror(self, mirror):
+        if mirror.lost_at is not None and self.server.names.get(mirror.key) is mirror and (
+                time.monotonic() - mirror.lost_at >= self.server.resume_for - 0.01):
+            self.drop_mirror(mirror, 'connection lost')
+
+    def on_back(self, origin, name):
+        mirror = self.mirror_of(origin, name)
+        if mirror is not None:
+            self.server.back(mirror)
+
+    def on_away(self, origin, fields):
+        name, reason = fields.split('\t', 1)
+        mirror = self.mirror_of(origin, name)
+        if mirror is not None:
+            mirror.away = reason or None
+            mirror.room.roster = None
+
+    def on_op(self, origin, name):
+        mirror = self.mirror_of(origin, name)
+        if mirror is not None:
+            mirror.operator = True
+
+    def on_pm(self, origin, fields):
+        sender, name, text = fields.split('\t', 2)
+        recipient, mirror = self.server.names.get(name_key(name)), self.mirror_of(origin, sender)
+        if recipient is not None and recipient.home is None and mirror is not None:
+            self.server.hear_private(mirror, recipient, text)
+
+    def on_to(self, origin, fields):
+        name, lines = fields.split(b'\t', 1)
+        peer = self.server.names.get(name_key(name.decode('utf-8', 'replace')))
+        if peer is not None and peer.home is None:
+            self.server.queue(peer, lines)
+
+    def on_act(self, origin, fields):
+        target, by, command = fields.split('\t', 2)
+        peer = self.server.names.get(name_key(target))
+        if peer is None or peer.home is not None:
+            return
+        operator = self.mirror_of(origin, by)
+        if operator is None:  # the other server's console
+            operator = Peer(None, 'console', 0)
+            operator.name, operator.home = by, origin
+        word, _, argument = command.partition(' ')
+        if 'cmd_' + word in self.server.FORWARDED:
+            getattr(self.server, 'cmd_' + word)(operator, argument)
+
+    def on_ban(self, origin, fields):
+        """Another server's operator banned an address, or a person's name."""
+        what, seconds, by, shown = fields.split('\t', 3)
+        seconds = float(seconds) if seconds else None
+        if origin == self.id:
+            return
+        if what == 'name':
+            self.server.gate.name_bans[name_key(shown)] = Ban(shown, seconds)
+        else:
+            self.server.gate.ban(ipaddress.ip_network(what), shown, seconds, by)
+
+    def on_wall(self, origin, line):
+        self.server.wall_here(line.encode('utf-8') + b'\n')
+
+    def on_hello(self, origin, _):
+        if origin != self.id:
+            self.publish('state', json.dumps(self.state()))
+
+    def on_state(self, origin, fields):
+        """Everyone on server origin now: settle each name against the
+        people here (the earlier claim keeps it), and forget those of its
+        people who are not there any more."""
+        if origin == self.id:
+            return
+        listed = set()
+        for name, room_name, claimed, away, operator, lost in json.loads(fields):
+            key = name_key(name)
+            holder = self.server.names.get(key)
+            if holder is not None and holder.home is None and (
+                    (claimed, origin) < (holder.claimed, self.id)):
+                self.yield_name(holder)  # it had the name before this one did
+            self.on_claim(origin, name, room_name, claimed, away, operator, lost)
+            listed.add(key)
+        for key, mirror in list(self.people.get(origin, {}).items()):
+            if key not in listed:
+                self.drop_mirror(mirror, 'left')
+
+    def on_bye(self, origin, _):
+        for mirror in list(self.people.pop(origin, {}).values()):
+            self.server.drop_mirror(mirror, 'its server stopped')
+        self.heard.pop(origin, None)
 
 
 # --- The web page --------------------------------------------------------------
@@ -6670,8 +7825,8 @@ class Bench:
     """A fan-out load generator on one selector: connects clients, lets some
     of them send, and counts and times what reaches the others."""
 
-    def __init__(self, address, args, server_pid=None, out=None):
-        self.address = address
+    def __init__(self, addresses, args, server_pid=None, out=None):
+        self.addresses = addresses    # (family, address) of each server: clients take turns
         self.args = args
         self.server_pid = server_pid
         self.out = out or sys.stdout
@@ -6725,13 +7880,14 @@ class Bench:
         started = time.monotonic()
         last_connect = started
         for index in range(count):
-            sock = socket.socket(self.address[0], socket.SOCK_STREAM)
+            family, address = self.addresses[index % len(self.addresses)]
+            sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            error = sock.connect_ex(self.address[1])
+            error = sock.connect_ex(address)
             if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
                 raise UserError('bench: cannot connect to %s: %s'
-                                % (printable_address(self.address[1]), os.strerror(error)))
+                                % (printable_address(address), os.strerror(error)))
             conn = BenchConn(sock, index)
             conn.outbuf += self.hello()
             self.conns.append(conn)
@@ -6773,10 +7929,11 @@ class Bench:
     def open_slow(self):
         """A client that joins, reads its first line (so it is surely in the
         room when the load starts), and never reads again."""
-        sock = socket.socket(self.address[0], socket.SOCK_STREAM)
+        family, address = self.addresses[-1]
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.settimeout(self.args.timeout)
-        sock.connect(self.address[1])
+        sock.connect(address)
         sock.sendall(self.hello())
         byte = None
         try:
@@ -6893,7 +8050,8 @@ class Bench:
                     error = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     if error:
                         raise UserError('bench: cannot connect to %s: %s'
-                                        % (printable_address(self.address[1]),
+                                        % (printable_address(self.addresses[
+                                            conn.index % len(self.addresses)][1]),
                                            os.strerror(error)))
                     conn.connected = True
                 self.send(conn)
@@ -6992,6 +8150,16 @@ def human_bytes(count):
         if count < 1024 or unit == 'GiB':
             return ('%d %s' if unit == 'B' else '%.1f %s') % (count, unit)
         count /= 1024
+
+
+def bench_address(host, port):
+    """(family, address) of a server to measure."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            host.strip('[]'), port, 0, socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UserError('cannot find host %s: %s' % (host, exc.strerror))
+    return family, address
 
 
 def start_local_server(data=None):
@@ -7134,6 +8302,16 @@ def build_parser():
                         'second, or when the system likes (default %(default)s)')
     server.add_argument('--data-max', type=byte_size, default=DEFAULT_DATA_MAX, metavar='SIZE',
                         help='with --data: compact the log past this size (default 64M)')
+    server.add_argument('--redis', metavar='URL', help='be one chat with every server on '
+                        'this Redis: redis://[USER:PASSWORD@]HOST[:PORT][/DB], rediss:// for '
+                        'TLS (or set CHAT_REDIS_URL, which keeps the password out of ps)')
+    server.add_argument('--cluster', type=cluster_name, default=DEFAULT_CLUSTER, metavar='NAME',
+                        help='with --redis: the prefix of its keys, so that two chats can '
+                        'share one Redis (default %(default)s)')
+    server.add_argument('--redis-cafile', metavar='FILE', help='with rediss://: trust these '
+                        'CAs for Redis\'s certificate (default: the system\'s)')
+    server.add_argument('--redis-optional', action='store_true', help='with --redis: start '
+                        'even if Redis cannot be reached, alone until it can')
     server.add_argument('--max-line', type=byte_size, default=MAX_LINE_BYTES, metavar='BYTES',
                         help='longest line a peer may send (default %(default)s)')
     server.add_argument('--max-backlog', type=byte_size, default=MAX_BACKLOG_BYTES,
@@ -7226,6 +8404,8 @@ def build_parser():
                        'WebSocket (as the web page does) instead of plain lines')
     bench.add_argument('--data', action='store_true', help='the server it starts keeps its '
                        'history in a temporary --data folder (with --fsync everysec)')
+    bench.add_argument('--servers', metavar='HOST:PORT,...', help='spread the clients over '
+                       'these servers (linked with --redis), each taking turns')
     bench.add_argument('--server-pid', type=at_least(1), metavar='PID',
                        help='a local server process to report CPU and memory for')
     return parser
@@ -7250,6 +8430,7 @@ def run_server(args):
                 usable_secret(read_secret(args.op_password_file, 'CHAT_OP_PASSWORD'),
                               args.op_password_file or 'CHAT_OP_PASSWORD'))
     motd, password, op_password = settings()
+    link = redis_link(args, log)
     server = Server(listeners, log=log, history=args.history,
                     max_line=args.max_line, max_backlog=args.max_backlog,
                     rate=args.rate, burst=args.burst, max_clients=args.max_clients, tls=tls,
@@ -7257,7 +8438,7 @@ def run_server(args):
                     allow=args.allow, deny=args.deny, max_per_address=args.max_per_address,
                     console=console_in_foreground(), motd=motd, settings=settings,
                     web=not args.no_web, web_origins=args.web_origin, metrics=args.metrics,
-                    data=data, resume_for=args.resume_for)
+                    data=data, resume_for=args.resume_for, link=link)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
     if hasattr(signal, 'SIGHUP'):  # POSIX: reload without dropping anyone
@@ -7267,6 +8448,37 @@ def run_server(args):
           flush=True)
     server.serve_forever()
     return 0
+
+
+def redis_link(args, log):
+    """The Link for --redis (or CHAT_REDIS_URL), or None.  Redis must be
+    reachable at start, unless --redis-optional."""
+    given = args.redis or os.environ.get('CHAT_REDIS_URL')
+    if not given:
+        for option in ('redis_cafile', 'redis_optional'):
+            if getattr(args, option):
+                raise UserError('--%s goes with --redis' % option.replace('_', '-'))
+        return None
+    url = parse_redis_url(given)
+    tls = None
+    if url.tls:
+        if ssl is None:
+            raise UserError('this Python has no ssl module: use redis://')
+        tls = ssl.create_default_context(cafile=args.redis_cafile)
+    address = redis_address(url)
+    try:
+        check_redis(url, address, tls)
+    except UserError as exc:
+        if not args.redis_optional:
+            raise
+        log('%s; alone until it can be reached (--redis-optional)' % exc)
+    return Link(url, address, args.cluster, tls)
+
+
+def cluster_name(text):
+    if not re.match(r'[A-Za-z0-9_.:-]{1,64}\Z', text):
+        raise argparse.ArgumentTypeError('a cluster name is 1-64 letters, digits and _.:-')
+    return text
 
 
 def console_in_foreground():
@@ -7326,6 +8538,13 @@ def run_bench(args):
     raise_open_files_limit()
     server = data = None
     host, port = server_address(args, None)
+    servers = [split_host_port(text.strip()) for text in args.servers.split(',')
+               ] if args.servers else []
+    if servers and (host is not None or args.data or args.server_pid):
+        raise UserError('bench: --servers measures servers already running: no HOST, '
+                        '--data or --server-pid with it')
+    if any(port is None for _, port in servers):
+        raise UserError('bench: --servers takes HOST:PORT,HOST:PORT,...')
     if args.senders >= args.clients:
         raise UserError('bench: --senders must be fewer than --clients')
     if args.data and host is not None:
@@ -7334,19 +8553,17 @@ def run_bench(args):
         args.messages = (int(args.rate * 5) if args.rate else
                          max(1, 10 ** 7 // (args.senders * (args.clients - 1))))
     try:  # from here on, a server the bench started is stopped whatever happens
-        if host is None:
+        if host is None and not servers:
             data = tempfile.mkdtemp(prefix='chat-bench-') if args.data else None
             server, port = start_local_server(data)
             host, args.server_pid = '127.0.0.1', server.pid
-        try:
-            family, _, _, _, address = socket.getaddrinfo(
-                host.strip('[]'), port, 0, socket.SOCK_STREAM)[0]
-        except socket.gaierror as exc:
-            raise UserError('cannot find host %s: %s' % (host, exc.strerror))
-        print('chat.py bench: %s%s' % (printable_address((host, port)),
+        servers = servers or [(host, port)]
+        addresses = [bench_address(host, port) for host, port in servers]
+        print('chat.py bench: %s%s' % (', '.join(printable_address(server)
+                                                 for server in servers),
                                        ' (started here)' if server else ''),
               flush=True)
-        return Bench((family, address), args, server_pid=args.server_pid).run()
+        return Bench(addresses, args, server_pid=args.server_pid).run()
     finally:
         if server is not None:
             server.terminate()

@@ -24,6 +24,7 @@ import selectors
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import tempfile
@@ -169,7 +170,7 @@ def in_own_network(test):
 # (.ci/run installs them).  One that is missing fails its tests: a skip
 # would read as a pass.
 TOOLS = {'nc': 'netcat-openbsd', 'socat': 'socat', 'openssl': 'openssl', 'telnet': 'telnet',
-         'bash': 'bash', 'chromium': 'chromium'}
+         'bash': 'bash', 'chromium': 'chromium', 'redis-server': 'redis-server'}
 
 
 def need(tool):
@@ -3720,9 +3721,9 @@ class TestCommandLine(unittest.TestCase):
 class ClientProcess:
     """python chat.py client as a subprocess, its output read with deadlines."""
 
-    def __init__(self, port, *args, host='127.0.0.1', env=None):
+    def __init__(self, port, *args, host='127.0.0.1', env=None, command=None):
         self.proc = subprocess.Popen(
-            [sys.executable, CHAT, 'client', host, str(port)] + list(args),
+            command or [sys.executable, CHAT, 'client', host, str(port)] + list(args),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         self.lines = queue.Queue()
         self.reader = threading.Thread(target=self.read, daemon=True)
@@ -5842,3 +5843,554 @@ class TestReviewFindings(unittest.TestCase):
             lines = []
         self.assertEqual(lines, [])
         self.assertEqual(server.proc.wait(TIMEOUT), 0)
+
+
+# --- Link: several servers through Redis --------------------------------------
+
+def free_port():
+    """A TCP port free on loopback now (for a program that cannot take port 0)."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, persistence off, in a
+    folder of its own; stopped at cleanup."""
+
+    def __init__(self, test, *options, port=None, tls=False):
+        self.test, self.options, self.tls = test, options, tls
+        self.port = port or free_port()
+        self.folder = tempfile.mkdtemp(prefix='chat-redis-')
+        test.addCleanup(shutil.rmtree, self.folder, True)
+        self.proc = None
+        self.start()
+        test.addCleanup(self.stop)
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [need('redis-server'), '--port', str(self.port), '--bind', '127.0.0.1',
+             '--save', '', '--appendonly', 'no', '--dir', self.folder, '--daemonize', 'no',
+             '--logfile', os.path.join(self.folder, 'redis.log')] + list(self.options),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self.answers, 'redis-server on port %d' % self.port)
+
+    def answers(self):
+        try:
+            with socket.create_connection(('127.0.0.1', self.port), 1) as sock:
+                if self.tls:
+                    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                    sock = context.wrap_socket(sock)
+                sock.sendall(chat.resp_command('PING'))
+                return sock.recv(100).startswith((b'+PONG', b'-NOAUTH'))
+        except OSError:
+            assert self.proc.poll() is None, 'redis-server exited: %s' % self.log()
+            return False
+
+    def log(self):
+        with open(os.path.join(self.folder, 'redis.log')) as log:
+            return log.read()[-2000:]
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+
+    def command(self, *args, password=None):
+        """One command (AUTH first with password); its reply."""
+        with socket.create_connection(('127.0.0.1', self.port), TIMEOUT) as sock:
+            data = chat.resp_command(*args)
+            if password:
+                data = chat.resp_command('AUTH', password) + data
+            sock.sendall(data)
+            reader, replies = chat.RespReader(), []
+            while len(replies) < (2 if password else 1):
+                reader.feed(sock.recv(65536))
+                replies += reader.replies()
+            return replies[-1]
+
+    @property
+    def url(self):
+        return 'redis://127.0.0.1:%d' % self.port
+
+
+class TestResp(unittest.TestCase):
+    """The sans-I/O RESP2 reader and writer (the link's wire format)."""
+
+    def test_commands_are_arrays_of_bulk_strings_whatever_the_bytes(self):
+        self.assertEqual(chat.resp_command('SET', 'k\r\n', b'\xff', 42),
+                         b'*4\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$1\r\n\xff\r\n$2\r\n42\r\n')
+
+    def test_replies_split_anywhere_come_out_whole(self):
+        data = (b'+OK\r\n-WRONGPASS invalid\r\n:-7\r\n$5\r\na\r\nbc\r\n$-1\r\n*-1\r\n'
+                b'*2\r\n*2\r\n$1\r\nx\r\n:1\r\n*0\r\n')
+        want = ['OK', 'WRONGPASS invalid', -7, b'a\r\nbc', None, None, [[b'x', 1], []]]
+        for cut in range(len(data)):
+            reader = chat.RespReader()
+            reader.feed(data[:cut])
+            got = reader.replies()
+            reader.feed(data[cut:])
+            got += reader.replies()
+            self.assertEqual([r.args[0] if isinstance(r, chat.RespError) else r for r in got],
+                             want)
+            self.assertIsInstance(got[1], chat.RespError)
+
+    def test_what_is_not_resp2_is_a_failure_not_a_guess(self):
+        for bad in (b'?what\r\n', b':12a\r\n', b'$3\r\nabcd\r\n', b'x' * 70000,
+                    b'*1\r\n' * 20):
+            reader = chat.RespReader()
+            reader.feed(bad)
+            with self.assertRaises(chat.RespFailure):
+                reader.replies()
+
+    def test_redis_urls(self):
+        url = chat.parse_redis_url('rediss://me:p%40ss%3Aw@[::1]:7000/3')
+        self.assertEqual(url, chat.RedisURL(True, '::1', 7000, 'me', 'p@ss:w', 3))
+        self.assertEqual(chat.parse_redis_url('redis://:secret@localhost'),
+                         chat.RedisURL(False, 'localhost', 6379, None, 'secret', 0))
+        for bad in ('http://h', 'redis://', 'redis://h:99999', 'redis://h/x', 'h:6379'):
+            with self.assertRaises(chat.UserError):
+                chat.parse_redis_url(bad)
+
+
+class LinkTests:
+    """Servers as processes, linked through a real redis-server."""
+
+    def setUp(self):
+        self.redis = RedisServer(self)
+
+    def linked_server(self, *args, url=None, **kw):
+        given = ['--redis', url or self.redis.url] if url != '' else []  # '': environment
+        server = ServerProcess(*given + list(args), **kw)
+        self.addCleanup(server.stop)
+        server.wait_log(r'link: linked through Redis')
+        return server
+
+    def three(self, *args):
+        return [self.linked_server(*args) for _ in range(3)]
+
+    def join(self, server, name):
+        conn = Conn(server.port)
+        self.addCleanup(conn.close)
+        conn.expect(r'^-!- \d+ online in #lobby')
+        conn.send('/nick %s\n' % name)
+        conn.expect(r'is now known as %s$' % re.escape(name))
+        conn.name = name
+        return conn
+
+    def everyone_knows(self, conns, count):
+        """Wait until every one of conns sees count people in its room."""
+        for conn in conns:
+            wait_until(lambda: self.who(conn).startswith('-!- %d online' % count),
+                       '%s to see %d people' % (conn.name, count))
+
+    def who(self, conn):
+        conn.send('/who\n')
+        return conn.expect(r'^-!- \d+ online in #.*')[1].group(0)
+
+    def gone(self, conn, name):
+        """Wait until conn's server knows no one called name."""
+        def asked():
+            conn.send('/whois %s\n' % name)
+            return conn.expect(r'^(-!- %s:|!!! no one called %s)' % (name, name))[1].group(
+                0).startswith('!!!')
+        wait_until(asked, '%s to be gone' % name)
+
+
+class TestLink(LinkTests, unittest.TestCase):
+
+    def test_three_servers_are_one_chat(self):
+        one, two, three = self.three()
+        ann, ben, cat = self.join(one, 'ann'), self.join(two, 'ben'), self.join(three, 'cat')
+        self.everyone_knows([ann, ben, cat], 3)
+        cat.send('/who\n')
+        cat.expect(r'^-!- 3 online in #lobby: ann, ben, cat$')
+        ann.send('hello from one\n/me waves\n')
+        for conn in (ben, cat):
+            conn.expect(r'^<ann> hello from one$')
+            conn.expect(r'^\* ann waves$')
+        # Private messages and /reply, across servers, and nothing to the others.
+        cat.send('/msg ann psst\n')
+        cat.expect(r'^\[PM to ann\] psst$')
+        ann.expect(r'^\[PM from cat\] psst$')
+        ann.send('/reply got it\n')
+        cat.expect(r'^\[PM from ann\] got it$')
+        # Rooms, topics, away, whois.
+        ben.send('/join side\n/topic the side room\n/away lunch\n')
+        ben.expect(r'^-!- ben set the topic: the side room$')
+        ann.expect(r'^-!- ben left for #side$')
+        cat.send('/rooms\n')
+        cat.expect(r'^-!-   #lobby \(2\)$')
+        cat.expect(r'^-!-   #side \(1\): the side room$')
+        cat.send('/who #side\n')
+        cat.expect(r'^-!- 1 online in #side: ben \(away\)$')
+        cat.send('/whois ben\n')
+        cat.expect(r'^-!- ben: in #side, on another server, away: lunch$')
+        cat.send('/msg ben are you there\n')
+        cat.expect(r'^-!- ben is away: lunch$')
+        ben.expect(r'^\[PM from cat\] are you there$')
+        cat.send('/join side\n')
+        cat.expect(r'^-!- Topic of #side: the side room$')
+        ben.expect(r'^-!- cat joined$')
+        # Leaving is heard everywhere, and the name is free everywhere.
+        ben.send('/join lobby\n')
+        ann.expect(r'^-!- ben joined$')
+        ann.send('/quit bye\n')
+        ben.expect(r'^-!- ann left \(quit: bye\)$')
+        self.gone(cat, 'ann')
+        dan = self.join(three, 'ann')
+        ben.expect(r'^-!- ann joined$')
+
+    def test_one_order_for_every_receiver_whichever_server_it_is_on(self):
+        servers = self.three('--rate=0')
+        senders = [self.join(server, 'talker%d' % i) for i, server in enumerate(servers)]
+        readers = [self.join(server, 'reader%d' % i) for i, server in enumerate(servers)]
+        self.everyone_knows(senders + readers, 6)
+        lines = 200
+        threads = [threading.Thread(target=sender.send, args=(''.join(
+            '%s line %d\n' % (sender.name, n) for n in range(lines)),)) for sender in senders]
+        for thread in threads:
+            thread.start()
+        seen = []
+        for reader in readers:
+            got = []
+            while len(got) < 3 * lines:
+                line = reader.line()
+                if line.startswith('<talker'):
+                    got.append(line)
+            seen.append(got)
+        for thread in threads:
+            thread.join(TIMEOUT)
+        self.assertEqual(seen[0], seen[1])
+        self.assertEqual(seen[0], seen[2])
+        for sender in senders:  # each sender's own lines stay in their order
+            own = [line for line in seen[0] if line.startswith('<%s>' % sender.name)]
+            self.assertEqual(own, ['<%s> %s line %d' % (sender.name, sender.name, n)
+                                   for n in range(lines)])
+        # And the senders hear the others' lines in that same order, less their own.
+        for sender in senders:
+            got = []
+            while len(got) < 2 * lines:
+                line = sender.line()
+                if line.startswith('<talker'):
+                    got.append(line)
+            self.assertEqual(got, [line for line in seen[0]
+                                   if not line.startswith('<%s>' % sender.name)])
+
+    def test_a_name_is_one_person_s_across_servers_even_in_a_race(self):
+        one, two = self.linked_server(), self.linked_server()
+        left, right = self.join(one, 'left'), self.join(two, 'right')
+        self.everyone_knows([left, right], 2)
+        right.send('/nick left\n')
+        right.expect(r'^!!! cannot use the name left: the name is taken by left$')
+        for round in range(8):  # both ask at once; one keeps it, the other is told
+            name = 'race%d' % round
+            left.send('/nick %s\n' % name)
+            right.send('/nick %s\n' % name)
+            wait_until(lambda: self.agree(left, right, name), 'one %s on both servers' % name)
+            holders = [conn for conn in (left, right)
+                       if not self.whois(conn, name).endswith('on another server')]
+            self.assertEqual(len(holders), 1)
+            loser = right if holders[0] is left else left
+            self.assertTrue(any(re.match(r'^(!!! cannot use the name %s: the name is taken|'
+                                         r'-!- %s took the name %s on another server first: '
+                                         r'you are guest-\d+ now)' % (name, name, name), line)
+                                for line in loser.seen[-30:]), loser.seen[-30:])
+            left.send('/nick left%d\n' % round)
+            right.send('/nick right%d\n' % round)
+            wait_until(lambda: self.agree(left, right, 'left%d, right%d' % (round, round)),
+                       'both renamed')
+
+    def agree(self, left, right, names):
+        """True if both servers list the same two people, names among them."""
+        seen = [self.who(left), self.who(right)]
+        return seen[0] == seen[1] and seen[0].startswith('-!- 2 online') and (
+            seen[0].count(names) == 1)
+
+    def whois(self, conn, name):
+        conn.send('/whois %s\n' % name)
+        return conn.expect(r'^-!- %s: .*' % name)[1].group(0)
+
+    def test_redis_restarted_mid_chat(self):
+        one, two = self.linked_server(), self.linked_server()
+        ann, amy, ben = self.join(one, 'ann'), self.join(one, 'amy'), self.join(two, 'ben')
+        self.everyone_knows([ann, amy, ben], 3)
+        self.redis.stop()
+        for conn in (ann, amy, ben):
+            conn.expect(r'^-!- the link to the other servers is down; only people on this '
+                        r'server hear you$')
+        ann.send('said while alone\n')
+        amy.expect(r'^<ann> said while alone$')
+        amy.send('/nick zed\n')  # apart, both servers let someone take one name:
+        amy.expect(r'^-!- amy is now known as zed$')
+        ben.send('/nick zed\n')
+        ben.expect(r'^-!- ben is now known as zed$')
+        self.redis.start()
+        for conn in (ann, amy, ben):
+            conn.expect(r'^-!- linked again$')
+        # the earlier claim keeps it; the other is renamed, and told
+        _, match = ben.expect(r'^-!- zed took the name zed on another server first: you are '
+                              r'(guest-\d+) now$')
+        ben.name = match.group(1)
+        amy.name = 'zed'
+        ann.send('said when linked again\n')
+        before, _ = ben.expect(r'^<ann> said when linked again$')
+        self.assertNotIn('<ann> said while alone', before)
+        self.everyone_knows([ann, ben], 3)  # re-announced: everyone again, no one twice
+        for conn in (ann, ben):
+            self.assertEqual(sum('link to the other servers is down' in line
+                                 for line in conn.seen), 1)
+
+    def test_a_killed_server_s_people_are_lost_then_gone(self):
+        one = self.linked_server('--resume-for=3')
+        two = self.linked_server('--resume-for=3')
+        ann, ben = self.join(one, 'ann'), self.join(two, 'ben')
+        self.everyone_knows([ann, ben], 2)
+        ben.send('last words\n')
+        ann.expect(r'^<ben> last words$')
+        two.proc.kill()
+        ann.expect(r'^-!- ben lost the connection$', timeout=chat.LINK_DEAD_SEC + 15)
+        ann.send('/who\n')
+        ann.expect(r'^-!- 2 online in #lobby: ann, ben \(lost\)$')
+        ann.expect(r'^-!- ben left \(connection lost\)$')
+        self.everyone_knows([ann], 1)  # no ghost
+        three = self.linked_server()
+        self.join(three, 'ben')  # the name is free again
+        ann.expect(r'^-!- ben joined$')
+
+    def test_a_client_resumes_on_another_server_without_missing_a_line(self):
+        one, two, three = self.three()
+        ann = Conn(one.port)
+        self.addCleanup(ann.close)
+        token = ann.expect(RESUME_LINE)[1].group(1)
+        ann.send('/nick ann\n')
+        ann.name = 'ann'
+        ben, cat = self.join(two, 'ben'), self.join(three, 'cat')
+        self.everyone_knows([ann, ben, cat], 3)
+        ben.send('before\n')
+        ann.expect(r'^<ben> before$')  # heard: 1 public line since the token
+        one.proc.kill()  # kill -9: no goodbye
+        ben.send('while away 1\nwhile away 2\n')
+        cat.expect(r'^<ben> while away 2$')
+        back = Conn(two.port, hello=False)
+        back.name = 'ann'
+        self.addCleanup(back.close)
+        back.send('/resume %s 9 1\n' % token)
+        back.expect(r'^-!- You are back as ann in #lobby: 2 lines you missed$')
+        self.assertEqual([back.line(), back.line()], ['<ben> while away 1', '<ben> while away 2'])
+        back.expect(RESUME_LINE)
+        back.send('back on two\n')
+        for conn in (ben, cat):
+            conn.expect(r'^<ann> back on two$')
+        cat.send('/whois ann\n')
+        cat.expect(r'^-!- ann: in #lobby, on another server$')
+        self.everyone_knows([back, ben, cat], 3)  # one ann, no ghost
+        again = Conn(three.port, hello=False)  # the old token is spent
+        self.addCleanup(again.close)
+        again.send('/resume %s\n' % token)
+        again.expect(r'^!!! cannot resume: no such session')
+
+    def test_unreachable_redis_at_start_is_one_clear_line_unless_optional(self):
+        port = free_port()
+        result = run_chat('server', '0', '--host', '127.0.0.1', '--redis',
+                          'redis://127.0.0.1:%d' % port)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.strip().splitlines(), [
+            'chat.py: error: cannot reach Redis at 127.0.0.1:%d: Connection refused' % port])
+        self.assertNotIn('Traceback', result.stderr)
+        alone = ServerProcess('--redis', 'redis://127.0.0.1:%d' % port, '--redis-optional')
+        self.addCleanup(alone.stop)
+        alone.wait_log(r'cannot reach Redis .*alone until it can be reached')
+        ann = self.join(alone, 'ann')
+        ann.send('hello\n/who\n')
+        ann.expect(r'^-!- 1 online')
+        RedisServer(self, port=port)
+        alone.wait_log(r'link: linked through Redis')
+        other = self.linked_server(url='redis://127.0.0.1:%d' % port)
+        ben = self.join(other, 'ben')
+        self.everyone_knows([ann, ben], 2)
+
+    def test_redis_that_wants_a_password(self):
+        self.redis = RedisServer(self, '--requirepass', 's3cret@x')
+        for url, said in (('redis://127.0.0.1:%d', 'NOAUTH'),
+                          ('redis://:wrong@127.0.0.1:%d', 'WRONGPASS')):
+            result = run_chat('server', '0', '--host', '127.0.0.1', '--redis',
+                              url % self.redis.port)
+            self.assertEqual(result.returncode, 1, result.stderr)
+            self.assertRegex(result.stderr.strip(), r'^chat.py: error: Redis at 127.0.0.1:\d+ '
+                             r'refused: %s' % said)
+        url = 'redis://:s3cret%%40x@127.0.0.1:%d' % self.redis.port  # from the environment:
+        one = self.linked_server(url='', env=dict(os.environ, CHAT_REDIS_URL=url))
+        two = self.linked_server(url=url)
+        self.assertNotIn('s3cret', ' '.join(one.proc.args))
+        ann, ben = self.join(one, 'ann'), self.join(two, 'ben')
+        self.everyone_knows([ann, ben], 2)
+
+    def test_rediss_speaks_tls_to_redis_and_checks_its_certificate(self):
+        cert, key, _ = certificate()
+        port = free_port()
+        self.redis = RedisServer(self, '--port', '0', '--tls-port', str(port), '--tls-cert-file',
+                                 cert, '--tls-key-file', key, '--tls-auth-clients', 'no',
+                                 '--bind', '127.0.0.1', '::1', port=port, tls=True)
+        url = 'rediss://localhost:%d' % port
+        result = run_chat('server', '0', '--host', '127.0.0.1', '--redis', url)
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stderr.strip(), r'^chat.py: error: cannot speak TLS with Redis '
+                         r'at localhost:\d+: CERTIFICATE_VERIFY_FAILED$')
+        one = self.linked_server('--redis-cafile', cert, url=url)
+        two = self.linked_server('--redis-cafile', cert, url=url)
+        ann, ben = self.join(one, 'ann'), self.join(two, 'ben')
+        self.everyone_knows([ann, ben], 2)
+        ann.send('over TLS\n')
+        ben.expect(r'^<ann> over TLS$')
+
+    def test_two_clusters_share_one_redis_unheard(self):
+        red = self.linked_server('--cluster', 'red')
+        blue = self.linked_server('--cluster', 'blue')
+        ann, ben = self.join(red, 'ann'), self.join(blue, 'ann')  # one name, two chats
+        self.everyone_knows([ann, ben], 1)
+        ann.send('in red\n')
+        ben.send('/who\n')
+        before, _ = ben.expect(r'^-!- 1 online')
+        self.assertNotIn('<ann> in red', before)
+
+    def test_operators_kick_mute_and_wall_across_servers(self):
+        args = ('--op-password-file', self.op_file())
+        one, two = self.linked_server(*args), self.linked_server(*args)
+        boss, ben, cat = self.join(one, 'boss'), self.join(two, 'ben'), self.join(two, 'cat')
+        self.everyone_knows([boss, ben, cat], 3)
+        boss.send('/op opsecret\n')
+        boss.expect(r'^-!- boss is now an operator$')
+        wait_until(lambda: self.whois(cat, 'boss') == '-!- boss: in #lobby, on another '
+                   'server, operator', 'the other server to know boss is an operator')
+        boss.send('/mute ben\n')
+        boss.expect(r'^-!- ben is muted$')
+        ben.expect(r'^!!! you are muted by boss')
+        ben.send('still here\n')
+        ben.expect(r'^!!! you are muted by boss')
+        boss.send('/wall to everyone\n')
+        for conn in (boss, ben, cat):
+            conn.expect(r'^-!- boss to everyone: to everyone$')
+        boss.send('/kick ben bye now\n')
+        ben.expect(r'^!!! you were kicked by boss: bye now$')
+        for conn in (boss, cat):
+            conn.expect(r'^-!- ben left \(kicked by boss: bye now\)$')
+
+    def test_bans_hold_on_every_server(self):
+        args = ('--op-password-file', self.op_file())
+        one, two = self.linked_server(*args), self.linked_server(*args)
+        boss, ben, cat = self.join(one, 'boss'), self.join(two, 'ben'), self.join(two, 'cat')
+        self.everyone_knows([boss, ben, cat], 3)
+        boss.send('/op opsecret\n/ban ben 5\n')
+        ben.expect(r'^!!! you were banned by boss$')
+        boss.expect(r'^-!- boss banned ben for 5 minutes$')
+        self.gone(boss, 'ben')
+        again = Conn(one.port)  # the name is banned on the other server too
+        self.addCleanup(again.close)
+        again.expect(r'^-!- \d+ online')
+        again.send('/nick ben\n')
+        again.expect(r'^!!! cannot use the name ben: the name is banned until')
+        boss.send('/ban 127.0.0.2\nafter the ban\n')
+        cat.expect(r'^<boss> after the ban$')  # so the ban, before it, is known there
+        is_closed_at_once(self, two.port, '127.0.0.1', r'^!!! you are banned', '127.0.0.2')
+
+    def op_file(self):
+        folder = tempfile.mkdtemp(prefix='chat-op-')
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, 'op')
+        with open(path, 'w') as handle:
+            handle.write('opsecret\n')
+        return path
+
+    def test_a_newcomer_on_any_server_gets_the_room_s_history(self):
+        one, two = self.linked_server(), self.linked_server()
+        ann, watcher = self.join(one, 'ann'), self.join(two, 'watcher')
+        ann.send('first\nsecond\n')
+        watcher.expect(r'^<ann> second$')
+        ben = Conn(two.port)
+        self.addCleanup(ben.close)
+        ben.expect(r'^-!- Last 2 messages:$')
+        ben.expect(r'^\[\S+\] <ann> first$')
+        ben.expect(r'^\[\S+\] <ann> second$')
+
+    def test_history_and_topics_live_in_redis_for_servers_started_later(self):
+        first = self.linked_server()
+        ann = self.join(first, 'ann')
+        ann.send('/join side\n/topic plans\nline one\n/me nods\n')
+        ann.expect(r'^-!- ann set the topic: plans$')
+        ann.send('/msg ann sync\n')
+        ann.expect(r'^\[PM from ann\] sync$')
+        first.finish()  # every server gone: Redis still has it
+        later = self.linked_server()
+        ben = self.join(later, 'ben')
+        ben.send('/rooms\n')
+        ben.expect(r'^-!-   #side \(0\): plans$')
+        ben.send('/join side\n')
+        ben.expect(r'^-!- Topic of #side: plans$')
+        ben.expect(r'^-!- Last 2 messages:$')
+        ben.expect(r'^\[\S+\] <ann> line one$')
+        ben.expect(r'^\[\S+\] \* ann nods$')
+        ben.send('/history\n')
+        ben.expect(r'^-!- Last 2 messages:$')
+
+    def test_a_stalled_redis_holds_input_back_then_the_link_starts_again(self):
+        one, two = self.linked_server('--rate=0'), self.linked_server()
+        ann, amy, ben = self.join(one, 'ann'), self.join(one, 'amy'), self.join(two, 'ben')
+        self.everyone_knows([ann, amy, ben], 3)
+        self.redis.proc.send_signal(signal.SIGSTOP)  # alive, but answers nothing
+        self.addCleanup(self.redis.proc.send_signal, signal.SIGCONT)
+        said = ['%04d %s' % (number, 'x' * 4000) for number in range(100)]  # 400 KB
+        sender = threading.Thread(target=ann.send, args=(''.join(l + '\n' for l in said),))
+        sender.start()  # held back: what waits for Redis is bounded
+        wait_until(lambda: any(re.search(r'link: lost Redis at \S+: no answer for \d+ s; '
+                                         r'trying again', line) for line in one.logs),
+                   'the stall to be noticed', timeout=chat.LINK_ANSWER_SEC + 2 * chat.LINK_BEAT_SEC)
+        amy.expect(r'^-!- the link to the other servers is down')
+        self.assertEqual([amy.line()[6:] for _ in said], said)  # then all heard, in order
+        sender.join(TIMEOUT)
+        self.redis.proc.send_signal(signal.SIGCONT)
+        for conn in (ann, amy):
+            conn.expect(r'^-!- linked again$')
+        ann.send('after the stall\n')
+        ben.expect(r'^<ann> after the stall$')
+
+    def test_a_bad_event_on_the_bus_is_logged_and_passed_over(self):
+        one, two = self.linked_server(), self.linked_server()
+        ann, ben = self.join(one, 'ann'), self.join(two, 'ben')
+        self.everyone_knows([ann, ben], 2)
+        for junk in (b'x', b'abc\tsay\t1', b'abc\tstate\t[[', b'\xff\tin\t\xff',
+                     b'abc\tunknown-kind\tx'):
+            self.redis.command('XADD', 'chat:bus', '*', 'e', junk)
+        one.wait_log(r'link: cannot take a state event from abc')
+        ann.send('still fine\n')
+        ben.expect(r'^<ann> still fine$')
+
+
+class TestLinkedClients(LinkTests, PageTests, unittest.TestCase):
+
+    def test_nc_the_client_and_the_page_on_three_servers_are_one_room(self):
+        one, two, three = self.three()
+        nc = ClientProcess(one.port, command=[need('nc'), '127.0.0.1', str(one.port)])
+        client = ClientProcess(two.port, '--name', 'cli')
+        for process in (nc, client):
+            self.addCleanup(lambda process=process: process.proc.poll() is None and (
+                process.proc.kill(), process.finish()))
+        nc.expect(r'^-!- chat.py here: press Enter')
+        nc.send('\n/nick ncuser\n')
+        nc.expect(r'is now known as ncuser')
+        client.expect(r'^-!- (ncuser joined|\d+ online in #lobby: .*ncuser)')
+        browser = self.open_page(three.port, '웹')
+        self.wait_state(browser, "['cli', 'ncuser', '웹'].every(n => s.members.includes(n))",
+                        'everyone, whichever server, in the page\'s list')
+        nc.expect(came('웹'))
+        nc.send('hello from nc\n')
+        client.expect(r'^<ncuser> hello from nc$')
+        self.wait_text(browser, 'hello from nc')
+        client.send('hi from the client\n')
+        nc.expect(r'^<cli> hi from the client$')
+        self.wait_text(browser, 'hi from the client')
+        self.type_line(browser, '안녕 from the page')
+        nc.expect(r'^<웹> 안녕 from the page$')
+        client.expect(r'^<웹> 안녕 from the page$')
+        self.assertEqual(browser.console_messages, [])
