@@ -2069,6 +2069,18 @@ class Gate:
         self.server.queue(peer, error_line('you were banned by %s' % by))
         self.server.drop(peer, 'banned by %s' % by, linger=True)
 
+    def lift(self, what):
+        """End the ban on an address, a network or a name; what was banned,
+        as it was shown, or None if it was not."""
+        network = parse_network(what)
+        if network is not None and '/' not in what:
+            network = host_of(network.network_address)
+        if network in self.bans:
+            return self.bans.pop(network).shown
+        if name_key(what) in self.name_bans:
+            return self.name_bans.pop(name_key(what)).shown
+        return None
+
     def name_banned(self, key):
         """The ban on a name, or None."""
         self.expire_bans()
@@ -2418,7 +2430,7 @@ class Commands:
     def in_use(self, peer, name):
         """True (and peer told) if another connection, not a lost one, has name."""
         holder = self.names.get(name_key(name))
-        if holder in (None, peer) or (holder.lost_at is not None
+        if holder in (None, peer) or (holder.lost_at is not None and holder.home is None
                                       and holder.close_reason is None):
             return False
         self.queue(peer, error_line('cannot use the name %s: it is in use, from another '
@@ -2774,7 +2786,7 @@ class Commands:
         self.queue(mirror, b''.join(missed))
         self.give_session(mirror)
         self.back(mirror)
-        self.link.publish('moved', mirror.name)
+        self.link.publish('moved', mirror.name, repr(mirror.claimed))
         self.log('%s resumed from %s, from another server (%d lines)' % (
             mirror.name, mirror.address, len(missed)))
 
@@ -2791,8 +2803,10 @@ class Commands:
         now, and its old connection, if it still had one, closes unannounced."""
         if peer.sock is not None:
             self.close(peer)
-        self.end_session(peer, on_disk=False)
-        peer.home = home
+        self.end_session(peer)
+        if peer in self.doomed:  # leaving as it went: it is the other server's to announce
+            self.doomed.remove(peer)
+        peer.home, peer.close_reason, peer.lost_at = home, None, None
 
     def resume_session(self, owner, peer, seen=None, heard=None):
         """peer's connection becomes owner's, and is sent what owner missed:
@@ -2947,18 +2961,14 @@ class Commands:
 
     @command('/unban NAME|ADDRESS', 'lift a ban', who=OPERATORS, console=True)
     def cmd_unban(self, peer, argument):
-        gate, network = self.gate, parse_network(argument)
-        if network is not None and '/' not in argument:
-            network = host_of(network.network_address)
-        if network in gate.bans:
-            shown = gate.bans.pop(network).shown
-        elif name_key(argument) in gate.name_bans:
-            shown = gate.name_bans.pop(name_key(argument)).shown
-        else:
+        shown = self.gate.lift(argument)
+        if shown is None:
             self.queue(peer, error_line('%s is not banned (see /bans)' % argument))
             return
         self.log('%s lifted the ban on %s' % (peer.name, shown))
         self.queue(peer, notice_line('%s is no longer banned' % shown))
+        if self.link is not None:  # on every server
+            self.link.publish('unban', argument)
 
     @command('/bans', 'list the bans', who=OPERATORS, console=True)
     def cmd_bans(self, peer, argument):
@@ -3298,9 +3308,13 @@ class Server(Commands):
         self.give_session(peer)
 
     def guest_name(self):
-        """guest-N, N never used before (linked: in the whole chat)."""
-        number = self.link.guest_number() if self.link is not None else None
-        return GUEST_PREFIX + str(next(self.guest_numbers) if number is None else number)
+        """guest-N, N never used before (linked: numbers from Redis, for the
+        whole chat, while it can be reached)."""
+        while True:
+            number = self.link.guest_number() if self.link is not None else None
+            name = GUEST_PREFIX + str(next(self.guest_numbers) if number is None else number)
+            if name_key(name) not in self.names:
+                return name
 
     # Sessions that resume ----------------------------------------------------------
 
@@ -3337,7 +3351,7 @@ class Server(Commands):
             if self.data is not None and on_disk:
                 self.data.people.note('ended', peer.session.digest)
             if self.link is not None and on_disk:
-                self.link.call('DEL', self.link.key('session', peer.session.digest))
+                self.link.end_session(peer.session.digest)
             peer.session = None
 
     def restore_sessions(self, opened):
@@ -3354,7 +3368,7 @@ class Server(Commands):
             if key in self.names or name_problem(name) or name_problem(room_name[1:]):
                 continue
             peer = Peer(None, '%s (before the restart)' % ip, self.burst, ip)
-            peer.name, peer.key = name, key
+            peer.name, peer.key, peer.claimed = name, key, time.time()
             room = peer.room = self.room_named(room_name[1:])
             room.members[key], room.roster = peer, None
             self.names[key] = peer
@@ -3448,6 +3462,8 @@ class Server(Commands):
         """Take the peers dropped this turn out of their rooms; tell the others."""
         doomed, self.doomed = self.doomed, []
         for peer in doomed:
+            if peer.home is not None:
+                continue  # it resumed on another server (hand_over) meanwhile
             if (peer.session is not None and peer.close_reason in LOST_REASONS
                     and peer.lost_at is None and not self.stopping):
                 if peer.sock is not None:
@@ -4777,11 +4793,12 @@ class PeopleLog:
 #                                   TARGET's server
 #     ban WHAT SECONDS BY SHOWN     an operator's ban of an address (WHAT: its
 #                                   network) or a name (WHAT: "name")
+#     unban WHAT                    an operator lifted a ban (/unban WHAT)
 #     wall LINE                     a notice for every room
 #     hello                         SERVER (re)linked: the others send state
 #     state JSON                    everyone on SERVER: [[name, room, claimed,
 #                                   away, operator, lost], ...]
-#     moved NAME                    NAME resumed on SERVER: it is SERVER's now
+#     moved NAME CLAIMED            NAME resumed on SERVER: it is SERVER's now
 #     beat                          SERVER is alive
 #     bye                           SERVER stops: its people leave
 #
@@ -4845,7 +4862,8 @@ class RedisConnection:
             self.connect_step()
         if self.ready and mask & selectors.EVENT_READ:
             self.read()
-        self.flush()
+        if self.sock is not None:  # (a reply may have found the link broken)
+            self.flush()
 
     def connect_step(self):
         """The TCP connection is made (or failed); then, for rediss://, the
@@ -4873,7 +4891,8 @@ class RedisConnection:
         """What Redis sent (as much as is there, up to LINK_READ_BYTES),
         then each complete reply to its command's callback."""
         got, chunk = 0, self.link.chunk
-        while got < LINK_READ_BYTES:
+        pending = getattr(self.sock, 'pending', lambda: 0)  # TLS: decrypted, not yet read
+        while got < LINK_READ_BYTES or pending():
             try:
                 size = self.sock.recv_into(chunk)
             except WOULD_BLOCK:
@@ -4935,22 +4954,22 @@ def check_redis(url, address, tls):
         with sock:
             if tls is not None:
                 sock = tls.wrap_socket(sock, server_hostname=url.host)
-            command = b''
+            commands = [('SELECT', url.db), ('PING',)]
             if url.password is not None:
-                command += resp_command('AUTH', *([url.username] if url.username else [])
-                                        + [url.password])
-            command += resp_command('SELECT', url.db) + resp_command('PING')
-            sock.sendall(command)
+                commands.insert(0, ['AUTH'] + ([url.username] if url.username else [])
+                                + [url.password])
+            sock.sendall(b''.join(resp_command(*command) for command in commands))
             reader, replies = RespReader(), []
-            while len(replies) < command.count(b'*'):
+            while len(replies) < len(commands):
                 data = sock.recv(65536)
                 if not data:
                     raise OSError(errno.ECONNRESET, 'it closed the connection')
                 reader.feed(data)
                 replies += reader.replies()
-    except (OSError, RespFailure) as exc:
-        if ssl is not None and isinstance(exc, ssl.SSLError):
-            raise UserError('cannot speak TLS with Redis at %s: %s' % (where, exc.reason or exc))
+    except (OSError, RespFailure, ValueError) as exc:  # 3.6: CertificateError is a ValueError
+        if ssl is not None and isinstance(exc, (ssl.SSLError, ssl.CertificateError)):
+            raise UserError('cannot speak TLS with Redis at %s: %s' % (
+                where, getattr(exc, 'reason', None) or exc))
         raise UserError('cannot reach Redis at %s: %s' % (where, getattr(exc, 'strerror', None)
                                                           or exc))
     for reply in replies:
@@ -4968,6 +4987,12 @@ redis.call('SADD', KEYS[3], ARGV[4])
 return id
 """
 SAY_SCRIPT_SHA = hashlib.sha1(SAY_SCRIPT).hexdigest()
+
+
+# The kinds of event on the bus (see the format above): each has its on_KIND.
+BUS_EVENTS = frozenset(('say', 'topic', 'in', 'nick', 'out', 'lost', 'back', 'away', 'op',
+                        'pm', 'to', 'act', 'ban', 'unban', 'wall', 'hello', 'state', 'moved',
+                        'beat', 'bye'))
 
 
 def said_fields(fields):
@@ -5000,6 +5025,8 @@ class Link:
         self.tries = 0               # to link again, since it went down
         self.said = collections.deque()  # (N, room, sender, stamp, lines) sent, until back
         self.said_bytes = 0          # of their lines: past half a backlog cap, input waits
+        self.resuming = set()        # peers whose /resume waits for Redis's answer
+        self.ended = set()           # sessions ended while the link was down: Redis forgets
         self.unconfirmed = {}        # name_key -> local Peer whose claim is not back yet
         self.heard = {}              # server id -> when last heard (monotonic)
         self.people = {}             # server id -> {name_key: mirror}
@@ -5014,7 +5041,18 @@ class Link:
     def start(self, server):
         self.server = server
         self.connect()
-        server.call_later(LINK_BEAT_SEC, self.beat)
+        self.later(LINK_BEAT_SEC, self.beat)
+
+    def later(self, delay, callback, argument=None):
+        """A timer of the link's: a bug in it starts the link again; it
+        never stops the server (Server.guarded lets errors of no peer's out)."""
+        def run(argument):
+            try:
+                callback(argument)
+            except Exception as exc:
+                self.server.log('link: internal error: %r' % exc)
+                self.fail(exc)
+        self.server.call_later(delay, run, argument)
 
     # Connection ----------------------------------------------------------------
 
@@ -5065,6 +5103,12 @@ class Link:
             self.heard[origin] = now  # they have LINK_DEAD_SEC to answer
         self.publish('hello')
         self.publish('state', json.dumps(self.state()))
+        for peer in list(self.server.names.values()):  # what changed while it was down
+            if peer.home is None and peer.session is not None:
+                self.note_session(peer)
+        for digest in self.ended:
+            self.call('DEL', self.key('session', digest))
+        self.ended.clear()
         self.server.log('link: linked through Redis at %s:%d as %s, cluster %s' % (
             self.url.host, self.url.port, self.id, self.cluster))
         if self.down_told:
@@ -5087,13 +5131,18 @@ class Link:
         if not self.down_told:
             self.down_told = True
             self.server.wall_here(notice_line(LINK_DOWN))
-        said, self.said, self.said_bytes = self.said, collections.deque(), 0
-        for _, room, sender, stamp, lines in said:  # not back from Redis: heard here at least
-            room.hear(sender if sender.room is room else None, lines, stamp)
+        said, self.said = self.said, collections.deque()
+        for entry in said:  # not back from Redis: heard here at least
+            self.hear_said(entry)
         self.unconfirmed.clear()
+        resuming, self.resuming = self.resuming, set()
+        for peer in resuming:  # their answers will not come
+            if peer.sock is not None and peer.close_reason is None:
+                self.server.refuse_resume(peer)
+                self.server.guarded(self.server.resume, peer)
         wait = LINK_RETRY_SEC[min(self.tries, len(LINK_RETRY_SEC) - 1)]
         self.tries += 1
-        self.server.call_later(wait * random.uniform(0.8, 1.2), self.connect)
+        self.later(wait * random.uniform(0.8, 1.2), self.connect)
 
     def flush(self):
         """End of turn: what this turn queued goes to Redis, in one send."""
@@ -5176,7 +5225,7 @@ class Link:
 
     def topic(self, room, text, setter):
         """A new topic, for every server, and kept in Redis for later ones."""
-        return self.publish('topic', room.key, setter, text) and self.call(
+        return self.publish('topic', room.name, setter, text) and self.call(
             'HSET', self.key('topics'), room.key, json.dumps([room.name, text, setter]))
 
     # The first time linked: each room's history and topic, from Redis, for
@@ -5251,7 +5300,7 @@ class Link:
         start again if Redis has left a command unanswered too long (the
         bus is read with a wait of LINK_READ_BLOCK_MS, so it is answered
         at least that often)."""
-        self.server.call_later(LINK_BEAT_SEC, self.beat)
+        self.later(LINK_BEAT_SEC, self.beat)
         now = time.monotonic()
         for connection in (self.commands, self.reader):
             if (connection is not None and connection.sock is not None and connection.waiting
@@ -5282,15 +5331,15 @@ class Link:
         if origin in self.dead and origin != self.id:  # it was only cut off
             self.dead.discard(origin)
             self.publish('hello')  # its state comes again
-        handler = getattr(self, 'on_' + kind.decode('ascii', 'replace'), None)
-        if handler is None:
+        kind = kind.decode('ascii', 'replace')
+        if kind not in BUS_EVENTS:
             return  # a newer server's event: not for us
-        fields = rest if kind in (b'say', b'to') else rest.decode('utf-8', 'replace')
+        handler = getattr(self, 'on_' + kind)  # (every kind has one: TestResp checks)
+        fields = rest if kind in ('say', 'to') else rest.decode('utf-8', 'replace')
         try:
             handler(origin, fields)
         except Exception as exc:  # a bad event, or a bug: never the server's end
-            self.server.log('link: cannot take a %s event from %s: %r' % (
-                kind.decode('ascii', 'replace'), origin, exc))
+            self.server.log('link: cannot take a %s event from %s: %r' % (kind, origin, exc))
 
     def mirror_of(self, origin, name):
         """The mirror of name on server origin, or None.  A name whose claim
@@ -5305,11 +5354,8 @@ class Link:
     def on_say(self, origin, fields):
         number, room_key, stamp, sender, lines = said_fields(fields)
         if origin == self.id:  # unless heard already, when the link broke
-            if self.said and self.said[0][0] == int(number):
-                _, room, peer, stamp, lines = self.said.popleft()
-                self.said_bytes -= len(lines)
-                self.mark(room)
-                room.hear(peer if peer.room is room else None, lines, stamp)
+            while self.said and self.said[0][0] <= int(number):  # (below: lost by the bus)
+                self.hear_said(self.said.popleft())
             return
         room = self.server.rooms.get(room_key.decode('utf-8', 'replace'))
         if room is not None:
@@ -5320,6 +5366,16 @@ class Link:
 
     # Sessions that resume on another server ------------------------------------
 
+    def hear_said(self, entry):
+        """Lines said here, back from Redis (or not coming back): heard
+        in their room (made again if it went meanwhile)."""
+        _, room, sender, stamp, lines = entry
+        self.said_bytes -= len(lines)
+        room = self.server.room_named(room.name)
+        if self.up:
+            self.mark(room)
+        room.hear(sender if sender.room is room else None, lines, stamp)
+
     def mark(self, room):
         """room's next line is the bus entry just read (Link.missed)."""
         if self.server.resume_for:
@@ -5329,27 +5385,34 @@ class Link:
         """Where peer's session is, for whichever server it resumes on."""
         key = self.key('session', peer.session.digest)
         self.call('HSET', key, 'name', peer.name, 'server', self.id,
-                  'mark', peer.session.bus_mark)
+                  'mark', peer.session.bus_mark, 'claimed', repr(peer.claimed))
         self.call('EXPIRE', key, LINK_SESSION_KEEP_SEC)
+
+    def end_session(self, digest):
+        if not self.call('DEL', self.key('session', digest)):
+            self.ended.add(digest)  # when linked again
 
     def find_session(self, peer, digest, heard):
         """/resume of a session this server does not have: Redis may know
         it, of another server.  peer's input waits for the answer."""
         self.server.pause(peer, LINK_CONNECT_SEC)  # reads on at the answer, if not before
+        self.resuming.add(peer)
         def found(record):
+            self.resuming.discard(peer)
             if peer.sock is None or peer.close_reason is not None:
                 return
             session = dict(zip(record[::2], record[1::2])) if isinstance(record, list) else {}
             mirror = self.mirror_of(session.get(b'server', b'').decode('ascii', 'replace'),
                                     session.get(b'name', b'').decode('utf-8', 'replace'))
-            if mirror is None or self.server.gate.name_banned(mirror.key):
-                self.server.refuse_resume(peer)
+            if (mirror is None or self.server.gate.name_banned(mirror.key)
+                    or repr(mirror.claimed).encode() != session.get(b'claimed')):
+                self.server.refuse_resume(peer)  # (the claim: not someone since called so)
             else:
                 self.people.get(mirror.home, {}).pop(mirror.key, None)
                 missed, gone = self.missed(mirror, stream_id(session[b'mark']), heard)
                 self.server.resume_from_elsewhere(peer, mirror, missed, gone)
                 self.call('DEL', self.key('session', digest))  # its new token replaces it
-            self.server.resume(peer)
+            self.server.guarded(self.server.resume, peer)
         try:
             self.commands.call(found, 'HGETALL', self.key('session', digest))
         except RespFailure as exc:
@@ -5379,10 +5442,11 @@ class Link:
             room.said_from > 0 or stream_id(self.first_id) > mark))
         return lines[kept:], ' (some earlier ones are gone)' if gone else ''
 
-    def on_moved(self, origin, name):
+    def on_moved(self, origin, fields):
         """name resumed on server origin: here it is one of origin's now."""
+        name, claimed = fields.split('\t')
         holder = self.server.names.get(name_key(name))
-        if origin == self.id or holder is None:
+        if origin == self.id or holder is None or repr(holder.claimed) != claimed:
             return
         if holder.home is None:  # its old connection was here
             self.server.hand_over(holder, origin)
@@ -5392,10 +5456,9 @@ class Link:
         self.server.back(holder)
 
     def on_topic(self, origin, fields):
-        room_key, setter, text = fields.split('\t', 2)
-        room = self.server.rooms.get(room_key)
-        if room is not None:
-            room.set_topic_here(text, setter)
+        name, setter, text = fields.split('\t', 2)
+        if name_problem(name) is None:
+            self.server.room_named(name).set_topic_here(text, setter)
 
     def on_in(self, origin, fields):
         name, room_name, claimed = fields.split('\t')
@@ -5410,11 +5473,8 @@ class Link:
         if mirror is None:
             self.on_claim(origin, new, room_name, float(claimed))
         elif self.winner(origin, new, mirror):
-            self.aliases.pop((origin, name_key(old)), None)
-            people = self.people.setdefault(origin, {})
-            people.pop(mirror.key, None)
-            self.server.rename_now(mirror, new)
-            people[mirror.key] = mirror
+            self.rename_mirror(mirror, new)
+            mirror.claimed = float(claimed)
         else:  # it keeps its old name here until its server renames it
             self.aliases[(origin, name_key(new))] = mirror
 
@@ -5442,10 +5502,9 @@ class Link:
         self.server.queue(peer, notice_line('%s took the name %s on another server first: '
                                             'you are %s now' % (name, name, peer.name)))
 
-    def on_claim(self, origin, name, room_name, claimed, away='', operator=False,
-                 lost=False):
+    def on_claim(self, origin, name, room_name, claimed, state=None):
         """name is in room_name on server origin: came, moved, or is there
-        as its state says."""
+        as its state says (state: away, operator, lost)."""
         if origin == self.id:
             self.confirmed(name)
             return
@@ -5455,14 +5514,29 @@ class Link:
                 return
             mirror = self.server.add_mirror(origin, name, room_name, claimed)
             self.people.setdefault(origin, {})[mirror.key] = mirror
-        elif name_problem(room_name) is None:
-            self.server.move_mirror(mirror, room_name)
-        mirror.claimed, mirror.away, mirror.operator = claimed, away or None, operator
-        mirror.room.roster = None
-        if lost and mirror.lost_at is None:
-            self.mirror_lost(mirror)
-        elif not lost and mirror.lost_at is not None:
-            self.on_back(origin, mirror.name)
+        else:
+            if mirror.key != name_key(name) and self.winner(origin, name, mirror):
+                self.rename_mirror(mirror, name)  # known by an alias until now
+            if name_problem(room_name) is None:
+                self.server.move_mirror(mirror, room_name)
+        mirror.claimed = claimed
+        if state is not None:
+            away, mirror.operator, lost = state
+            mirror.away = away or None
+            mirror.room.roster = None
+            if lost and mirror.lost_at is None:
+                self.mirror_lost(mirror)
+            elif not lost:
+                self.server.back(mirror)
+
+    def rename_mirror(self, mirror, name):
+        """A person on another server has a new name here."""
+        people = self.people.setdefault(mirror.home, {})
+        people.pop(mirror.key, None)
+        for alias in [alias for alias, peer in self.aliases.items() if peer is mirror]:
+            del self.aliases[alias]
+        self.server.rename_now(mirror, name)
+        people[mirror.key] = mirror
 
     def on_out(self, origin, fields):
         name, reason = fields.split('\t', 1)
@@ -5471,9 +5545,14 @@ class Link:
             self.drop_mirror(mirror, reason)
 
     def drop_mirror(self, mirror, reason):
-        self.people.get(mirror.home, {}).pop(mirror.key, None)
+        people = self.people.get(mirror.home, {})
+        people.pop(mirror.key, None)
         for alias in [alias for alias, peer in self.aliases.items() if peer is mirror]:
             del self.aliases[alias]
+        if not people and mirror.home in self.dead:  # nothing left of a dead server
+            for table in (self.people, self.heard):
+                table.pop(mirror.home, None)
+            self.dead.discard(mirror.home)
         self.server.drop_mirror(mirror, reason)
 
     def on_lost(self, origin, name):
@@ -5484,15 +5563,18 @@ class Link:
     def mirror_lost(self, mirror):
         """A person on another server lost the connection, or that server
         is gone: told as here, and waits --resume-for to come back."""
+        if mirror.lost_at is not None or self.server.names.get(mirror.key) is not mirror:
+            return
         mirror.lost_at = time.monotonic()
         mirror.room.departures.append((mirror.name, LOST_NOTE))
         mirror.room.announce_soon()
         mirror.room.roster = None
-        self.server.call_later(self.server.resume_for, self.expire_mirror, mirror)
+        self.later(self.server.resume_for, self.expire_mirror, mirror)
 
     def expire_mirror(self, mirror):
-        if mirror.lost_at is not None and self.server.names.get(mirror.key) is mirror and (
-                time.monotonic() - mirror.lost_at >= self.server.resume_for - 0.01):
+        if (mirror.home is not None and mirror.lost_at is not None
+                and self.server.names.get(mirror.key) is mirror
+                and time.monotonic() - mirror.lost_at >= self.server.resume_for - 0.01):
             self.drop_mirror(mirror, 'connection lost')
 
     def on_back(self, origin, name):
@@ -5548,6 +5630,10 @@ class Link:
         else:
             self.server.gate.ban(ipaddress.ip_network(what), shown, seconds, by)
 
+    def on_unban(self, origin, what):
+        if origin != self.id:
+            self.server.gate.lift(what)
+
     def on_wall(self, origin, line):
         self.server.wall_here(line.encode('utf-8') + b'\n')
 
@@ -5568,16 +5654,20 @@ class Link:
             if holder is not None and holder.home is None and (
                     (claimed, origin) < (holder.claimed, self.id)):
                 self.yield_name(holder)  # it had the name before this one did
-            self.on_claim(origin, name, room_name, claimed, away, operator, lost)
+            self.on_claim(origin, name, room_name, claimed, (away, operator, lost))
             listed.add(key)
         for key, mirror in list(self.people.get(origin, {}).items()):
             if key not in listed:
                 self.drop_mirror(mirror, 'left')
 
+    def on_beat(self, origin, _):
+        """Nothing more to do: on_message noted when origin was heard."""
+
     def on_bye(self, origin, _):
-        for mirror in list(self.people.pop(origin, {}).values()):
-            self.server.drop_mirror(mirror, 'its server stopped')
-        self.heard.pop(origin, None)
+        for mirror in list(self.people.get(origin, {}).values()):
+            self.drop_mirror(mirror, 'its server stopped')
+        for table in (self.people, self.heard):
+            table.pop(origin, None)
 
 
 # --- The web page --------------------------------------------------------------

@@ -5944,6 +5944,10 @@ class TestResp(unittest.TestCase):
             with self.assertRaises(chat.RespFailure):
                 reader.replies()
 
+    def test_every_kind_of_bus_event_has_its_handler(self):
+        for kind in chat.BUS_EVENTS:
+            self.assertTrue(callable(getattr(chat.Link, 'on_' + kind, None)), kind)
+
     def test_redis_urls(self):
         url = chat.parse_redis_url('rediss://me:p%40ss%3Aw@[::1]:7000/3')
         self.assertEqual(url, chat.RedisURL(True, '::1', 7000, 'me', 'p@ss:w', 3))
@@ -6294,6 +6298,13 @@ class TestLink(LinkTests, unittest.TestCase):
         boss.send('/ban 127.0.0.2\nafter the ban\n')
         cat.expect(r'^<boss> after the ban$')  # so the ban, before it, is known there
         is_closed_at_once(self, two.port, '127.0.0.1', r'^!!! you are banned', '127.0.0.2')
+        boss.send('/unban 127.0.0.2\n/unban ben\nafter the unbans\n')
+        cat.expect(r'^<boss> after the unbans$')
+        back = Conn(two.port, source='127.0.0.2')
+        self.addCleanup(back.close)
+        back.expect(r'^-!- \d+ online')
+        back.send('/nick ben\n')
+        back.expect(r'is now known as ben$')
 
     def op_file(self):
         folder = tempfile.mkdtemp(prefix='chat-op-')
