@@ -69,6 +69,7 @@ import codecs
 import collections
 import difflib
 import errno
+import functools
 import getpass
 import hashlib
 import heapq
@@ -2644,7 +2645,9 @@ class Commands:
             return
         if recipient.home is None:
             self.hear_private(peer, recipient, text)
-        elif not self.link.publish('pm', peer.name, recipient.name, text):
+        elif not self.link.publish_numbered('pm', lambda: self.queue(peer, error_line(
+                'the link to the other servers broke before your message to %s went: '
+                'not sent' % recipient.name)), peer.name, recipient.name, text):
             self.queue(peer, error_line('%s is on another server, and the link to it is '
                                         'down: not sent' % recipient.name))
             return
@@ -3790,7 +3793,8 @@ class Server(Commands):
 
     def wall(self, line):
         """A notice for every room (linked: on every server)."""
-        if self.link is None or not self.link.publish('wall', line.decode().rstrip('\n')):
+        if self.link is None or not self.link.publish_numbered(
+                'wall', lambda: self.wall_here(line), line.decode().rstrip('\n')):
             self.wall_here(line)
 
     def queue(self, peer, data):
@@ -4774,11 +4778,13 @@ class PeopleLog:
 # on from where it stopped, and misses nothing the bus still keeps.
 #
 # An event is "SERVER<TAB>KIND<TAB>FIELDS" in UTF-8, SERVER a random id the
-# server took at start.  The last field may hold tabs; no other can.
+# server took at start.  The last field may hold tabs; no other can.  N
+# numbers the events a server must see come back (Link.sent): one that
+# never does (the link broke first) is heard on its own server at least,
+# or, for a private message, its sender is told it did not go.
 #
-#     say N ROOM STAMP SENDER LINES the Nth public lines (messages, actions)
-#                                   SERVER sent, said in ROOM
-#     topic ROOM SETTER TEXT
+#     say N ROOM STAMP SENDER LINES public lines (messages, actions) said in ROOM
+#     topic N ROOM SETTER TEXT
 #     in NAME ROOM CLAIMED          NAME is in ROOM (came in, or moved); it
 #                                   took its name at CLAIMED (time.time())
 #     nick OLD NEW ROOM CLAIMED     a new name
@@ -4786,7 +4792,7 @@ class PeopleLog:
 #     lost NAME, back NAME          its connection was lost; it came back
 #     away NAME REASON              REASON empty: back
 #     op NAME                       NAME became an operator
-#     pm FROM TO TEXT               a private message, for TO's server
+#     pm N FROM TO TEXT             a private message, for TO's server
 #     to NAME LINES                 lines for NAME alone (answers to NAME's
 #                                   commands run on another server)
 #     act TARGET BY COMMAND         an operator's command on TARGET, run by
@@ -4794,7 +4800,7 @@ class PeopleLog:
 #     ban WHAT SECONDS BY SHOWN     an operator's ban of an address (WHAT: its
 #                                   network) or a name (WHAT: "name")
 #     unban WHAT                    an operator lifted a ban (/unban WHAT)
-#     wall LINE                     a notice for every room
+#     wall N LINE                   a notice for every room
 #     hello                         SERVER (re)linked: the others send state
 #     state JSON                    everyone on SERVER: [[name, room, claimed,
 #                                   away, operator, lost], ...]
@@ -5019,11 +5025,13 @@ class Link:
         self.commands = self.reader = None
         self.last_id = None          # of the last bus entry read
         self.first_id = None         # of the bus entry this server began after
-        self.said_count = 0          # say events sent
+        self.sent_count = 0          # numbered events sent (say, pm, topic, wall)
         self.up = False
         self.down_told = False       # this outage was told (once)
         self.tries = 0               # to link again, since it went down
-        self.said = collections.deque()  # (N, room, sender, stamp, lines) sent, until back
+        # Numbered events sent, until they come back from Redis: (N, what to do
+        # then, what to do if they never do: the link broke, or the bus lost them).
+        self.sent = collections.deque()
         self.said_bytes = 0          # of their lines: past half a backlog cap, input waits
         self.resuming = set()        # peers whose /resume waits for Redis's answer
         self.ended = set()           # sessions ended while the link was down: Redis forgets
@@ -5131,9 +5139,9 @@ class Link:
         if not self.down_told:
             self.down_told = True
             self.server.wall_here(notice_line(LINK_DOWN))
-        said, self.said = self.said, collections.deque()
-        for entry in said:  # not back from Redis: heard here at least
-            self.hear_said(entry)
+        sent, self.sent = self.sent, collections.deque()
+        for _, _, if_lost in sent:  # in the order they were sent
+            if_lost()
         self.unconfirmed.clear()
         resuming, self.resuming = self.resuming, set()
         for peer in resuming:  # their answers will not come
@@ -5205,16 +5213,38 @@ class Link:
         """Public lines go through Redis, and are heard when they come back
         (in its order); False if the link is down.  They go into the room's
         history in Redis in the same step (SAY_SCRIPT)."""
-        stamp, number = self.server.stamp(), self.said_count + 1
+        stamp, number = self.server.stamp(), self.sent_count + 1
         if not self.call('EVALSHA', SAY_SCRIPT_SHA, 3, self.bus, self.key('history', room.key),
                          self.key('rooms'), LINK_BUS_KEEP,
                          self.event('say', number, room.key, stamp, sender.name, lines),
                          HISTORY_MAX_LINES, room.name):
             return False
-        self.said_count = number
+        heard = functools.partial(self.hear_said, room, sender, stamp, lines)
+        self.sent_count = number
+        self.sent.append((number, heard, heard))  # back or not, it is heard here
         self.said_bytes += len(lines)
-        self.said.append((number, room, sender, stamp, lines))
         self.server.direct_bytes += len(lines)  # against this turn's share, as if sent
+        return True
+
+    def publish_numbered(self, kind, if_lost, *fields):
+        """publish() an event that must not vanish unnoticed: if it never
+        comes back from Redis, if_lost() is done here instead."""
+        number = self.sent_count + 1
+        if not self.publish(kind, number, *fields):
+            return False
+        self.sent_count = number
+        self.sent.append((number, lambda: None, if_lost))
+        return True
+
+    def came_back(self, origin, number):
+        """True if the Nth numbered event of origin is this server's own,
+        back from Redis; those it sent before it that never came back (the
+        bus lost them) count as lost."""
+        if origin != self.id:
+            return False
+        while self.sent and self.sent[0][0] <= int(number):
+            sent, if_back, if_lost = self.sent.popleft()
+            (if_back if sent == int(number) else if_lost)()
         return True
 
     def claim(self, peer, kind, *fields):
@@ -5225,7 +5255,9 @@ class Link:
 
     def topic(self, room, text, setter):
         """A new topic, for every server, and kept in Redis for later ones."""
-        return self.publish('topic', room.name, setter, text) and self.call(
+        name = room.name
+        return self.publish_numbered('topic', lambda: self.server.room_named(
+            name).set_topic_here(text, setter), name, setter, text) and self.call(
             'HSET', self.key('topics'), room.key, json.dumps([room.name, text, setter]))
 
     # The first time linked: each room's history and topic, from Redis, for
@@ -5353,9 +5385,7 @@ class Link:
 
     def on_say(self, origin, fields):
         number, room_key, stamp, sender, lines = said_fields(fields)
-        if origin == self.id:  # unless heard already, when the link broke
-            while self.said and self.said[0][0] <= int(number):  # (below: lost by the bus)
-                self.hear_said(self.said.popleft())
+        if self.came_back(origin, number):  # heard as it comes back (hear_said)
             return
         room = self.server.rooms.get(room_key.decode('utf-8', 'replace'))
         if room is not None:
@@ -5366,10 +5396,9 @@ class Link:
 
     # Sessions that resume on another server ------------------------------------
 
-    def hear_said(self, entry):
+    def hear_said(self, room, sender, stamp, lines):
         """Lines said here, back from Redis (or not coming back): heard
         in their room (made again if it went meanwhile)."""
-        _, room, sender, stamp, lines = entry
         self.said_bytes -= len(lines)
         room = self.server.room_named(room.name)
         if self.up:
@@ -5456,7 +5485,8 @@ class Link:
         self.server.back(holder)
 
     def on_topic(self, origin, fields):
-        name, setter, text = fields.split('\t', 2)
+        number, name, setter, text = fields.split('\t', 3)
+        self.came_back(origin, number)
         if name_problem(name) is None:
             self.server.room_named(name).set_topic_here(text, setter)
 
@@ -5595,7 +5625,8 @@ class Link:
             mirror.operator = True
 
     def on_pm(self, origin, fields):
-        sender, name, text = fields.split('\t', 2)
+        number, sender, name, text = fields.split('\t', 3)
+        self.came_back(origin, number)
         recipient, mirror = self.server.names.get(name_key(name)), self.mirror_of(origin, sender)
         if recipient is not None and recipient.home is None and mirror is not None:
             self.server.hear_private(mirror, recipient, text)
@@ -5634,7 +5665,9 @@ class Link:
         if origin != self.id:
             self.server.gate.lift(what)
 
-    def on_wall(self, origin, line):
+    def on_wall(self, origin, fields):
+        number, line = fields.split('\t', 1)
+        self.came_back(origin, number)
         self.server.wall_here(line.encode('utf-8') + b'\n')
 
     def on_hello(self, origin, _):

@@ -6351,6 +6351,8 @@ class TestLink(LinkTests, unittest.TestCase):
         self.everyone_knows([ann, amy, ben], 3)
         self.redis.proc.send_signal(signal.SIGSTOP)  # alive, but answers nothing
         self.addCleanup(self.redis.proc.send_signal, signal.SIGCONT)
+        ann.send('/msg ben are you there\n/topic set while stalled\n')
+        ann.expect(r'^\[PM to ben\] are you there$')
         said = ['%04d %s' % (number, 'x' * 4000) for number in range(100)]  # 400 KB
         sender = threading.Thread(target=ann.send, args=(''.join(l + '\n' for l in said),))
         sender.start()  # held back: what waits for Redis is bounded
@@ -6358,7 +6360,10 @@ class TestLink(LinkTests, unittest.TestCase):
                                          r'trying again', line) for line in one.logs),
                    'the stall to be noticed', timeout=chat.LINK_ANSWER_SEC + 2 * chat.LINK_BEAT_SEC)
         amy.expect(r'^-!- the link to the other servers is down')
-        self.assertEqual([amy.line()[6:] for _ in said], said)  # then all heard, in order
+        amy.expect(r'^-!- ann set the topic: set while stalled$')  # what never came back:
+        self.assertEqual([amy.line()[6:] for _ in said], said)  # heard here, in order
+        ann.expect(r'^!!! the link to the other servers broke before your message to ben '
+                   r'went: not sent$')
         sender.join(TIMEOUT)
         self.redis.proc.send_signal(signal.SIGCONT)
         for conn in (ann, amy):
