@@ -304,10 +304,15 @@ RECONNECT_KEEP_LINES = 100     # typed while cut off, sent once back
 
 def _unprintable_table():
     """Map every character that could move the cursor, restyle the terminal,
-    or hide or reorder text to nothing; a tab becomes a space.  Zero-width
+    or hide or reorder text to nothing; a blank one becomes a space.  Zero-width
     joiners stay: emoji sequences and Persian and Indic spelling need them."""
     table = dict.fromkeys(range(0x00, 0x20))         # C0, including CR and LF
-    table[0x09] = ' '
+    # A tab, and the other blanks a run of padding could be made of (so that
+    # tidy shortens it): no-break, en, em, thin, ideographic spaces and the
+    # like, and the blank letters: braille blank, Hangul fillers.
+    table.update(dict.fromkeys((0x09, 0xa0, 0x1680, 0x202f, 0x205f, 0x3000, 0x2800, 0x115f,
+                                0x1160, 0x3164, 0xffa0), ' '))
+    table.update(dict.fromkeys(range(0x2000, 0x200b), ' '))
     table.update(dict.fromkeys(range(0x7f, 0xa0)))   # DEL and C1 (0x9b = CSI)
     table.update(dict.fromkeys((0xad, 0x61c, 0x180e, 0x200b, 0x200e, 0x200f, 0xfeff)))
     # soft hyphen, Arabic letter mark, Mongolian vowel separator, zero-width

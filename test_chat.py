@@ -501,8 +501,10 @@ class TestText(unittest.TestCase):
         self.assertFalse(chat.is_blank('\u3164x'))
 
     def test_long_runs_of_spaces_are_shortened(self):
-        padded = 'ok' + ' ' * 68 + '<bob> I am leaving'
-        self.assertEqual(chat.tidy(padded), 'ok' + ' ' * chat.MAX_SPACE_RUN + '<bob> I am leaving')
+        for blank in (' ', '\t', '\xa0', '\u2002', '\u3000', '\u2800', '\u3164', '\u205f'):
+            padded = 'ok' + blank * 68 + '<bob> I am leaving'  # the next row of 80 columns
+            self.assertEqual(chat.tidy(padded), 'ok' + ' ' * chat.MAX_SPACE_RUN +
+                             '<bob> I am leaving', repr(blank))
         code = 'if x:' + ' ' * 8 + 'return'
         self.assertEqual(chat.tidy(code), code)  # eight survive
 
