@@ -3968,6 +3968,28 @@ class TestClientAgainstABadServer(unittest.TestCase):
         for pipe in (client.proc.stdout, client.proc.stderr):
             pipe.close()
 
+    def test_a_trickle_after_the_password_has_one_deadline_too(self):
+        client = ClientProcess(self.fake.port, env=dict(os.environ, CHAT_PASSWORD='pw'))
+        sock = self.fake.accept()
+        self.addCleanup(sock.close)
+        sock.sendall(('-!- %s\n' % chat.PASSWORD_PROMPT).encode())
+        sock.recv(100)  # its /pass
+        sock.settimeout(0.2)  # a byte every 0.2 s, never a newline
+        started, closed = time.monotonic(), False
+        while not closed:
+            self.assertLess(time.monotonic() - started, chat.CONNECT_TIMEOUT_SEC + TIMEOUT,
+                            'the client still waits')
+            try:
+                sock.sendall(b'.')
+                closed = sock.recv(100) == b''  # it gave up: end of its side
+            except socket.timeout:
+                pass
+            except OSError:
+                closed = True
+        status, err = client.finish()
+        self.assertEqual((status, err), (1, 'chat.py: error: the server did not answer\n'))
+        self.assertGreaterEqual(time.monotonic() - started, chat.CONNECT_TIMEOUT_SEC * 0.9)
+
     def test_escape_sequences_from_the_server_never_reach_the_output(self):
         client = ClientProcess(self.fake.port, '--name', 'x')
         sock = self.accept('\x1b[31mred\x1b[0m\x07 \r<bob> forged\x9b2J\u202eevil\x1b]0;t\x07\n'
