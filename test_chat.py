@@ -694,7 +694,7 @@ class ProtocolTests:
                  ('a<b>', 'only letters, digits'),
                  ('guest-99', 'the server keeps "server" and names starting with "guest-"'),
                  ('Server', 'the server keeps "server"'),
-                 ('alice\u3164', 'may not hold invisible characters'),
+                 ('alice\u034f', 'may not hold invisible characters'),
                  ('bob', 'that is the name already')]
         for name, reason in cases:
             bob.send('/nick %s\n' % name)
