@@ -4831,8 +4831,8 @@ class RedisConnection:
         self.outbuf = bytearray()
         self.reader = RespReader()
         self.waiting = collections.deque()  # per command sent, its callback or None
-        self.answered_at = 0.0       # when Redis last answered, or was last asked with
-        self.events = 0              # nothing waiting: Link.watch
+        self.answered_at = 0.0       # when Redis last answered, or was asked with nothing
+        self.events = 0              # waiting (Link.beat restarts a link silent too long)
 
     def open(self):
         link = self.link

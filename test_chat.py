@@ -6067,7 +6067,7 @@ class TestLink(LinkTests, unittest.TestCase):
         ann.send('/quit bye\n')
         ben.expect(r'^-!- ann left \(quit: bye\)$')
         self.gone(cat, 'ann')
-        dan = self.join(three, 'ann')
+        self.join(three, 'ann')
         ben.expect(r'^-!- ann joined$')
 
     def test_one_order_for_every_receiver_whichever_server_it_is_on(self):
@@ -6394,6 +6394,22 @@ class TestLink(LinkTests, unittest.TestCase):
             conn.expect(r'^-!- linked again$')
         ann.send('after the stall\n')
         ben.expect(r'^<ann> after the stall$')
+
+    def test_bench_spreads_its_clients_over_linked_servers(self):
+        one, two = self.linked_server('--rate=0'), self.linked_server('--rate=0')
+        result = run_chat('bench', '--servers', '127.0.0.1:%d,127.0.0.1:%d' % (
+            one.port, two.port), '--clients', '6', '--senders', '2', '--messages', '50',
+            timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn('chat.py bench: 127.0.0.1:%d, 127.0.0.1:%d\n' % (one.port, two.port),
+                      result.stdout)
+        self.assertIn('deliveries: 500 in', result.stdout)  # 2 x 50 to 5 others, lost 0
+        self.assertIn('(lost 0)', result.stdout)
+        for server in (one, two):  # each had its share of the clients
+            server.wait_log(r'guest-\d+ joined from 127\.0\.0\.1')
+        bad = run_chat('bench', '--servers', '127.0.0.1', '--clients', '3')
+        self.assertEqual((bad.returncode, bad.stderr),
+                         (1, 'chat.py: error: bench: --servers takes HOST:PORT,HOST:PORT,...\n'))
 
     def test_a_bad_event_on_the_bus_is_logged_and_passed_over(self):
         one, two = self.linked_server(), self.linked_server()
