@@ -7928,6 +7928,7 @@ BENCH_TIMED = b'~T '       # server sends (names cannot hold it): receivers coun
 # send time ("~T SENDER SEQ MICROSECONDS"); the first in each read is timed.
 BENCH_READ_BYTES = 256 * 1024
 BENCH_SETTLE_SEC = 0.3     # the room is quiet after joins once this passes silently
+BENCH_QUIET_SEC = 1.0      # a slow client the server kept stops receiving: nothing for this long
 BENCH_PROGRESS_SEC = 2.0
 BENCH_STALL_SEC = 5.0      # give up when nothing has arrived for this long
 BENCH_WINDOW_BYTES = MAX_BACKLOG_BYTES // 2  # in flight to each receiver: the
@@ -7996,7 +7997,7 @@ class Bench:
         if peak:
             self.say('server mem: %s now, %s peak' % (human_bytes(peak[0]), human_bytes(peak[1])))
         if slow:
-            cut = sum(connection_closed(sock) for sock in slow)
+            cut = sum(connection_closed(sock, BENCH_QUIET_SEC) for sock in slow)
             self.say('slow:       %d clients that never read; the server cut off %d'
                      % (len(slow), cut))
         return 1 if lost else 0
@@ -8256,14 +8257,16 @@ def proc_memory(pid):
         return None
 
 
-def connection_closed(sock):
-    """True if the peer has closed sock (read without waiting)."""
-    sock.setblocking(False)
+def connection_closed(sock, quiet_sec):
+    """True if the peer has closed sock.  A server that closes a socket with
+    bytes still in its kernel's send buffer sends its FIN after them, so
+    read on until the end arrives or nothing has come for quiet_sec."""
+    sock.settimeout(quiet_sec)
     try:
         while sock.recv(65536):
             pass
         return True
-    except BlockingIOError:
+    except socket.timeout:
         return False
     except OSError:
         return True
