@@ -426,6 +426,7 @@ PASSWORD_PROMPT = 'This room needs a password: send /pass PASSWORD within %d s' 
 PASSWORD_ACCEPTED = 'Password accepted'
 NOT_TLS = 'this server speaks TLS: join with python3 chat.py client HOST --tls'
 FLOOD_TEXT = 'flood control: your lines wait, %g per second'
+LINE_LIMIT_TEXT = 'lines here hold at most %d bytes'  # said at join if not MAX_LINE_BYTES
 LINK_DOWN = 'the link to the other servers is down; only people on this server hear you'
 LINKED_AGAIN = 'linked again'
 GOODBYE = 'Goodbye'            # the answer to /quit: a client that sees it left cleanly
@@ -2946,8 +2947,9 @@ class Commands:
         if network is None and target is None:
             self.queue(peer, error_line('%s is neither online nor an address' % words[0]))
             return
-        if target is not None and target.ip.is_loopback:
-            what = '%s banned %s %s' % (peer.name, target.name, how_long)
+        if target is not None and target.ip.is_loopback:  # others there stay
+            what = '%s banned %s by name (a shared address) %s' % (
+                peer.name, target.name, how_long)
         elif target is not None:
             network = host_of(target.ip)
             what = '%s banned %s (%s) %s' % (peer.name, target.name, network, how_long)
@@ -3311,6 +3313,8 @@ class Server(Commands):
         self.names[peer.key] = peer
         self.log('%s joined from %s' % (name, peer.address))
         self.queue(peer, notice_line(WELCOME_TEXT % name))
+        if self.max_line != MAX_LINE_BYTES:  # so a client refuses longer ones as typed
+            self.queue(peer, notice_line(LINE_LIMIT_TEXT % self.max_line))
         self.queue(peer, b''.join(notice_line(line) for line in self.motd))
         self.join(peer, self.lobby)
         self.give_session(peer)
@@ -6473,9 +6477,11 @@ class Client:
                 self.naming = time.monotonic()
         if self.wanted_room:
             self.send_line('/join ' + self.wanted_room)
-        self.watch_input(self.naming is None)
+        self.watch_input(True)
         self.show_lines(b'')  # what authenticate() read past the password
         while True:
+            if self.outbuf:  # what the last turn queued, in one send(): the
+                self.flush()  # lines of one Alt-Enter message reach one server turn
             timeout = self.screen.timeout()
             if self.naming is not None:  # a server that never answers: carry on
                 left = self.naming + CONNECT_TIMEOUT_SEC - time.monotonic()
@@ -6562,6 +6568,7 @@ class Client:
             welcome, renamed = WELCOME.match(text), RENAMED.match(text)
             wanted = NAME_PASSWORD_WANTED.match(text)
             flood, replay = FLOOD_NOTICE.match(text), LAST_MESSAGES.match(text)
+            limit = LINE_LIMIT.match(text)
             self.screen.people.hear(text)
             if self.replayed:  # a line said before we came
                 self.replayed -= 1
@@ -6579,6 +6586,8 @@ class Client:
                 self.dismissed = True
             elif flood:
                 self.server_rate = float(flood.group(1))
+            elif limit:
+                self.screen.max_line = int(limit.group(1))
             elif self.naming is not None and text.startswith(NAME_REFUSED):
                 self.refused = text[4:] + (' (set CHAT_NAME_PASSWORD)' if (
                     wanted and not self.name_password) else '')
@@ -6705,7 +6714,8 @@ class Client:
                 self.unechoed.append(line)
 
     def send_line(self, line):
-        """Queue one line for the server.  After a /quit, input is over and
+        """Queue one line for the server (the loop sends it at the end of
+        the turn).  After a /quit, input is over and
         the client waits (bounded) for the server to take the lines sent
         and close."""
         if self.sock is None:  # cut off: sent once back, in order
@@ -6722,7 +6732,6 @@ class Client:
         if line == '/quit' or line.startswith('/quit '):
             self.quit_at = time.monotonic()
             self.watch_input(False)
-        self.flush()
 
     def goodbye_wait(self):
         """How long after /quit to wait for the server's goodbye: a while,
@@ -6747,8 +6756,9 @@ class Client:
         self.watch_input(len(self.outbuf) <= MAX_BACKLOG_BYTES)
 
     def watch_input(self, wanted):
-        """Start or stop reading standard input (never again after /quit)."""
-        wanted = wanted and self.quit_at is None
+        """Start or stop reading standard input (never after /quit, nor
+        while a piped client waits to hear if its name is taken)."""
+        wanted = wanted and self.quit_at is None and self.naming is None
         if wanted and not self.reading_input:
             self.selector.register(self.input, selectors.EVENT_READ)
         elif self.reading_input and not wanted:
@@ -6799,6 +6809,7 @@ NAME_REFUSED = ('!!! cannot use the name ', '!!! wrong password for the name ')
 NAME_PASSWORD_WANTED = re.compile(r'^!!! (?:cannot use the name (\S+): it is registered|'
                                   r'wrong password for the name (\S+) \()')
 FLOOD_NOTICE = re.compile(r'^-!- flood control: .* ([0-9.]+) per second$')
+LINE_LIMIT = re.compile(r'^-!- lines here hold at most (\d+) bytes$')
 # And those that tell it where it is and who is there.
 ENTERED = re.compile(r'^-!- You are in (#\S+)$')
 ROOM_LIST = re.compile(r'^-!- \d+ online in (#\S+): (.*?)( \(/who lists them\))?$')
@@ -7334,6 +7345,7 @@ class TerminalScreen:
         self.people = People()
         self.editor = LineEditor(self.people)
         self.name = None          # ours, once the server has said it
+        self.max_line = MAX_LINE_BYTES  # the server's (LINE_LIMIT): longer stays typed
         self.status = None        # shown before the prompt: "reconnecting…"
         self.scroll = 0           # first character shown, for lines wider than the screen
         self.drawn_column = 0     # where the cursor was left by the last redraw
@@ -7531,10 +7543,10 @@ class TerminalScreen:
         it stays in the editor to be cut, instead of being refused later."""
         longest = max(len(line.encode('utf-8', 'surrogateescape'))
                       for line in ''.join(self.editor.chars).split('\n'))
-        if longest > MAX_LINE_BYTES:
+        if longest > self.max_line:
             self.show(['!!! line too long (%d bytes; at most %d): not sent'
-                       % (longest, MAX_LINE_BYTES)])
-        return longest > MAX_LINE_BYTES
+                       % (longest, self.max_line)])
+        return longest > self.max_line
 
     def input_line(self):
         """The prompt and as much of the typed line as fits, scrolled to keep

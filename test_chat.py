@@ -3766,6 +3766,12 @@ class ClientProcess:
         return self.proc.returncode, err
 
 
+def data_segments_in(sock):
+    """How many TCP segments with data sock has received (Linux's tcp_info)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+    return struct.unpack_from('I', info, 152)[0]  # tcpi_data_segs_in
+
+
 class FakeServer:
     """A listening socket the test drives by hand, to play a bad server."""
 
@@ -4304,7 +4310,7 @@ class PtySession:
 
 
 @unittest.skipIf(sys.platform == 'win32', 'pseudo-terminals are POSIX')
-class TestTerminalClientBeforeTheWelcome(PtySession, unittest.TestCase):
+class TestTerminalClientAgainstAFakeServer(PtySession, unittest.TestCase):
 
     def test_a_line_typed_before_the_welcome_is_shown_with_our_name(self):
         fake = FakeServer()
@@ -4322,6 +4328,26 @@ class TestTerminalClientBeforeTheWelcome(PtySession, unittest.TestCase):
         sock.sendall(b'-!- Welcome, early! Type /help\n')
         self.read_until(lambda s: '<early> hello before' in s.text(), 'our line, named')
         self.assertNotIn('None', self.screen.text())
+
+    def test_the_lines_of_one_message_go_in_one_send(self):
+        # The server handles what one read brings in one turn; the kernel
+        # counts the segments that came (tcp_info's data_segs_in).
+        fake = FakeServer()
+        self.addCleanup(fake.close)
+        self.srv = fake
+        self.spawn('--name', 'multi')
+        sock = fake.accept()
+        self.addCleanup(sock.close)
+        received = b''
+        while not received.endswith(b'/nick multi\n'):
+            received += sock.recv(100)
+        sock.sendall(b'-!- Welcome, multi! Type /help\n')
+        self.read_until(lambda s: s.line().startswith('>'), 'the prompt')
+        segments_before = data_segments_in(sock)
+        self.type('one\x1b\rtwo\x1b\rthree\r')  # Alt-Enter twice, then Enter
+        while not received.endswith(b'one\ntwo\nthree\n'):
+            received += sock.recv(100)
+        self.assertEqual(data_segments_in(sock) - segments_before, 1)
 
 
 class TestTerminalClient(PtySession, ServerTestCase):
@@ -4413,6 +4439,20 @@ class TestTerminalClient(PtySession, ServerTestCase):
         self.type('\x15fits\r')
         before, _ = watcher.expect(r'^<tty> fits$')
         self.assertEqual(before, [])  # the long one never went
+
+    def test_the_limit_is_the_servers_own(self):
+        self.srv.stop()
+        self.srv = ServerThread(rate=0, max_line=100)
+        self.addCleanup(self.srv.stop)
+        watcher = self.join()
+        self.read_until(lambda s: '-!- lines here hold at most 100 bytes' in s.text(),
+                        'the limit, said at join')
+        self.type('\x1b\r'.join(['y' * 100, '한' * 34]) + '\r')  # 102 bytes on the second
+        self.read_until(lambda s: '!!! line too long (102 bytes; at most 100): not sent'
+                        in s.text(), 'why')
+        self.type('\x08\r')  # one Hangul syllable fewer: 99 bytes
+        watcher.expect(r'^<tty> y{100}$')
+        self.assertEqual(watcher.line(), '<tty> ' + '한' * 33)
 
     def test_resizing_redraws_the_line_where_it_belongs(self):
         self.join()
@@ -5449,7 +5489,7 @@ class TestOperators(ServerTestCase):
         alice = self.operator()  # on ::1
         bob, carol = self.connect('bob'), self.connect('carol')  # on 127.0.0.1
         alice.send('/ban bob 5\n')
-        alice.expect(r'^-!- alice banned bob for 5 minutes$')
+        alice.expect(r'^-!- alice banned bob by name \(a shared address\) for 5 minutes$')
         self.assertEqual(bob.expect_closed()[-1], '!!! you were banned by alice')
         self.conns.remove(bob)
         carol.expect(r'^-!- bob left \(banned by alice\)$')
@@ -5477,6 +5517,17 @@ class TestOperators(ServerTestCase):
                      r'\(9 minutes left\)$')
         is_closed_at_once(self, self.srv.port, '127.0.0.1',
                           why=r'^!!! you are banned until the server restarts$')
+
+    def test_a_loopback_address_banned_as_typed(self):
+        alice, bob = self.operator(), self.connect('bob')  # on ::1 and 127.0.0.1
+        alice.send('/ban ::1 3\n')
+        bob.expect(r'^-!- alice banned ::1 for 3 minutes$')  # not ::/64
+        self.assertEqual(alice.expect_closed()[-1], '!!! you were banned by alice')
+        self.conns.remove(alice)
+        is_closed_at_once(self, self.srv.port, '::1',
+                          why=r'^!!! you are banned until \d\d:\d\d$')
+        bob.send('/who\n')
+        bob.expect(r'^-!- 1 online in #lobby: bob$')
 
     def test_no_operator_password_means_no_operators(self):
         self.srv.server.gate.op_password = None
