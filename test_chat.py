@@ -170,7 +170,7 @@ def in_own_network(test):
 # (.ci/run installs them).  One that is missing fails its tests: a skip
 # would read as a pass.
 TOOLS = {'nc': 'netcat-openbsd', 'socat': 'socat', 'openssl': 'openssl', 'telnet': 'telnet',
-         'bash': 'bash', 'chromium': 'chromium', 'redis-server': 'redis-server'}
+         'ncat': 'ncat', 'bash': 'bash', 'chromium': 'chromium', 'redis-server': 'redis-server'}
 
 
 def need(tool):
@@ -3459,6 +3459,13 @@ class TestServerProcess(unittest.TestCase):
         self.assertEqual(server.proc.stdout.readline(), 'security: no TLS (anyone on the network '
                          'can read the room), no room password, no operators\n')
 
+    def test_banner_says_a_password_and_operators_are_on(self):
+        server = self.start(env=dict(os.environ, CHAT_PASSWORD='room secret',
+                                     CHAT_OP_PASSWORD='op secret'))
+        lines = [server.proc.stdout.readline() for _ in range(3)]
+        self.assertEqual(lines[2], 'security: no TLS (anyone on the network can read the '
+                                   'room), a room password, operators (/op)\n')
+
     def test_default_listens_on_ipv4_and_ipv6(self):
         server = self.start(host=None)
         self.assertRegex(server.banner, r'listening on \[::\]:\d+ \(IPv4 and IPv6\)')
@@ -4506,6 +4513,17 @@ class TestTerminalClient(PtySession, ServerTestCase):
         self.type('\x0c')
         self.read_until(lambda s: s.line() == PROMPT + 'abc', 'the line redrawn')
 
+    def test_ctrl_l_redraws_a_line_scrolled_sideways(self):
+        self.join()
+        text = ''.join('%d' % (i % 10) for i in range(100))
+        self.type(text)
+        self.read_until(lambda s: s.line().endswith('789'), 'the end of the line')
+        shown = self.screen.line()
+        self.screen.feed(b'\r\x1b[K')
+        self.type('\x0c')
+        self.read_until(lambda s: s.line() == shown and s.col == len(shown),
+                        'the same part of the line redrawn, the cursor at its end')
+
     def test_a_resize_redraws(self):
         self.join()
         self.type('abc')
@@ -4851,6 +4869,19 @@ class TestTelnet(PtySession, ServerTestCase):
         self.assertEqual(data, b'\xff\xfb\x06\xff\xfe\x01')
         self.assertEqual(self.sync(watcher), [])  # and nothing to anyone else
 
+    def test_options_asked_for_are_refused_and_subnegotiations_removed(self):
+        watcher = self.connect('watcher')
+        raw = Conn(self.srv.port)
+        self.addCleanup(raw.close)
+        raw.expect(r'^-!- \d+ online')
+        raw.send(b'\xff\xfd\x18a\xff\xfa\x1f\x00')  # DO TERMINAL-TYPE; half a NAWS report
+        raw.send(b'\x50\x00\x18\xff\xf0b\n')      # its other half, ended by IAC SE
+        watcher.expect(r'^<guest-2> ab$')
+        data = b''
+        while len(data) < 3:
+            data += raw.sock.recv(100)
+        self.assertEqual(data, b'\xff\xfc\x18')  # WONT TERMINAL-TYPE
+
 
 # --- Who gets in: TLS, passwords, address rules, operators ----------------------
 
@@ -5077,6 +5108,23 @@ class TestTls(ServerTestCase):
         self.assertNotIn(b'unexpected eof', result.stderr)
         self.assertEqual(result.returncode, 0)
 
+
+    def test_ncat_ssl_leaves_cleanly(self):
+        bob = self.tls_peer('bob')
+        ncat = subprocess.Popen([need('ncat'), '--ssl', '127.0.0.1', str(self.srv.port)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(PtySession.reap, ncat)
+        # Its input stays open until the server has closed: ncat's own
+        # close_notify must not be what ends the session.
+        ncat.stdin.write(b'/nick ncat\nhi from ncat\n/quit\n')
+        ncat.stdin.flush()
+        bob.expect(r'^<ncat> hi from ncat$')
+        received = ncat.stdout.read()  # to the end the server made
+        ncat.stdin.close()
+        errors = ncat.stderr.read()
+        self.assertEqual(ncat.wait(TIMEOUT), 0, errors)  # not "Input/output error"
+        self.assertIn(b'-!- Goodbye', received)
 
 class TestPassword(PtySession, ServerTestCase):
     SERVER_OPTIONS = {'password': 'sesame', 'rate': 0}
