@@ -547,6 +547,15 @@ def host_of(ip):
     return ipaddress.ip_network((ip, 64 if ip.version == 6 else 32), strict=False)
 
 
+def banned_network(text):
+    """What /ban and /unban take text to mean, if an address: the network
+    it names, a single IPv6 address as its /64 (see host_of); else None."""
+    network = parse_network(text)
+    if network is not None and '/' not in text:
+        network = host_of(network.network_address)
+    return network
+
+
 def address_ip(address):
     """The IP address of a socket address; IPv4 as itself on a dual-stack socket."""
     ip = ipaddress.ip_address(address[0].split('%')[0])
@@ -2061,7 +2070,7 @@ class Gate:
     def ban(self, network, shown, seconds, by):
         """Refuse network for seconds (None: until restart) and close its
         connections, telling each why."""
-        self.bans[network] = Ban(shown, seconds)
+        self.bans[network] = Ban(shown, seconds, by, self.server.link is not None)
         lost = [peer for peer in self.server.names.values()
                 if peer.lost_at is not None and peer.home is None]
         for peer in list(self.server.peers) + lost:  # a lost one may not come back
@@ -2072,16 +2081,14 @@ class Gate:
     def ban_person(self, peer, seconds, by):
         """Ban one person on a shared address (loopback): their name stays
         theirs to no one until the ban ends, and this connection closes."""
-        self.name_bans[peer.key] = Ban(peer.name, seconds)
+        self.name_bans[peer.key] = Ban(peer.name, seconds, by, self.server.link is not None)
         self.server.queue(peer, error_line('you were banned by %s' % by))
         self.server.drop(peer, 'banned by %s' % by, linger=True)
 
     def lift(self, what):
         """End the ban on an address, a network or a name; what was banned,
         as it was shown, or None if it was not."""
-        network = parse_network(what)
-        if network is not None and '/' not in what:
-            network = host_of(network.network_address)
+        network = banned_network(what)
         if network in self.bans:
             return self.bans.pop(network).shown
         if name_key(what) in self.name_bans:
@@ -2101,27 +2108,33 @@ class Gate:
 
 
 class Ban:
-    """A ban: what it is shown as (what the operator typed), and when it ends."""
+    """A ban: what it is shown as (what the operator typed), when it ends,
+    and which operator made it (None: too many wrong passwords, a ban of
+    this server's own).  Linked (--redis), a ban with no end is kept in
+    Redis, so it lasts until /unban rather than until a restart."""
 
-    __slots__ = ('shown', 'until')
+    __slots__ = ('shown', 'until', 'by', 'linked')
 
-    def __init__(self, shown, seconds):
-        self.shown = shown
+    def __init__(self, shown, seconds, by=None, linked=False):
+        self.shown, self.by, self.linked = shown, by, linked
         self.until = None if seconds is None else time.monotonic() + seconds
 
     def over(self):
         return self.until is not None and self.until <= time.monotonic()
 
+    def seconds_left(self):
+        return None if self.until is None else max(0.0, self.until - time.monotonic())
+
     def until_text(self):
         """'until 14:05' (local time), or 'until the server restarts'."""
         if self.until is None:
-            return 'until the server restarts'
+            return 'until lifted' if self.linked else 'until the server restarts'
         return 'until ' + time.strftime('%H:%M', time.localtime(
             time.time() + self.until - time.monotonic() + 59))  # rounded up
 
     def left_text(self):
         if self.until is None:
-            return 'until restart'
+            return 'until lifted' if self.linked else 'until restart'
         return plural(int((self.until - time.monotonic()) // 60) + 1, 'minute') + ' left'
 
 
@@ -2941,8 +2954,9 @@ class Commands:
             return
         seconds = None if minutes is None else 60 * minutes
         how_long = ('for ' + plural(minutes, 'minute') if minutes
+                    else 'until lifted' if self.link is not None  # kept in Redis
                     else 'until the server restarts')
-        network = parse_network(words[0])  # an address is an address, never a name
+        network = banned_network(words[0])  # an address is an address, never a name
         target = None if network else self.names.get(name_key(words[0]))
         if network is None and target is None:
             self.queue(peer, error_line('%s is neither online nor an address' % words[0]))
@@ -2954,8 +2968,6 @@ class Commands:
             network = host_of(target.ip)
             what = '%s banned %s (%s) %s' % (peer.name, target.name, network, how_long)
         else:
-            if '/' not in words[0]:
-                network = host_of(network.network_address)
             what = '%s banned %s %s' % (peer.name, words[0], how_long)
         self.log(what)
         self.wall(notice_line(what))
@@ -2966,8 +2978,8 @@ class Commands:
             what = network
             shown = words[0] if target is None else str(network)
             self.gate.ban(network, shown, seconds, peer.name)
-        if self.link is not None:  # every server refuses it
-            self.link.publish('ban', what, seconds or '', peer.name, shown)
+        if self.link is not None:  # every server refuses it, now and later
+            self.link.ban(str(what), seconds, peer.name, shown)
 
     @command('/unban NAME|ADDRESS', 'lift a ban', who=OPERATORS, console=True)
     def cmd_unban(self, peer, argument):
@@ -2978,7 +2990,7 @@ class Commands:
         self.log('%s lifted the ban on %s' % (peer.name, shown))
         self.queue(peer, notice_line('%s is no longer banned' % shown))
         if self.link is not None:  # on every server
-            self.link.publish('unban', argument)
+            self.link.unban(argument)
 
     @command('/bans', 'list the bans', who=OPERATORS, console=True)
     def cmd_bans(self, peer, argument):
@@ -5015,6 +5027,11 @@ def said_fields(fields):
     return fields.split(b'\t', 4)
 
 
+def ban_field(what, shown):
+    """A ban's field in the bans hash: the network, or the banned name's key."""
+    return 'name:' + name_key(shown) if what == 'name' else what
+
+
 def stream_id(text):
     """A Redis stream entry's id (b'MS-SEQ') as numbers, to compare."""
     milliseconds, _, sequence = text.partition(b'-')
@@ -5115,6 +5132,7 @@ class Link:
         else:
             self.read_bus()
         self.up, self.tries = True, 0
+        self.load_bans()
         now = time.monotonic()
         for origin in self.people:
             self.heard[origin] = now  # they have LINK_DEAD_SEC to answer
@@ -5268,6 +5286,47 @@ class Link:
         return self.publish_numbered('topic', lambda: self.server.room_named(
             name).set_topic_here(text, setter), name, setter, text) and self.call(
             'HSET', self.key('topics'), room.key, json.dumps([room.name, text, setter]))
+
+    # Bans: on the bus for the servers linked now, and in the hash
+    # CLUSTER:bans for those that link later (a field per address or
+    # network, or "name:" and a name's key; the value [WHAT, SHOWN, END, BY],
+    # END in wall-clock seconds or null: until /unban).
+
+    def ban(self, what, seconds, by, shown):
+        """what: a network as text, or 'name' (shown is the name)."""
+        self.publish('ban', what, '' if seconds is None else seconds, by, shown)
+        self.call('HSET', self.key('bans'), ban_field(what, shown), json.dumps(
+            [what, shown, None if seconds is None else time.time() + seconds, by]))
+
+    def unban(self, text):
+        network = banned_network(text)
+        self.publish('unban', text)
+        self.call('HDEL', self.key('bans'), str(network) if network is not None
+                  else ban_field('name', text))
+
+    def load_bans(self):
+        self.commands.call(self.got_bans, 'HGETALL', self.key('bans'))
+
+    def got_bans(self, reply):
+        """Every ban in Redis, at each link: take those not over; and give
+        it the bans made here while it could not be reached (an /unban made
+        elsewhere meanwhile is lost: the ban stays, the safer way)."""
+        if isinstance(reply, RespError):
+            return
+        gate, now, kept = self.server.gate, time.time(), set()
+        for field, value in zip(reply[::2], reply[1::2]):
+            what, shown, end, by = json.loads(value.decode('utf-8', 'replace'))
+            if end is not None and end <= now:
+                self.call('HDEL', self.key('bans'), field)
+                continue
+            kept.add(field.decode('utf-8', 'replace'))
+            self.take_ban(what, None if end is None else end - now, by, shown)
+        made_here = [(str(network), ban) for network, ban in gate.bans.items()]
+        made_here += [('name', ban) for ban in gate.name_bans.values()]
+        for what, ban in made_here:
+            if ban.by is not None and not ban.over() and (
+                    ban_field(what, ban.shown) not in kept):
+                self.ban(what, ban.seconds_left(), ban.by, ban.shown)
 
     # The first time linked: each room's history and topic, from Redis, for
     # the rooms that have none here; then the bus, from where they end.
@@ -5662,11 +5721,14 @@ class Link:
     def on_ban(self, origin, fields):
         """Another server's operator banned an address, or a person's name."""
         what, seconds, by, shown = fields.split('\t', 3)
-        seconds = float(seconds) if seconds else None
-        if origin == self.id:
-            return
+        if origin != self.id:
+            self.take_ban(what, float(seconds) if seconds else None, by, shown)
+
+    def take_ban(self, what, seconds, by, shown):
+        """A ban made on another server: an address's connections here
+        close; a person banned by name is closed by their own server."""
         if what == 'name':
-            self.server.gate.name_bans[name_key(shown)] = Ban(shown, seconds)
+            self.server.gate.name_bans[name_key(shown)] = Ban(shown, seconds, by, True)
         else:
             self.server.gate.ban(ipaddress.ip_network(what), shown, seconds, by)
 

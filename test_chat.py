@@ -6240,15 +6240,21 @@ class TestLink(LinkTests, unittest.TestCase):
         return conn.expect(r'^-!- %s: .*' % name)[1].group(0)
 
     def test_redis_restarted_mid_chat(self):
-        one, two = self.linked_server(), self.linked_server()
+        one = self.linked_server('--op-password-file', self.op_file())
+        two = self.linked_server()
         ann, amy, ben = self.join(one, 'ann'), self.join(one, 'amy'), self.join(two, 'ben')
         self.everyone_knows([ann, amy, ben], 3)
+        far = Conn(two.port, source='127.0.0.2')
+        self.addCleanup(far.close)
+        far.expect(r'^-!- \d+ online')
         self.redis.stop()
         for conn in (ann, amy, ben):
             conn.expect(r'^-!- the link to the other servers is down; only people on this '
                         r'server hear you$')
         ann.send('said while alone\n')
         amy.expect(r'^<ann> said while alone$')
+        ann.send('/op opsecret\n/ban 127.0.0.2 5\n')  # reaches the others once linked
+        ann.expect(r'^-!- ann banned 127\.0\.0\.2 for 5 minutes$')
         amy.send('/nick zed\n')  # apart, both servers let someone take one name:
         amy.expect(r'^-!- amy is now known as zed$')
         ben.send('/nick zed\n')
@@ -6264,6 +6270,7 @@ class TestLink(LinkTests, unittest.TestCase):
         ann.send('said when linked again\n')
         before, _ = ben.expect(r'^<ann> said when linked again$')
         self.assertNotIn('<ann> said while alone', before)
+        self.assertEqual(far.expect_closed()[-1], '!!! you were banned by ann')
         self.everyone_knows([ann, ben], 3)  # re-announced: everyone again, no one twice
         for conn in (ann, ben):
             self.assertEqual(sum('link to the other servers is down' in line
@@ -6411,7 +6418,7 @@ class TestLink(LinkTests, unittest.TestCase):
         self.everyone_knows([boss, ben, cat], 3)
         boss.send('/op opsecret\n/ban ben 5\n')
         ben.expect(r'^!!! you were banned by boss$')
-        boss.expect(r'^-!- boss banned ben for 5 minutes$')
+        boss.expect(r'^-!- boss banned ben by name \(a shared address\) for 5 minutes$')
         self.gone(boss, 'ben')
         again = Conn(one.port)  # the name is banned on the other server too
         self.addCleanup(again.close)
@@ -6419,15 +6426,25 @@ class TestLink(LinkTests, unittest.TestCase):
         again.send('/nick ben\n')
         again.expect(r'^!!! cannot use the name ben: the name is banned until')
         boss.send('/ban 127.0.0.2\nafter the ban\n')
+        boss.expect(r'^-!- boss banned 127\.0\.0\.2 until lifted$')  # kept in Redis
         cat.expect(r'^<boss> after the ban$')  # so the ban, before it, is known there
         is_closed_at_once(self, two.port, '127.0.0.1', r'^!!! you are banned', '127.0.0.2')
+        three = self.linked_server(*args)  # linked after the bans: it has them too
+        late = self.join(three, 'late')
+        late.send('/nick ben\n')
+        late.expect(r'^!!! cannot use the name ben: the name is banned until \d\d:\d\d$')
+        is_closed_at_once(self, three.port, '127.0.0.1', r'^!!! you are banned until lifted$',
+                          '127.0.0.2')
         boss.send('/unban 127.0.0.2\n/unban ben\nafter the unbans\n')
         cat.expect(r'^<boss> after the unbans$')
-        back = Conn(two.port, source='127.0.0.2')
+        back = Conn(self.linked_server(*args).port, source='127.0.0.2')  # linked after
         self.addCleanup(back.close)
         back.expect(r'^-!- \d+ online')
         back.send('/nick ben\n')
         back.expect(r'is now known as ben$')
+        also = Conn(two.port, source='127.0.0.2')
+        self.addCleanup(also.close)
+        also.expect(r'^-!- \d+ online')
 
     def op_file(self):
         folder = tempfile.mkdtemp(prefix='chat-op-')
