@@ -259,6 +259,8 @@ LINK_GUEST_BLOCK = 1000        # guest numbers taken from Redis at a time
 LINK_SESSION_KEEP_SEC = 7 * 24 * 3600  # a session's record in Redis (for resuming
 # on another server) lasts this long after its last change, if not ended before
 LINK_BUS_KEEP = 100000         # events the bus keeps (about), for servers cut off a while
+LINK_PRIVATE_KEEP = 1000       # private messages kept for a person of another server, in
+# case it resumes here (Link.missed)
 LINK_READ_COUNT = 1000         # events read from the bus at a time
 LINK_READ_BLOCK_MS = 5000      # a read of the bus waits this long for one
 LINK_READ_BYTES = 1 << 20      # read from Redis at once, at most (a big reply comes whole),
@@ -2770,17 +2772,19 @@ class Commands:
         self.queue(peer, notice_line(GOODBYE))
         self.drop(peer, 'quit: %s' % reason if reason else 'quit', linger=True)
 
-    @command('/resume TOKEN [N [P]]', 'come back after a lost connection (N: lines you '
-             'got since the token; P: of them, public lines of your room since you entered '
-             'it; without them, what was said while you were away)', who=AT_THE_DOOR)
+    @command('/resume TOKEN [N [P [M]]]', 'come back after a lost connection (N: lines '
+             'you got since the token; P: of them, public lines of your room since you '
+             'entered it; M: private messages since the token; without them, what was said '
+             'while you were away)', who=AT_THE_DOOR)
     def cmd_resume(self, peer, argument):
-        token, seen, heard = (argument.split() + ['', '', ''])[:3]
+        token, seen, heard, privately = (argument.split() + ['', '', '', ''])[:4]
         owner = self.sessions.get(token_digest(token))
-        if not all(NUMBER.match(count) for count in (seen, heard) if count):
+        if not all(NUMBER.match(count) for count in (seen, heard, privately) if count):
             owner = None
         elif owner is None and self.link is not None and self.link.up:
             # Redis may know it: a session of another server (that server may be gone).
-            self.link.find_session(peer, token_digest(token), int(heard) if heard else 0)
+            self.link.find_session(peer, token_digest(token), int(heard) if heard else 0,
+                                   int(privately) if privately else 0)
             return
         if (owner is None or owner is peer or owner.close_reason is not None  # leaving now
                 or self.gate.name_banned(owner.key)):
@@ -5060,6 +5064,7 @@ class Link:
         self.sent = collections.deque()
         self.said_bytes = 0          # of their lines: past half a backlog cap, input waits
         self.resuming = set()        # peers whose /resume waits for Redis's answer
+        self.private_for = {}        # mirror -> deque of (bus entry, its private line)
         self.ended = set()           # sessions ended while the link was down: Redis forgets
         self.unconfirmed = {}        # name_key -> local Peer whose claim is not back yet
         self.heard = {}              # server id -> when last heard (monotonic)
@@ -5489,7 +5494,7 @@ class Link:
         if not self.call('DEL', self.key('session', digest)):
             self.ended.add(digest)  # when linked again
 
-    def find_session(self, peer, digest, heard):
+    def find_session(self, peer, digest, heard, heard_privately):
         """/resume of a session this server does not have: Redis may know
         it, of another server.  peer's input waits for the answer."""
         self.server.pause(peer, LINK_CONNECT_SEC)  # reads on at the answer, if not before
@@ -5506,7 +5511,8 @@ class Link:
                 self.server.refuse_resume(peer)  # (the claim: not someone since called so)
             else:
                 self.people.get(mirror.home, {}).pop(mirror.key, None)
-                missed, gone = self.missed(mirror, stream_id(session[b'mark']), heard)
+                missed, gone = self.missed(mirror, stream_id(session[b'mark']), heard,
+                                           heard_privately)
                 self.server.resume_from_elsewhere(peer, mirror, missed, gone)
                 self.call('DEL', self.key('session', digest))  # its new token replaces it
             self.server.guarded(self.server.resume, peer)
@@ -5515,10 +5521,12 @@ class Link:
         except RespFailure as exc:
             self.fail(exc)
 
-    def missed(self, mirror, mark, heard):
+    def missed(self, mirror, mark, heard, heard_privately):
         """The public lines of mirror's room since bus entry mark, less its
-        own and less the first heard (which its client had), at most half a
-        backlog cap of the newest; and a note if some are gone."""
+        own and less the first heard (which its client had), then the
+        private messages to it since mark, less the first heard_privately;
+        at most half a backlog cap of the newest; and a note if some are
+        gone."""
         room, server = mirror.room, self.server
         marks = room.bus_marks
         index = bisect.bisect_right(marks, (mark, float('inf')))
@@ -5531,12 +5539,15 @@ class Link:
                         and not line.startswith(own)):
                     lines.append(line)
         lines = lines[heard:]
+        privately = self.private_for.pop(mirror, ())
+        lines += [line for at, line in privately if at > mark][heard_privately:]
         kept, size = len(lines), 0
         while kept and size + len(lines[kept - 1]) <= server.max_backlog // RESUME_SHARE:
             kept -= 1
             size += len(lines[kept])
         gone = kept or (index == 0 and marks and marks[0][0] > mark and (
-            room.said_from > 0 or stream_id(self.first_id) > mark))
+            room.said_from > 0 or stream_id(self.first_id) > mark)) or (
+            len(privately) == LINK_PRIVATE_KEEP and privately[0][0] > mark)
         return lines[kept:], ' (some earlier ones are gone)' if gone else ''
 
     def on_moved(self, origin, fields):
@@ -5547,6 +5558,7 @@ class Link:
             return
         if holder.home is None:  # its old connection was here
             self.server.hand_over(holder, origin)
+        self.private_for.pop(holder, None)  # its new server has them
         self.people.get(holder.home, {}).pop(holder.key, None)
         holder.home = origin
         self.people.setdefault(origin, {})[holder.key] = holder
@@ -5645,6 +5657,7 @@ class Link:
     def drop_mirror(self, mirror, reason):
         people = self.people.get(mirror.home, {})
         people.pop(mirror.key, None)
+        self.private_for.pop(mirror, None)
         for alias in [alias for alias, peer in self.aliases.items() if peer is mirror]:
             del self.aliases[alias]
         if not people and mirror.home in self.dead:  # nothing left of a dead server
@@ -5698,6 +5711,11 @@ class Link:
         recipient, mirror = self.server.names.get(name_key(name)), self.mirror_of(origin, sender)
         if recipient is not None and recipient.home is None and mirror is not None:
             self.server.hear_private(mirror, recipient, text)
+        elif recipient is not None and recipient.home is not None and self.server.resume_for:
+            kept = self.private_for.get(recipient)  # for its resume here, if it comes
+            if kept is None:
+                kept = self.private_for[recipient] = collections.deque(maxlen=LINK_PRIVATE_KEEP)
+            kept.append((stream_id(self.last_id), private_line(sender, text)))
 
     def on_to(self, origin, fields):
         name, lines = fields.split(b'\t', 1)
@@ -5945,6 +5963,7 @@ let mentionPattern = null;    // our name as a whole word
 let unread = 0;               // lines that came while the tab was hidden
 let token = null, seen = 0;   // our resume token, and the lines received since it,
 let heard = 0;                // and of them public lines of our room since we entered it
+let privately = 0;            // and private messages since the token (for another server)
 let resuming = false;         // we sent /resume: a token that comes now is a new one
 let roomBeforeDrop = null;    // to go back to if we cannot resume
 let held = null;              // while resuming, what the connection was sent as a newcomer
@@ -6030,7 +6049,7 @@ function onOpen() {
   if (attempt) showLocal('notice', 'connected again');
   resuming = Boolean(token);
   held = token ? [] : null;
-  if (token) send('/resume ' + token + ' ' + seen + ' ' + heard);
+  if (token) send('/resume ' + token + ' ' + seen + ' ' + heard + ' ' + privately);
   else greet();
 }
 
@@ -6103,13 +6122,14 @@ function onLine(text) {
   const resume = /^-!- To resume after a lost connection: [/]resume ([^ ]+)$/.exec(text);
   if (resume) {   // counted from here; not shown: the page resumes by itself
     token = resume[1];
-    seen = heard = 0;
+    seen = heard = privately = 0;
     resuming = false;
     return;
   }
   if (token) seen += 1;
   if (/^(<[^ ]+> |[*] [^ ]+ )/.test(text)) heard += 1;   // what a restart keeps
   else if (/^-!- You are in #/.test(text)) heard = 0;
+  else if (text.startsWith('[PM from ')) privately += 1;
   if (text.startsWith('!!! cannot resume')) {
     if (resuming) token = null;   // else the guest we came in as has a token already
     resuming = false;
@@ -6520,6 +6540,8 @@ class Client:
         self.seen = 0                 # lines received since it,
         self.heard = 0                # and of them, public lines of our room since we
         # entered it: what a server restarted with --data knows of (Session.before_restart)
+        self.privately = 0            # and private messages since the token: what a
+        # linked server we resume on instead of ours knows of (Link.missed)
         self.refusal = None           # the server shut the door: no coming back
         self.retry_at = None          # when to try to reconnect, while cut off
         self.attempt = 0              # tries since the loss
@@ -6615,7 +6637,7 @@ class Client:
         for text in texts:
             resume = RESUME_TOKEN.match(text)
             if resume:
-                self.token, self.seen, self.heard = resume.group(1), 0, 0
+                self.token, self.seen, self.heard, self.privately = resume.group(1), 0, 0, 0
                 continue  # the client resumes by itself: the token need not be shown
             if self.token is not None:
                 self.seen += 1
@@ -6623,6 +6645,8 @@ class Client:
                 self.heard += 1
             elif ENTERED.match(text):
                 self.heard = 0
+            elif text.startswith('[PM from '):
+                self.privately += 1
             if text.startswith('!!! ') and REFUSAL.search(text[4:]):
                 self.refusal = text[4:]
             elif text.startswith('!!! cannot resume'):
@@ -6703,7 +6727,8 @@ class Client:
     def reconnect(self):
         """Try once to connect again: resume with the token if we have one,
         else join anew with our name and room; then send what was typed."""
-        first = 'resume %s %d %d' % (self.token, self.seen, self.heard) if self.token else ''
+        first = ('resume %s %d %d %d' % (self.token, self.seen, self.heard, self.privately)
+                 if self.token else '')
         try:
             sock, received = self.redial('/' + first if first else '')
         except (UserError, OSError) as exc:

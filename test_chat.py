@@ -6302,17 +6302,22 @@ class TestLink(LinkTests, unittest.TestCase):
         ann.name = 'ann'
         ben, cat = self.join(two, 'ben'), self.join(three, 'cat')
         self.everyone_knows([ann, ben, cat], 3)
-        ben.send('before\n')
+        ben.send('before\n/msg ann private before\n')
         ann.expect(r'^<ben> before$')  # heard: 1 public line since the token
+        ann.expect(r'^\[PM from ben\] private before$')  # and 1 private message
         one.proc.kill()  # kill -9: no goodbye
         ben.send('while away 1\nwhile away 2\n')
+        cat.send('/msg ann private while away\n')
+        cat.expect(r'^\[PM to ann\] private while away$')
         cat.expect(r'^<ben> while away 2$')
-        back = Conn(two.port, hello=False)
+        back = Conn(two.port, hello=False)  # ben's server: cat's message went on the bus
         back.name = 'ann'
         self.addCleanup(back.close)
-        back.send('/resume %s 9 1\n' % token)
-        back.expect(r'^-!- You are back as ann in #lobby: 2 lines you missed$')
-        self.assertEqual([back.line(), back.line()], ['<ben> while away 1', '<ben> while away 2'])
+        back.send('/resume %s 9 1 1\n' % token)
+        back.expect(r'^-!- You are back as ann in #lobby: 3 lines you missed$')
+        self.assertEqual([back.line(), back.line(), back.line()],
+                         ['<ben> while away 1', '<ben> while away 2',
+                          '[PM from cat] private while away'])
         back.expect(RESUME_LINE)
         back.send('back on two\n')
         for conn in (ben, cat):
