@@ -2489,7 +2489,7 @@ class Commands:
     @command('/register PASSWORD', 'make your name yours (it then needs the password)')
     def cmd_register(self, peer, password):
         name = peer.name
-        if self.data is None:
+        if self.data is None and self.link is None:  # (linked: the names are in Redis)
             self.queue(peer, error_line('this server keeps no names: it runs without --data'))
         elif not password:
             self.usage(peer, self.cmd_register)
@@ -2514,7 +2514,10 @@ class Commands:
             return
         again = peer.key in self.accounts
         self.accounts[peer.key] = (name, hashed)
-        self.data.people.note('name', name, hashed)
+        if self.data is not None:
+            self.data.people.note('name', name, hashed)
+        if self.link is not None:
+            self.link.register(name, hashed)
         self.log('%s %s' % (name, 'changed its password' if again else 'registered its name'))
         self.queue(peer, notice_line(
             'The name %s is yours%s: from now on it needs the password (/nick %s PASSWORD, '
@@ -2546,7 +2549,10 @@ class Commands:
         """The name is no one's any more; the messages that waited for it go."""
         name, _ = self.accounts.pop(key)
         self.mail.pop(key, None)
-        self.data.people.note('unname', name)
+        if self.data is not None:
+            self.data.people.note('unname', name)
+        if self.link is not None:
+            self.link.unregister(name)
         self.log('%s is no longer registered (by %s)' % (name, by))
 
     def leave_mail(self, peer, key, text):
@@ -2639,7 +2645,7 @@ class Commands:
             self.usage(peer, self.cmd_msg)
             return
         recipient = self.names.get(name_key(name))
-        if recipient is None and name_key(name) in self.accounts:
+        if recipient is None and name_key(name) in self.accounts and self.data is not None:
             if not self.refused_if_muted(peer):
                 self.leave_mail(peer, name_key(name), text)
         elif recipient is None:
@@ -5022,7 +5028,8 @@ SAY_SCRIPT_SHA = hashlib.sha1(SAY_SCRIPT).hexdigest()
 
 # The kinds of event on the bus (see the format above): each has its on_KIND.
 BUS_EVENTS = frozenset(('say', 'topic', 'in', 'nick', 'out', 'lost', 'back', 'away', 'op',
-                        'pm', 'to', 'act', 'ban', 'unban', 'wall', 'hello', 'state', 'moved',
+                        'pm', 'to', 'act', 'ban', 'unban', 'name', 'unname', 'wall', 'hello',
+                        'state', 'moved',
                         'beat', 'bye'))
 
 
@@ -5138,6 +5145,7 @@ class Link:
             self.read_bus()
         self.up, self.tries = True, 0
         self.load_bans()
+        self.load_names()
         now = time.monotonic()
         for origin in self.people:
             self.heard[origin] = now  # they have LINK_DEAD_SEC to answer
@@ -5332,6 +5340,35 @@ class Link:
             if ban.by is not None and not ban.over() and (
                     ban_field(what, ban.shown) not in kept):
                 self.ban(what, ban.seconds_left(), ban.by, ban.shown)
+
+    # Registered names (/register): on the bus, and in the hash CLUSTER:names
+    # (field: the name's key; value: [NAME, PASSWORD HASH]), so a name is its
+    # owner's on every server, those linked later too.
+
+    def register(self, name, hashed):
+        self.publish('name', name, hashed)
+        self.call('HSET', self.key('names'), name_key(name), json.dumps([name, hashed]))
+
+    def unregister(self, name):
+        self.publish('unname', name)
+        self.call('HDEL', self.key('names'), name_key(name))
+
+    def load_names(self):
+        self.commands.call(self.got_names, 'HGETALL', self.key('names'))
+
+    def got_names(self, reply):
+        """Every registered name in Redis, at each link; and those
+        registered here while it could not be reached, or only in --data."""
+        if isinstance(reply, RespError):
+            return
+        accounts = self.server.accounts
+        for value in reply[1::2]:
+            name, hashed = json.loads(value.decode('utf-8', 'replace'))
+            accounts[name_key(name)] = (name, hashed)
+        known = set(key.decode('utf-8', 'replace') for key in reply[::2])
+        for key, (name, hashed) in list(accounts.items()):
+            if key not in known:
+                self.register(name, hashed)
 
     # The first time linked: each room's history and topic, from Redis, for
     # the rooms that have none here; then the bus, from where they end.
@@ -5753,6 +5790,16 @@ class Link:
     def on_unban(self, origin, what):
         if origin != self.id:
             self.server.gate.lift(what)
+
+    def on_name(self, origin, fields):
+        """A name registered on another server (its password's hash)."""
+        name, hashed = fields.split('\t')
+        if origin != self.id:
+            self.server.accounts[name_key(name)] = (name, hashed)
+
+    def on_unname(self, origin, name):
+        if origin != self.id:
+            self.server.accounts.pop(name_key(name), None)
 
     def on_wall(self, origin, fields):
         number, line = fields.split('\t', 1)

@@ -6451,6 +6451,28 @@ class TestLink(LinkTests, unittest.TestCase):
         self.addCleanup(also.close)
         also.expect(r'^-!- \d+ online')
 
+    def test_a_registered_name_is_its_owners_on_every_server(self):
+        one, two = self.linked_server(), self.linked_server()  # no --data: Redis keeps it
+        ann = self.join(one, 'ann')
+        ann.send('/register correct horse\n')
+        ann.expect(r'^-!- The name ann is yours')
+        ann.send('/quit\n')
+        ann.expect_closed()
+        for server, name in ((two, 'other'), (self.linked_server(), 'late')):  # linked after
+            other = self.join(server, name)
+            other.send('/nick ann\n')
+            other.expect(r'^!!! cannot use the name ann: it is registered; give its '
+                         r'password: /nick ann PASSWORD$')
+        anyone = self.join(one, 'anyone')
+        other.send('/nick ann correct horse\n')
+        other.expect(r'^-!- late is now known as ann$')
+        other.send('/unregister\n')
+        other.expect(r'^-!- ann is no longer registered$')
+        other.send('/nick late\nlet go\n')
+        anyone.expect(r'^<late> let go$')  # so the unregistering, before it, is known there
+        anyone.send('/nick ann\n')
+        anyone.expect(r'^-!- anyone is now known as ann$')
+
     def op_file(self):
         folder = tempfile.mkdtemp(prefix='chat-op-')
         self.addCleanup(shutil.rmtree, folder, True)
