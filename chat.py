@@ -5038,6 +5038,16 @@ def said_fields(fields):
     return fields.split(b'\t', 4)
 
 
+def stored_json(value, length):
+    """A JSON list of length kept in a Redis hash by Link, or None if it
+    is not one (written by something else, or damaged)."""
+    try:
+        stored = json.loads(value.decode('utf-8', 'replace'))
+    except ValueError:
+        return None
+    return stored if isinstance(stored, list) and len(stored) == length else None
+
+
 def ban_field(what, shown):
     """A ban's field in the bans hash: the network, or the banned name's key."""
     return 'name:' + name_key(shown) if what == 'name' else what
@@ -5072,6 +5082,7 @@ class Link:
         self.said_bytes = 0          # of their lines: past half a backlog cap, input waits
         self.resuming = set()        # peers whose /resume waits for Redis's answer
         self.private_for = {}        # mirror -> deque of (bus entry, its private line)
+        self.undone = {}             # (hash, field) -> text: /unban, /unregister while down
         self.ended = set()           # sessions ended while the link was down: Redis forgets
         self.unconfirmed = {}        # name_key -> local Peer whose claim is not back yet
         self.heard = {}              # server id -> when last heard (monotonic)
@@ -5313,9 +5324,9 @@ class Link:
 
     def unban(self, text):
         network = banned_network(text)
-        self.publish('unban', text)
-        self.call('HDEL', self.key('bans'), str(network) if network is not None
-                  else ban_field('name', text))
+        field = str(network) if network is not None else ban_field('name', text)
+        if not (self.publish('unban', text) and self.call('HDEL', self.key('bans'), field)):
+            self.undone[('bans', field)] = text  # when linked again (got_bans)
 
     def load_bans(self):
         self.commands.call(self.got_bans, 'HGETALL', self.key('bans'))
@@ -5328,12 +5339,20 @@ class Link:
             return
         gate, now, kept = self.server.gate, time.time(), set()
         for field, value in zip(reply[::2], reply[1::2]):
-            what, shown, end, by = json.loads(value.decode('utf-8', 'replace'))
-            if end is not None and end <= now:
-                self.call('HDEL', self.key('bans'), field)
-                continue
-            kept.add(field.decode('utf-8', 'replace'))
-            self.take_ban(what, None if end is None else end - now, by, shown)
+            field = field.decode('utf-8', 'replace')
+            if ('bans', field) in self.undone:
+                continue  # lifted here while the link was down
+            try:
+                what, shown, end, by = stored_json(value, 4)
+                seconds = None if end is None else end - now
+                if seconds is None or seconds > 0:
+                    self.take_ban(what, seconds, by, shown)
+                    kept.add(field)
+                    continue
+            except (TypeError, ValueError):  # not one of ours, or damaged
+                pass
+            self.call('HDEL', self.key('bans'), field)  # over, or unreadable
+        self.redo_undone('bans', self.unban)
         made_here = [(str(network), ban) for network, ban in gate.bans.items()]
         made_here += [('name', ban) for ban in gate.name_bans.values()]
         for what, ban in made_here:
@@ -5350,8 +5369,17 @@ class Link:
         self.call('HSET', self.key('names'), name_key(name), json.dumps([name, hashed]))
 
     def unregister(self, name):
-        self.publish('unname', name)
-        self.call('HDEL', self.key('names'), name_key(name))
+        if not (self.publish('unname', name) and
+                self.call('HDEL', self.key('names'), name_key(name))):
+            self.undone[('names', name_key(name))] = name  # when linked again (got_names)
+
+    def redo_undone(self, table, undo):
+        """What was taken out of table here while the link was down: out of
+        Redis too, and off the other servers, now that it is up."""
+        for (undone_table, field), text in list(self.undone.items()):
+            if undone_table == table:
+                del self.undone[(table, field)]
+                undo(text)
 
     def load_names(self):
         self.commands.call(self.got_names, 'HGETALL', self.key('names'))
@@ -5361,11 +5389,14 @@ class Link:
         registered here while it could not be reached, or only in --data."""
         if isinstance(reply, RespError):
             return
-        accounts = self.server.accounts
-        for value in reply[1::2]:
-            name, hashed = json.loads(value.decode('utf-8', 'replace'))
-            accounts[name_key(name)] = (name, hashed)
-        known = set(key.decode('utf-8', 'replace') for key in reply[::2])
+        accounts, known = self.server.accounts, set()
+        for field, value in zip(reply[::2], reply[1::2]):
+            field, account = field.decode('utf-8', 'replace'), stored_json(value, 2)
+            if (account is not None and all(isinstance(text, str) for text in account)
+                    and ('names', field) not in self.undone):
+                accounts[name_key(account[0])] = tuple(account)
+                known.add(field)
+        self.redo_undone('names', self.unregister)
         for key, (name, hashed) in list(accounts.items()):
             if key not in known:
                 self.register(name, hashed)
@@ -5379,7 +5410,7 @@ class Link:
 
     def got_topics(self, reply):
         for value in reply[1::2]:
-            name, text, setter = json.loads(value.decode('utf-8', 'replace'))
+            name, text, setter = stored_json(value, 3) or ('', '', '')
             if name_problem(name) is None:
                 room = self.server.room_named(name)
                 room.topic = room.topic or text

@@ -5977,6 +5977,15 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def welcomed(port, source):
+    """True if a connection from source is let in, False if refused."""
+    conn = Conn(port, source=source)
+    try:
+        return conn.line().startswith('-!- Welcome')
+    finally:
+        conn.close()
+
+
 class RedisServer:
     """A real redis-server on a free loopback port, persistence off, in a
     folder of its own; stopped at cleanup."""
@@ -6472,6 +6481,24 @@ class TestLink(LinkTests, unittest.TestCase):
         anyone.expect(r'^<late> let go$')  # so the unregistering, before it, is known there
         anyone.send('/nick ann\n')
         anyone.expect(r'^-!- anyone is now known as ann$')
+
+    def test_an_unban_while_the_link_is_down_reaches_the_others_when_it_is_back(self):
+        args = ('--op-password-file', self.op_file())
+        one, two = self.linked_server(*args), self.linked_server(*args)
+        boss = self.join(one, 'boss')
+        boss.send('/op opsecret\n/ban 127.0.0.2 5\n')
+        boss.expect(r'^-!- boss banned 127\.0\.0\.2 for 5 minutes$')
+        wait_until(lambda: self.redis.command('HLEN', 'chat:bans') == 1, 'the ban in Redis')
+        self.redis.command('SAVE')  # so it comes back with the ban in it
+        self.redis.stop()
+        boss.expect(r'^-!- the link to the other servers is down')
+        boss.send('/unban 127.0.0.2\n')
+        boss.expect(r'^-!- 127\.0\.0\.2 is no longer banned$')
+        self.redis.start()
+        boss.expect(r'^-!- linked again$')
+        wait_until(lambda: self.redis.command('HLEN', 'chat:bans') == 0, 'the ban gone')
+        wait_until(lambda: welcomed(two.port, '127.0.0.2'), 'two to let 127.0.0.2 in')
+        self.assertTrue(welcomed(one.port, '127.0.0.2'))  # not banned again from Redis
 
     def op_file(self):
         folder = tempfile.mkdtemp(prefix='chat-op-')
