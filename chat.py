@@ -259,8 +259,6 @@ LINK_GUEST_BLOCK = 1000        # guest numbers taken from Redis at a time
 LINK_SESSION_KEEP_SEC = 7 * 24 * 3600  # a session's record in Redis (for resuming
 # on another server) lasts this long after its last change, if not ended before
 LINK_BUS_KEEP = 100000         # events the bus keeps (about), for servers cut off a while
-LINK_PRIVATE_KEEP = 1000       # private messages kept for a person of another server, in
-# case it resumes here (Link.missed)
 LINK_READ_COUNT = 1000         # events read from the bus at a time
 LINK_READ_BLOCK_MS = 5000      # a read of the bus waits this long for one
 LINK_READ_BYTES = 1 << 20      # read from Redis at once, at most (a big reply comes whole),
@@ -402,8 +400,11 @@ def action_line(name, text):
     return ('* %s %s\n' % (name, text)).encode()
 
 
+PRIVATE_PREFIX = '[PM from '  # what a private message's line starts with
+
+
 def private_line(sender, text):
-    return ('[PM from %s] %s\n' % (sender, text)).encode()
+    return ('%s%s] %s\n' % (PRIVATE_PREFIX, sender, text)).encode()
 
 
 def sent_line(recipient, text):
@@ -2109,6 +2110,11 @@ class Gate:
                     del bans[what]
 
 
+def endless_ban(linked):
+    """How long a ban without minutes lasts (linked: it is kept in Redis)."""
+    return 'until lifted' if linked else 'until the server restarts'
+
+
 class Ban:
     """A ban: what it is shown as (what the operator typed), when it ends,
     and which operator made it (None: too many wrong passwords, a ban of
@@ -2128,9 +2134,9 @@ class Ban:
         return None if self.until is None else max(0.0, self.until - time.monotonic())
 
     def until_text(self):
-        """'until 14:05' (local time), or 'until the server restarts'."""
+        """'until 14:05' (local time), or as endless_ban says."""
         if self.until is None:
-            return 'until lifted' if self.linked else 'until the server restarts'
+            return endless_ban(self.linked)
         return 'until ' + time.strftime('%H:%M', time.localtime(
             time.time() + self.until - time.monotonic() + 59))  # rounded up
 
@@ -2557,27 +2563,46 @@ class Commands:
 
     def leave_mail(self, peer, key, text):
         """/msg to a registered name that is not here: it waits (at most
-        MAIL_PER_NAME, for MAIL_KEEP_SEC), and the sender is told."""
+        MAIL_PER_NAME, for MAIL_KEEP_SEC), and the sender is told.  Linked,
+        it waits in Redis, for whichever server its owner comes to."""
         name = self.accounts[key][0]
+        if self.link is not None:
+            self.link.leave_mail(peer, name, text)
+            return
         box = self.mail[key] = fresh_mail(self.mail.get(key, ()))
         if len(box) >= MAIL_PER_NAME:
-            self.queue(peer, error_line('%s has %d messages waiting already: this one is not '
-                                        'kept' % (name, MAIL_PER_NAME)))
+            self.mail_refused(peer, name)
             return
         box.append((self.stamp(), peer.name, text))
         self.data.people.note('mail', name, peer.name, text)
+        self.mail_kept(peer, name, text)
+
+    def mail_kept(self, peer, name, text):
         self.queue(peer, sent_line(name, text))
         self.queue(peer, notice_line('%s is not here: the message waits for them (up to %d '
                                      'days)' % (name, MAIL_KEEP_SEC // 86400)))
 
+    def mail_refused(self, peer, name):
+        self.queue(peer, error_line('%s has %d messages waiting already: this one is not '
+                                    'kept' % (name, MAIL_PER_NAME)))
+
     def deliver_mail(self, peer):
-        """peer has come in with its registered name: the messages that waited."""
+        """peer has come in with its registered name: the messages that
+        waited for it here (--data), and linked, those in Redis."""
         box = fresh_mail(self.mail.pop(peer.key, ()))
+        if box:
+            self.hand_mail(peer, box)
+            self.data.people.note('read', peer.name)
+        if self.link is not None:
+            self.link.take_mail(peer)
+
+    def hand_mail(self, peer, box):
+        """Waiting messages (stamp, sender, text), as replayed lines."""
+        box = fresh_mail(box)
         if box:
             self.queue(peer, notice_line('%s waited for you:' % plural(len(box), 'message'))
                        + b''.join(replayed((stamp, private_line(sender, text)))
                                   for stamp, sender, text in box))
-            self.data.people.note('read', peer.name)
 
     def rename(self, peer, name, by=None, owner=False):
         """Give peer the name, and tell its room; why not, if it may not.  A
@@ -2645,7 +2670,8 @@ class Commands:
             self.usage(peer, self.cmd_msg)
             return
         recipient = self.names.get(name_key(name))
-        if recipient is None and name_key(name) in self.accounts and self.data is not None:
+        if recipient is None and name_key(name) in self.accounts and (
+                self.data is not None or self.link is not None):
             if not self.refused_if_muted(peer):
                 self.leave_mail(peer, name_key(name), text)
         elif recipient is None:
@@ -2688,10 +2714,14 @@ class Commands:
             self.pause(peer, NUDGE_SEC)  # more would bury a reader that is catching up
 
     def hear_private(self, sender, recipient, text):
-        """A private message for recipient, here; sender may be a mirror."""
+        """A private message for recipient, here; sender may be a mirror.
+        Linked, the other servers hear of one sent here too: recipient's
+        client counts it, and may resume on one of them (Link.missed)."""
         if sender not in recipient.ignoring:
             self.queue(recipient, private_line(sender.name, text))
             recipient.replies_to = sender
+            if self.link is not None and sender.home is None and recipient.session is not None:
+                self.link.publish('heard', sender.name, recipient.name, text)
 
     @command('/away [REASON]', 'say you are away (for /who and /msg)')
     def cmd_away(self, peer, reason):
@@ -2964,8 +2994,7 @@ class Commands:
             return
         seconds = None if minutes is None else 60 * minutes
         how_long = ('for ' + plural(minutes, 'minute') if minutes
-                    else 'until lifted' if self.link is not None  # kept in Redis
-                    else 'until the server restarts')
+                    else endless_ban(self.link is not None))
         network = banned_network(words[0])  # an address is an address, never a name
         target = None if network else self.names.get(name_key(words[0]))
         if network is None and target is None:
@@ -5024,11 +5053,16 @@ redis.call('SADD', KEYS[3], ARGV[4])
 return id
 """
 SAY_SCRIPT_SHA = hashlib.sha1(SAY_SCRIPT).hexdigest()
+TAKE_MAIL_SCRIPT = b"""
+local mail = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+return mail
+"""
 
 
 # The kinds of event on the bus (see the format above): each has its on_KIND.
 BUS_EVENTS = frozenset(('say', 'topic', 'in', 'nick', 'out', 'lost', 'back', 'away', 'op',
-                        'pm', 'to', 'act', 'ban', 'unban', 'name', 'unname', 'wall', 'hello',
+                        'pm', 'heard', 'to', 'act', 'ban', 'unban', 'name', 'unname', 'wall', 'hello',
                         'state', 'moved',
                         'beat', 'bye'))
 
@@ -5038,14 +5072,41 @@ def said_fields(fields):
     return fields.split(b'\t', 4)
 
 
-def stored_json(value, length):
-    """A JSON list of length kept in a Redis hash by Link, or None if it
-    is not one (written by something else, or damaged)."""
+def stored_json(value, *kinds):
+    """A JSON list kept in Redis by Link, its items of kinds (types), or
+    None if it is not one (written by something else, or damaged)."""
     try:
         stored = json.loads(value.decode('utf-8', 'replace'))
     except ValueError:
         return None
-    return stored if isinstance(stored, list) and len(stored) == length else None
+    if isinstance(stored, list) and len(stored) == len(kinds) and all(
+            isinstance(item, kind) for item, kind in zip(stored, kinds)):
+        return stored
+    return None
+
+
+class KeptPrivately:
+    """The private messages to a person of another server, as this server
+    read them on the bus: (bus entry, line), the newest that fit limit bytes."""
+
+    __slots__ = ('lines', 'size', 'limit', 'forgotten')
+
+    def __init__(self, limit):
+        self.lines, self.size, self.limit = collections.deque(), 0, limit
+        self.forgotten = None  # the bus entry of the newest one dropped
+
+    def add(self, entry, line):
+        self.lines.append((entry, line))
+        self.size += len(line)
+        while self.size > self.limit:
+            self.forgotten, dropped = self.lines.popleft()
+            self.size -= len(dropped)
+
+    def since(self, mark):
+        return [line for entry, line in self.lines if entry > mark]
+
+    def forgot_after(self, mark):
+        return self.forgotten is not None and self.forgotten > mark
 
 
 def ban_field(what, shown):
@@ -5081,8 +5142,10 @@ class Link:
         self.sent = collections.deque()
         self.said_bytes = 0          # of their lines: past half a backlog cap, input waits
         self.resuming = set()        # peers whose /resume waits for Redis's answer
-        self.private_for = {}        # mirror -> deque of (bus entry, its private line)
-        self.undone = {}             # (hash, field) -> text: /unban, /unregister while down
+        self.private_for = {}        # mirror -> KeptPrivately: for its resume here
+        self.unsaid = {}             # (hash, field) -> to do when linked: changed while down
+        self.redis_new = False       # at this link, give Redis all held here (load_shared)
+        self.epoch = None            # Redis's, at the last link
         self.ended = set()           # sessions ended while the link was down: Redis forgets
         self.unconfirmed = {}        # name_key -> local Peer whose claim is not back yet
         self.heard = {}              # server id -> when last heard (monotonic)
@@ -5149,14 +5212,14 @@ class Link:
         it was down; the others answer hello with their state."""
         if isinstance(newest, RespError):
             raise newest
-        if self.last_id is None:  # the first time: from the bus's newest entry on
+        first = self.last_id is None
+        if first:  # from the bus's newest entry on
             self.last_id = self.first_id = newest[0][0] if newest else b'0-0'
             self.load_rooms()
         else:
             self.read_bus()
         self.up, self.tries = True, 0
-        self.load_bans()
-        self.load_names()
+        self.load_shared(first)
         now = time.monotonic()
         for origin in self.people:
             self.heard[origin] = now  # they have LINK_DEAD_SEC to answer
@@ -5168,8 +5231,9 @@ class Link:
         for digest in self.ended:
             self.call('DEL', self.key('session', digest))
         self.ended.clear()
-        self.server.log('link: linked through Redis at %s:%d as %s, cluster %s' % (
-            self.url.host, self.url.port, self.id, self.cluster))
+        self.call('PING', answer=lambda _: self.server.log(  # once what it read is taken
+            'link: linked through Redis at %s:%d as %s, cluster %s' % (
+                self.url.host, self.url.port, self.id, self.cluster)))
         if self.down_told:
             self.down_told = False
             self.server.wall_here(notice_line(LINKED_AGAIN))
@@ -5243,13 +5307,14 @@ class Link:
             field if isinstance(field, bytes) else str(field).encode('utf-8')
             for field in fields])
 
-    def call(self, *command):
-        """Queue a command whose answer does not matter; False if the link
-        is down (or has just broken: Redis cannot keep up)."""
+    def call(self, *command, answer=None):
+        """Queue a command, and answer(reply) when it comes, if given (else
+        the answer does not matter); False if the link is down (or has just
+        broken: Redis cannot keep up)."""
         if not self.up:
             return False
         try:
-            self.commands.call(None, *command)
+            self.commands.call(answer, *command)
         except RespFailure as exc:
             self.fail(exc)
             return False
@@ -5311,95 +5376,173 @@ class Link:
             name).set_topic_here(text, setter), name, setter, text) and self.call(
             'HSET', self.key('topics'), room.key, json.dumps([room.name, text, setter]))
 
-    # Bans: on the bus for the servers linked now, and in the hash
-    # CLUSTER:bans for those that link later (a field per address or
-    # network, or "name:" and a name's key; the value [WHAT, SHOWN, END, BY],
-    # END in wall-clock seconds or null: until /unban).
+    # Bans and registered names: on the bus for the servers linked now, and
+    # in a hash for those that link later.  CLUSTER:bans has a field per
+    # address or network, or "name:" and a name's key, each [WHAT, SHOWN,
+    # END, BY] (END in wall-clock seconds, or null: until /unban).
+    # CLUSTER:names has a field per registered name's key: [NAME, HASH].
+    # Read at every link: what was changed here while the link was down
+    # (Link.unsaid) wins, and is said then; to a Redis that came back empty
+    # (a new CLUSTER:epoch) every server gives all it holds.
 
     def ban(self, what, seconds, by, shown):
         """what: a network as text, or 'name' (shown is the name)."""
-        self.publish('ban', what, '' if seconds is None else seconds, by, shown)
-        self.call('HSET', self.key('bans'), ban_field(what, shown), json.dumps(
-            [what, shown, None if seconds is None else time.time() + seconds, by]))
+        end = None if seconds is None else time.time() + seconds
+        self.say_or_keep(('bans', ban_field(what, shown)), lambda: self.give_ban(what, shown),
+                         ('ban', what, '' if seconds is None else seconds, by, shown),
+                         ('HSET', self.key('bans'), ban_field(what, shown),
+                          json.dumps([what, shown, end, by])))
+
+    def give_ban(self, what, shown):
+        """A ban held here, to Redis and the others (unless it is over)."""
+        gate = self.server.gate
+        ban = (gate.name_bans.get(name_key(shown)) if what == 'name'
+               else gate.bans.get(ipaddress.ip_network(what)))
+        if ban is not None and not ban.over():
+            self.ban(what, ban.seconds_left(), ban.by, ban.shown)
 
     def unban(self, text):
         network = banned_network(text)
         field = str(network) if network is not None else ban_field('name', text)
-        if not (self.publish('unban', text) and self.call('HDEL', self.key('bans'), field)):
-            self.undone[('bans', field)] = text  # when linked again (got_bans)
+        self.say_or_keep(('bans', field), lambda: self.unban(text), ('unban', text),
+                         ('HDEL', self.key('bans'), field))
 
-    def load_bans(self):
-        self.commands.call(self.got_bans, 'HGETALL', self.key('bans'))
+    def register(self, name, hashed):
+        key = name_key(name)
+        self.say_or_keep(('names', key), lambda: self.give_name(key), ('name', name, hashed),
+                         ('HSET', self.key('names'), key, json.dumps([name, hashed])),
+                         wins=False)  # a name taken while Redis had it registered is not
+        # its owner's: it may have been taken here before this server knew
+
+    def give_name(self, key):
+        if key in self.server.accounts:
+            self.register(*self.server.accounts[key])
+
+    def unregister(self, name):
+        key = name_key(name)
+        self.call('DEL', self.key('mail', key))  # its messages go with it
+        self.say_or_keep(('names', key), lambda: self.unregister(name), ('unname', name),
+                         ('HDEL', self.key('names'), key))
+
+    def say_or_keep(self, field, again, event, command, wins=True):
+        """Publish event and run command; if the link is down, keep again()
+        to be done when it is up (load_shared), over what Redis has then
+        unless not wins (then only if Redis has nothing there)."""
+        self.unsaid.pop(field, None)
+        if not (self.publish(*event) and self.call(*command)):
+            self.unsaid[field] = (again, wins)
+
+    def load_shared(self, first):
+        """The shared hashes, read.  A Redis whose epoch is not the one
+        seen at the last link is new (or came back empty): it is given all
+        held here; so is any at a server's first link (names in --data)."""
+        def got_epoch(epoch):
+            self.redis_new, self.epoch = first or epoch != self.epoch, epoch
+        self.call('SET', self.key('epoch'), secrets.token_hex(8), 'NX')
+        self.call('GET', self.key('epoch'), answer=got_epoch)
+        self.call('HGETALL', self.key('bans'), answer=self.got_bans)
+        self.call('HGETALL', self.key('names'), answer=self.got_names)
 
     def got_bans(self, reply):
-        """Every ban in Redis, at each link: take those not over; and give
-        it the bans made here while it could not be reached (an /unban made
-        elsewhere meanwhile is lost: the ban stays, the safer way)."""
+        """Every ban in Redis: those not over hold here too."""
         if isinstance(reply, RespError):
             return
         gate, now, kept = self.server.gate, time.time(), set()
         for field, value in zip(reply[::2], reply[1::2]):
             field = field.decode('utf-8', 'replace')
-            if ('bans', field) in self.undone:
-                continue  # lifted here while the link was down
-            try:
-                what, shown, end, by = stored_json(value, 4)
-                seconds = None if end is None else end - now
-                if seconds is None or seconds > 0:
-                    self.take_ban(what, seconds, by, shown)
+            ban = stored_json(value, str, str, (int, float, type(None)), str)
+            if ('bans', field) in self.unsaid:
+                continue  # changed here while the link was down: that holds
+            if ban is not None and (ban[2] is None or ban[2] > now):
+                what, shown, end, by = ban
+                try:
+                    self.take_ban(what, None if end is None else end - now, by, shown)
                     kept.add(field)
                     continue
-            except (TypeError, ValueError):  # not one of ours, or damaged
-                pass
+                except ValueError:  # not a network
+                    pass
             self.call('HDEL', self.key('bans'), field)  # over, or unreadable
-        self.redo_undone('bans', self.unban)
-        made_here = [(str(network), ban) for network, ban in gate.bans.items()]
-        made_here += [('name', ban) for ban in gate.name_bans.values()]
-        for what, ban in made_here:
-            if ban.by is not None and not ban.over() and (
-                    ban_field(what, ban.shown) not in kept):
-                self.ban(what, ban.seconds_left(), ban.by, ban.shown)
-
-    # Registered names (/register): on the bus, and in the hash CLUSTER:names
-    # (field: the name's key; value: [NAME, PASSWORD HASH]), so a name is its
-    # owner's on every server, those linked later too.
-
-    def register(self, name, hashed):
-        self.publish('name', name, hashed)
-        self.call('HSET', self.key('names'), name_key(name), json.dumps([name, hashed]))
-
-    def unregister(self, name):
-        if not (self.publish('unname', name) and
-                self.call('HDEL', self.key('names'), name_key(name))):
-            self.undone[('names', name_key(name))] = name  # when linked again (got_names)
-
-    def redo_undone(self, table, undo):
-        """What was taken out of table here while the link was down: out of
-        Redis too, and off the other servers, now that it is up."""
-        for (undone_table, field), text in list(self.undone.items()):
-            if undone_table == table:
-                del self.undone[(table, field)]
-                undo(text)
-
-    def load_names(self):
-        self.commands.call(self.got_names, 'HGETALL', self.key('names'))
+        self.say_unsaid('bans')
+        if self.redis_new:
+            held = [(str(network), ban) for network, ban in gate.bans.items()]
+            held += [('name', ban) for ban in gate.name_bans.values()]
+            for what, ban in held:
+                if ban.by is not None and ban_field(what, ban.shown) not in kept:
+                    self.give_ban(what, ban.shown)
 
     def got_names(self, reply):
-        """Every registered name in Redis, at each link; and those
-        registered here while it could not be reached, or only in --data."""
+        """Every registered name in Redis: its owner's here too."""
         if isinstance(reply, RespError):
             return
-        accounts, known = self.server.accounts, set()
+        known = set()
         for field, value in zip(reply[::2], reply[1::2]):
-            field, account = field.decode('utf-8', 'replace'), stored_json(value, 2)
-            if (account is not None and all(isinstance(text, str) for text in account)
-                    and ('names', field) not in self.undone):
-                accounts[name_key(account[0])] = tuple(account)
+            field, account = field.decode('utf-8', 'replace'), stored_json(value, str, str)
+            unsaid = self.unsaid.get(('names', field), (None, False))
+            if account is not None and not unsaid[1]:
+                self.unsaid.pop(('names', field), None)  # Redis's registration holds
+                self.learn_name(*account)
                 known.add(field)
-        self.redo_undone('names', self.unregister)
-        for key, (name, hashed) in list(accounts.items()):
-            if key not in known:
-                self.register(name, hashed)
+        self.say_unsaid('names')
+        if self.redis_new:
+            for key in list(self.server.accounts):
+                if key not in known:
+                    self.give_name(key)
+
+    def say_unsaid(self, table):
+        for field, (again, _) in list(self.unsaid.items()):
+            if field[0] == table:
+                del self.unsaid[field]
+                again()
+
+    def learn_name(self, name, hashed):
+        """A name registered on another server.  Someone here who has it
+        took it while this server did not know (the link was down, or not
+        yet up), without its password: they get a guest name."""
+        server, key = self.server, name_key(name)
+        if server.accounts.get(key) != (name, hashed):
+            holder = server.names.get(key)
+            if holder is not None and holder.home is None:
+                server.rename_guest(holder)
+                server.queue(holder, notice_line('the name %s is registered on another '
+                                                 'server: you are %s now' % (name, holder.name)))
+            if server.data is not None:
+                server.data.people.note('name', name, hashed)
+        server.accounts[key] = (name, hashed)
+
+    # Messages for a registered name whose owner is nowhere (/msg): they wait
+    # in Redis, in the list CLUSTER:mail:KEY of [STAMP, SENDER, TEXT], for
+    # whichever server the owner comes to.
+
+    def leave_mail(self, peer, name, text):
+        """Keep a message for name; peer is told if it was kept (at most
+        MAIL_PER_NAME wait) once Redis has answered."""
+        box = self.key('mail', name_key(name))
+        def pushed(waiting):
+            if isinstance(waiting, RespError) or peer.close_reason is not None:
+                return
+            if waiting > MAIL_PER_NAME:
+                self.call('LTRIM', box, 0, MAIL_PER_NAME - 1)  # this one goes again
+                self.server.mail_refused(peer, name)
+            else:
+                self.server.mail_kept(peer, name, text)
+        if not self.call('RPUSH', box, json.dumps([self.server.stamp().decode(), peer.name,
+                                                  text]), answer=pushed):
+            self.server.queue(peer, error_line('%s is not here, and the link to the other '
+                                               'servers is down: not sent' % name))
+            return
+        self.call('EXPIRE', box, MAIL_KEEP_SEC)
+
+    def take_mail(self, peer):
+        """peer has come in with its registered name: its messages, taken
+        out of Redis at once (so no other server hands them out too)."""
+        def taken(items):
+            if isinstance(items, RespError) or peer.close_reason is not None:
+                return
+            box = [stored_json(item, str, str, str) for item in items]
+            self.server.hand_mail(peer, [(stamp.encode(), sender, text)
+                                         for stamp, sender, text in filter(None, box)
+                                         if stamp_seconds(stamp)])
+        self.call('EVAL', TAKE_MAIL_SCRIPT, 1, self.key('mail', peer.key), answer=taken)
 
     # The first time linked: each room's history and topic, from Redis, for
     # the rooms that have none here; then the bus, from where they end.
@@ -5410,7 +5553,7 @@ class Link:
 
     def got_topics(self, reply):
         for value in reply[1::2]:
-            name, text, setter = stored_json(value, 3) or ('', '', '')
+            name, text, setter = stored_json(value, str, str, str) or ('', '', '')
             if name_problem(name) is None:
                 room = self.server.room_named(name)
                 room.topic = room.topic or text
@@ -5607,15 +5750,14 @@ class Link:
                         and not line.startswith(own)):
                     lines.append(line)
         lines = lines[heard:]
-        privately = self.private_for.pop(mirror, ())
-        lines += [line for at, line in privately if at > mark][heard_privately:]
+        privately = self.private_for.pop(mirror, None) or KeptPrivately(0)
+        lines += privately.since(mark)[heard_privately:]
         kept, size = len(lines), 0
         while kept and size + len(lines[kept - 1]) <= server.max_backlog // RESUME_SHARE:
             kept -= 1
             size += len(lines[kept])
-        gone = kept or (index == 0 and marks and marks[0][0] > mark and (
-            room.said_from > 0 or stream_id(self.first_id) > mark)) or (
-            len(privately) == LINK_PRIVATE_KEEP and privately[0][0] > mark)
+        gone = (kept or stream_id(self.first_id) > mark or privately.forgot_after(mark)
+                or (index == 0 and marks and marks[0][0] > mark and room.said_from > 0))
         return lines[kept:], ' (some earlier ones are gone)' if gone else ''
 
     def on_moved(self, origin, fields):
@@ -5779,11 +5921,24 @@ class Link:
         recipient, mirror = self.server.names.get(name_key(name)), self.mirror_of(origin, sender)
         if recipient is not None and recipient.home is None and mirror is not None:
             self.server.hear_private(mirror, recipient, text)
-        elif recipient is not None and recipient.home is not None and self.server.resume_for:
-            kept = self.private_for.get(recipient)  # for its resume here, if it comes
+        elif recipient is not None and recipient.home is not None:
+            self.keep_private(recipient, sender, text)
+
+    def on_heard(self, origin, fields):
+        """A private message between two people of server origin, which it
+        delivered itself: kept, in case its recipient resumes here."""
+        sender, name, text = fields.split('\t', 2)
+        recipient = self.server.names.get(name_key(name))
+        if recipient is not None and recipient.home == origin:
+            self.keep_private(recipient, sender, text)
+
+    def keep_private(self, mirror, sender, text):
+        if self.server.resume_for:
+            kept = self.private_for.get(mirror)
             if kept is None:
-                kept = self.private_for[recipient] = collections.deque(maxlen=LINK_PRIVATE_KEEP)
-            kept.append((stream_id(self.last_id), private_line(sender, text)))
+                kept = self.private_for[mirror] = KeptPrivately(
+                    self.server.max_backlog // RESUME_SHARE)  # what a resume can send
+            kept.add(stream_id(self.last_id), private_line(sender, text))
 
     def on_to(self, origin, fields):
         name, lines = fields.split(b'\t', 1)
@@ -5812,9 +5967,15 @@ class Link:
 
     def take_ban(self, what, seconds, by, shown):
         """A ban made on another server: an address's connections here
-        close; a person banned by name is closed by their own server."""
+        close, and so does the holder of a banned name, if here (one that
+        took it while this server did not know of the ban)."""
+        gate = self.server.gate
         if what == 'name':
-            self.server.gate.name_bans[name_key(shown)] = Ban(shown, seconds, by, True)
+            holder = self.server.names.get(name_key(shown))
+            if holder is not None and holder.home is None and holder.sock is not None:
+                gate.ban_person(holder, seconds, by)
+            else:
+                gate.name_bans[name_key(shown)] = Ban(shown, seconds, by, True)
         else:
             self.server.gate.ban(ipaddress.ip_network(what), shown, seconds, by)
 
@@ -5826,11 +5987,14 @@ class Link:
         """A name registered on another server (its password's hash)."""
         name, hashed = fields.split('\t')
         if origin != self.id:
-            self.server.accounts[name_key(name)] = (name, hashed)
+            self.learn_name(name, hashed)
 
     def on_unname(self, origin, name):
-        if origin != self.id:
-            self.server.accounts.pop(name_key(name), None)
+        server = self.server
+        if origin != self.id and server.accounts.pop(name_key(name), None) is not None:
+            server.mail.pop(name_key(name), None)
+            if server.data is not None:
+                server.data.people.note('unname', name)
 
     def on_wall(self, origin, fields):
         number, line = fields.split('\t', 1)
@@ -6723,7 +6887,7 @@ class Client:
                 self.heard += 1
             elif ENTERED.match(text):
                 self.heard = 0
-            elif text.startswith('[PM from '):
+            elif text.startswith(PRIVATE_PREFIX):
                 self.privately += 1
             if text.startswith('!!! ') and REFUSAL.search(text[4:]):
                 self.refusal = text[4:]
@@ -6743,6 +6907,7 @@ class Client:
                 continue
             if welcome:
                 self.screen.name = welcome.group(1)
+                self.screen.max_line = MAX_LINE_BYTES  # unless this server says (LINE_LIMIT)
             elif renamed and renamed.group(1) == self.screen.name:
                 self.screen.name = renamed.group(2)
                 self.named()

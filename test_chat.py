@@ -3773,6 +3773,18 @@ class ClientProcess:
         return self.proc.returncode, err
 
 
+def read_to_the_end(pipe):
+    """All a pipe gives until its end; fail at the deadline."""
+    received, deadline = b'', time.monotonic() + TIMEOUT
+    while True:
+        if not select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise AssertionError('no end within %ss: %r' % (TIMEOUT, received[-300:]))
+        chunk = os.read(pipe.fileno(), 65536)
+        if not chunk:
+            return received
+        received += chunk
+
+
 def data_segments_in(sock):
     """How many TCP segments with data sock has received (Linux's tcp_info)."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
@@ -5120,7 +5132,7 @@ class TestTls(ServerTestCase):
         ncat.stdin.write(b'/nick ncat\nhi from ncat\n/quit\n')
         ncat.stdin.flush()
         bob.expect(r'^<ncat> hi from ncat$')
-        received = ncat.stdout.read()  # to the end the server made
+        received = read_to_the_end(ncat.stdout)  # the end the server made
         ncat.stdin.close()
         errors = ncat.stderr.read()
         self.assertEqual(ncat.wait(TIMEOUT), 0, errors)  # not "Input/output error"
@@ -6309,20 +6321,23 @@ class TestLink(LinkTests, unittest.TestCase):
         token = ann.expect(RESUME_LINE)[1].group(1)
         ann.send('/nick ann\n')
         ann.name = 'ann'
-        ben, cat = self.join(two, 'ben'), self.join(three, 'cat')
-        self.everyone_knows([ann, ben, cat], 3)
+        ben, cat, dan = self.join(two, 'ben'), self.join(three, 'cat'), self.join(one, 'dan')
+        self.everyone_knows([ann, ben, cat, dan], 4)
         ben.send('before\n/msg ann private before\n')
         ann.expect(r'^<ben> before$')  # heard: 1 public line since the token
-        ann.expect(r'^\[PM from ben\] private before$')  # and 1 private message
+        ann.expect(r'^\[PM from ben\] private before$')  # and 2 private messages:
+        dan.send('/msg ann from next door\n')  # one from someone on its own server
+        ann.expect(r'^\[PM from dan\] from next door$')
         one.proc.kill()  # kill -9: no goodbye
         ben.send('while away 1\nwhile away 2\n')
-        cat.send('/msg ann private while away\n')
-        cat.expect(r'^\[PM to ann\] private while away$')
         cat.expect(r'^<ben> while away 2$')
+        cat.send('/msg ann private while away\n/msg ben read on\n')
+        cat.expect(r'^\[PM to ann\] private while away$')
+        ben.expect(r'^\[PM from cat\] read on$')  # so ben's server has read the first too
         back = Conn(two.port, hello=False)  # ben's server: cat's message went on the bus
         back.name = 'ann'
         self.addCleanup(back.close)
-        back.send('/resume %s 9 1 1\n' % token)
+        back.send('/resume %s 9 1 2\n' % token)
         back.expect(r'^-!- You are back as ann in #lobby: 3 lines you missed$')
         self.assertEqual([back.line(), back.line(), back.line()],
                          ['<ben> while away 1', '<ben> while away 2',
@@ -6333,7 +6348,8 @@ class TestLink(LinkTests, unittest.TestCase):
             conn.expect(r'^<ann> back on two$')
         cat.send('/whois ann\n')
         cat.expect(r'^-!- ann: in #lobby, on another server$')
-        self.everyone_knows([back, ben, cat], 3)  # one ann, no ghost
+        self.everyone_knows([back, ben, cat], 4)  # one ann, no ghost (and dan: his server
+        # is not yet taken for dead)
         again = Conn(three.port, hello=False)  # the old token is spent
         self.addCleanup(again.close)
         again.send('/resume %s\n' % token)
@@ -6481,6 +6497,67 @@ class TestLink(LinkTests, unittest.TestCase):
         anyone.expect(r'^<late> let go$')  # so the unregistering, before it, is known there
         anyone.send('/nick ann\n')
         anyone.expect(r'^-!- anyone is now known as ann$')
+
+    def test_a_message_for_a_registered_name_waits_for_it_on_any_server(self):
+        one, two, three = self.linked_server(), self.linked_server('--rate=0'), self.linked_server()
+        ann = self.join(one, 'ann')
+        ann.send('/register correct horse\n')
+        ann.expect(r'^-!- The name ann is yours')
+        ann.send('/quit\n')
+        ann.expect_closed()
+        ben = self.join(two, 'ben')
+        self.gone(ben, 'ann')
+        ben.send(''.join('/msg ann message %d\n' % n for n in range(chat.MAIL_PER_NAME + 1)))
+        ben.expect(r'^\[PM to ann\] message 0$')
+        ben.expect(r'^-!- ann is not here: the message waits for them \(up to 7 days\)$')
+        ben.expect(r'^!!! ann has %d messages waiting already: this one is not kept$'
+                   % chat.MAIL_PER_NAME)
+        back = self.join(three, 'guest')
+        back.send('/nick ann correct horse\n')
+        back.expect(r'^-!- %d messages waited for you:$' % chat.MAIL_PER_NAME)
+        for n in range(chat.MAIL_PER_NAME):
+            self.assertRegex(back.line(), r'^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\] '
+                                          r'\[PM from ben\] message %d$' % n)
+        self.assertEqual(self.redis.command('EXISTS', 'chat:mail:ann'), 0)  # handed out once
+
+    def test_an_unban_made_while_a_server_was_cut_off_holds_when_it_is_back(self):
+        args = ('--op-password-file', self.op_file())
+        one, two = self.linked_server(*args), self.linked_server(*args)
+        boss, watcher = self.join(two, 'boss'), self.join(one, 'watcher')
+        boss.send('/op opsecret\n/ban 127.0.0.2 5\nafter the ban\n')
+        watcher.expect(r'^<boss> after the ban$')
+        one.proc.send_signal(signal.SIGSTOP)  # one is cut off: it holds the ban...
+        self.addCleanup(one.proc.send_signal, signal.SIGCONT)
+        self.redis.command('CLIENT', 'KILL', 'TYPE', 'normal')
+        boss.expect(r'^-!- linked again$')
+        boss.send('/unban 127.0.0.2\n')  # ...which is lifted meanwhile
+        boss.expect(r'^-!- 127\.0\.0\.2 is no longer banned$')
+        one.proc.send_signal(signal.SIGCONT)
+        watcher.expect(r'^-!- linked again$')
+        wait_until(lambda: sum('linked through Redis' in line for line in one.logs) == 2,
+                   'one to have read what it links to')
+        watcher.send('after the link\n')
+        boss.expect(r'^<watcher> after the link$')  # two has read all one said before
+        self.assertEqual(self.redis.command('HLEN', 'chat:bans'), 0)  # not given back
+        self.assertTrue(welcomed(one.port, '127.0.0.2'))
+        self.assertTrue(welcomed(two.port, '127.0.0.2'))
+
+    def test_a_registered_name_taken_where_it_was_not_known_goes_back(self):
+        one = self.linked_server()
+        ann = self.join(one, 'ann')
+        ann.send('/register correct horse\n')
+        ann.expect(r'^-!- The name ann is yours')
+        ann.send('/quit\n')
+        ann.expect_closed()
+        self.redis.stop()
+        three = ServerProcess('--redis', self.redis.url, '--redis-optional')
+        self.addCleanup(three.stop)
+        impostor = self.join(three, 'ann')  # three has never heard of the name
+        self.redis.start()  # empty: one gives it the names it holds
+        impostor.expect(r'^-!- the name ann is registered on another server: you are '
+                        r'guest-\d+ now$')
+        impostor.send('/nick ann\n')
+        impostor.expect(r'^!!! cannot use the name ann: it is registered')
 
     def test_an_unban_while_the_link_is_down_reaches_the_others_when_it_is_back(self):
         args = ('--op-password-file', self.op_file())
