@@ -8386,7 +8386,7 @@ class Bench:
         deadline = time.monotonic() + self.args.timeout
         while time.monotonic() < deadline and self.pump(BENCH_SETTLE_SEC):
             pass
-        self.delivered = 0
+        self.delivered, self.latencies = 0, []  # (a server's history of an earlier run)
 
     def hello(self):
         """What a client says first: an empty line, as chat.py client does (no
