@@ -5146,6 +5146,7 @@ class Link:
         self.unsaid = {}             # (hash, field) -> to do when linked: changed while down
         self.redis_new = False       # at this link, give Redis all held here (load_shared)
         self.epoch = None            # Redis's, at the last link
+        self.loading = None          # while the shared hashes are read: fields changed since
         self.ended = set()           # sessions ended while the link was down: Redis forgets
         self.unconfirmed = {}        # name_key -> local Peer whose claim is not back yet
         self.heard = {}              # server id -> when last heard (monotonic)
@@ -5429,6 +5430,8 @@ class Link:
         to be done when it is up (load_shared), over what Redis has then
         unless not wins (then only if Redis has nothing there)."""
         self.unsaid.pop(field, None)
+        if self.loading is not None:  # after the snapshot being read: this wins
+            self.loading.add(field)
         if not (self.publish(*event) and self.call(*command)):
             self.unsaid[field] = (again, wins)
 
@@ -5438,6 +5441,7 @@ class Link:
         held here; so is any at a server's first link (names in --data)."""
         def got_epoch(epoch):
             self.redis_new, self.epoch = first or epoch != self.epoch, epoch
+        self.loading = set()
         self.call('SET', self.key('epoch'), secrets.token_hex(8), 'NX')
         self.call('GET', self.key('epoch'), answer=got_epoch)
         self.call('HGETALL', self.key('bans'), answer=self.got_bans)
@@ -5451,8 +5455,8 @@ class Link:
         for field, value in zip(reply[::2], reply[1::2]):
             field = field.decode('utf-8', 'replace')
             ban = stored_json(value, str, str, (int, float, type(None)), str)
-            if ('bans', field) in self.unsaid:
-                continue  # changed here while the link was down: that holds
+            if ('bans', field) in self.unsaid or ('bans', field) in self.loading:
+                continue  # changed here while the link was down, or since: that holds
             if ban is not None and (ban[2] is None or ban[2] > now):
                 what, shown, end, by = ban
                 try:
@@ -5472,13 +5476,16 @@ class Link:
 
     def got_names(self, reply):
         """Every registered name in Redis: its owner's here too."""
+        loading, self.loading = self.loading, None  # the last of load_shared's answers
         if isinstance(reply, RespError):
             return
         known = set()
         for field, value in zip(reply[::2], reply[1::2]):
             field, account = field.decode('utf-8', 'replace'), stored_json(value, str, str)
             unsaid = self.unsaid.get(('names', field), (None, False))
-            if account is not None and not unsaid[1]:
+            if ('names', field) in loading:
+                known.add(field)  # changed here since the snapshot was asked for
+            elif account is not None and not unsaid[1]:
                 self.unsaid.pop(('names', field), None)  # Redis's registration holds
                 self.learn_name(*account)
                 known.add(field)
