@@ -4331,16 +4331,22 @@ class PtySession:
 @unittest.skipIf(sys.platform == 'win32', 'pseudo-terminals are POSIX')
 class TestTerminalClientAgainstAFakeServer(PtySession, unittest.TestCase):
 
-    def test_a_line_typed_before_the_welcome_is_shown_with_our_name(self):
+    def named_client(self, name):
+        """The client started as name against a FakeServer, once it asked
+        for the name: the server's end, and what the client sent."""
         fake = FakeServer()
         self.addCleanup(fake.close)
         self.srv = fake  # spawn() connects to self.srv.port
-        self.spawn('--name', 'early')
+        self.spawn('--name', name)
         sock = fake.accept()
         self.addCleanup(sock.close)
         received = b''
-        while not received.endswith(b'/nick early\n'):
+        while not received.endswith(('/nick %s\n' % name).encode()):
             received += sock.recv(100)
+        return sock, received
+
+    def test_a_line_typed_before_the_welcome_is_shown_with_our_name(self):
+        sock, received = self.named_client('early')
         self.type('hello before\r')
         while not received.endswith(b'hello before\n'):
             received += sock.recv(100)
@@ -4351,15 +4357,7 @@ class TestTerminalClientAgainstAFakeServer(PtySession, unittest.TestCase):
     def test_the_lines_of_one_message_go_in_one_send(self):
         # The server handles what one read brings in one turn; the kernel
         # counts the segments that came (tcp_info's data_segs_in).
-        fake = FakeServer()
-        self.addCleanup(fake.close)
-        self.srv = fake
-        self.spawn('--name', 'multi')
-        sock = fake.accept()
-        self.addCleanup(sock.close)
-        received = b''
-        while not received.endswith(b'/nick multi\n'):
-            received += sock.recv(100)
+        sock, received = self.named_client('multi')
         sock.sendall(b'-!- Welcome, multi! Type /help\n')
         self.read_until(lambda s: s.line().startswith('>'), 'the prompt')
         segments_before = data_segments_in(sock)
