@@ -1212,7 +1212,7 @@ class Peer:
                  'lingering', 'events', 'turn', 'batch_pos', 'behind_since', 'handshaking',
                  'wants_write', 'sniffing', 'heard', 'telnet', 'authorized', 'operator',
                  'strikes', 'lines', 'since', 'active_at', 'away', 'muted', 'ignoring',
-                 'ignored_by', 'replies_to', 'http', 'websocket', 'closed_ws', 'heard_at',
+                 'ignored_by', 'replies_to', 'http', 'websocket', 'told_last', 'heard_at',
                  'pinged', 'session', 'lost_at', 'home', 'claimed')
 
     def __init__(self, sock, address, burst, ip=None):
@@ -1254,7 +1254,8 @@ class Peer:
         self.replies_to = None      # who last sent it a private message
         self.http = False           # its first bytes were an HTTP request: being answered
         self.websocket = None       # a WebSocketReader, if it is a WebSocket
-        self.closed_ws = False      # a WebSocket close frame went to it: nothing more may
+        self.told_last = False      # its last words are queued (a drop with linger, or a
+                                    # WebSocket close frame): nothing more may follow them
         self.heard_at = self.since  # when it last sent anything (WebSockets are pinged)
         self.pinged = None          # when a ping went to it since, if one did
         self.session = None         # a Session: what lets it resume
@@ -1563,7 +1564,7 @@ class Room:
         """Copy this turn's lines that peer has not had into its outbuf."""
         if peer.turn != self.server.turn:
             peer.turn, peer.batch_pos = self.server.turn, 0
-        for sender, line in self.batch[peer.batch_pos:] if not peer.closed_ws else ():
+        for sender, line in self.batch[peer.batch_pos:] if not peer.told_last else ():
             if sender is not peer and not ignores(peer, sender, line):
                 peer.outbuf += line if peer.websocket is None else text_frames(line)
                 self.server.lines_out += line.count(b'\n')  # a read's lines come as one
@@ -1576,7 +1577,7 @@ class Room:
         server, senders, framed = self.server, None, None
         lines_in_batch = everything.count(b'\n')  # for the count (an ignorer's copy: all)
         for peer in self.members.values():
-            if peer.sock is None or peer.closed_ws:  # no data may follow a close frame
+            if peer.sock is None or peer.told_last:  # nothing may follow its last words
                 continue
             lines = everything
             if peer.ignoring:  # the rare member who ignores someone: its own copy
@@ -2920,7 +2921,7 @@ class Commands:
         if newcomer.events:
             self.selector.unregister(newcomer.sock)
         for field in ('sock', 'address', 'ip', 'inbuf', 'skipping', 'eof', 'websocket',
-                      'closed_ws', 'telnet',
+                      'told_last', 'telnet',
                       'heard', 'heard_at', 'pinged'):
             setattr(owner, field, getattr(newcomer, field))
         owner.outbuf, owner.events = bytearray(), 0
@@ -3512,9 +3513,10 @@ class Server(Commands):
             peer.close_reason = reason
             peer.lingering = linger
             self.doomed.append(peer)
-            if linger and peer.websocket is not None and not peer.closed_ws:
-                self.queue_frame(peer, close_frame(1000))  # after what it was told,
-                peer.closed_ws = True                      # before the FIN, and last
+            if linger and not peer.told_last:  # not even a line said later this turn
+                if peer.websocket is not None:
+                    self.queue_frame(peer, close_frame(1000))  # before the FIN, and last
+                peer.told_last = True
 
     def lose(self, peer, reason):
         """The connection cannot go on: close it now, announce it later."""
@@ -3595,8 +3597,8 @@ class Server(Commands):
         sent a close frame with code first).  Its input is read and thrown
         away meanwhile: closing a socket with unread input sends a reset,
         which can destroy output the peer has not read yet."""
-        if peer.websocket is not None and not peer.closed_ws:
-            peer.closed_ws = True
+        if peer.websocket is not None and not peer.told_last:
+            peer.told_last = True
             peer.outbuf += close_frame(code)
         self.gate.forget(peer)
         self.closing.add(peer)
@@ -3873,8 +3875,8 @@ class Server(Commands):
             if peer.session is not None and peer.lost_at is not None:
                 peer.session.direct(data)
             return
-        if peer.closed_ws:
-            return  # RFC 6455: no data after a close frame
+        if peer.told_last:
+            return  # its last words are queued (RFC 6455: no data after a close frame)
         if peer.room is not None:
             peer.room.catch_up(peer)
         if peer.session is not None and data.endswith(b'\n'):
@@ -4118,7 +4120,7 @@ class Web:
                 code = event[1]
                 self.server.queue_frame(peer, close_frame(code, event[2] if kind == 'fail'
                                                           else ''))
-                peer.closed_ws = True  # the answer, echoing its code, is the last frame
+                peer.told_last = True  # the answer, echoing its code, is the last frame
                 if kind == 'fail':
                     self.server.log('WebSocket %s broke the protocol: %s' % (
                         peer.name or peer.address, event[2]))
@@ -8346,7 +8348,7 @@ class Bench:
         if peak:
             self.say('server mem: %s now, %s peak' % (human_bytes(peak[0]), human_bytes(peak[1])))
         if slow:
-            cut = sum(connection_closed(sock, BENCH_QUIET_SEC) for sock in slow)
+            cut = closed_count(slow, BENCH_QUIET_SEC)
             self.say('slow:       %d clients that never read; the server cut off %d'
                      % (len(slow), cut))
         return 1 if lost else 0
@@ -8606,19 +8608,30 @@ def proc_memory(pid):
         return None
 
 
-def connection_closed(sock, quiet_sec):
-    """True if the peer has closed sock.  A server that closes a socket with
-    bytes still in its kernel's send buffer sends its FIN after them, so
-    read on until the end arrives or nothing has come for quiet_sec."""
-    sock.settimeout(quiet_sec)
-    try:
-        while sock.recv(65536):
-            pass
-        return True
-    except socket.timeout:
-        return False
-    except OSError:
-        return True
+def closed_count(socks, quiet_sec):
+    """How many of socks their peer has closed.  A server that closes a
+    socket with bytes still in its kernel's send buffer sends its FIN after
+    them, so read them all at once until each ends or none has had anything
+    for quiet_sec."""
+    closed, selector = 0, selectors.DefaultSelector()
+    for sock in socks:
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+    ready = True
+    while selector.get_map() and ready:
+        ready = selector.select(quiet_sec)
+        for key, _ in ready:
+            try:
+                ended = not key.fileobj.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                ended = True
+            if ended:
+                closed += 1
+                selector.unregister(key.fileobj)
+    selector.close()
+    return closed
 
 
 def human_count(number):

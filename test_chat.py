@@ -5561,6 +5561,17 @@ class TestOperators(ServerTestCase):
         newcomer.send('/nick bob\n')
         newcomer.expect(r'is now known as bob$')
 
+    def test_those_put_out_hear_nothing_said_after_in_the_same_turn(self):
+        alice = self.operator()
+        bob, carol = self.connect('bob'), self.connect('carol')
+        alice.send('/kick carol\nafter the kick\n/ban bob 5\nafter the ban\n')  # one turn
+        self.assertEqual(carol.expect_closed()[-1], '!!! you were kicked by alice')
+        said = bob.expect_closed()
+        self.assertIn('<alice> after the kick', said)  # said before the ban: heard
+        self.assertEqual(said[-1], '!!! you were banned by alice')
+        self.conns.remove(bob)
+        self.conns.remove(carol)
+
     def test_a_ban_by_address_until_restart(self):
         alice = self.operator()
         alice.send('/ban 127.0.0.0/8\n/bans\n/ban nobody.here\n/unban 10.0.0.1\n'
@@ -6289,8 +6300,7 @@ class TestLink(LinkTests, unittest.TestCase):
         ann.send('said when linked again\n')
         before, _ = ben.expect(r'^<ann> said when linked again$')
         self.assertNotIn('<ann> said while alone', before)
-        # (a line of the turn the ban came in may follow it: far leaves at its end)
-        self.assertIn('!!! you were banned by ann', far.expect_closed())
+        self.assertEqual(far.expect_closed()[-1], '!!! you were banned by ann')
         self.everyone_knows([ann, ben], 3)  # re-announced: everyone again, no one twice
         for conn in (ann, ben):
             self.assertEqual(sum('link to the other servers is down' in line
