@@ -496,9 +496,12 @@ class TestText(unittest.TestCase):
 
     def test_invisible_only_lines_are_blank(self):
         for text in ('', '   ', '\u3164\u2800', '\u115f\u1160 \u200d', '\ufe0f\u034f'):
-            self.assertTrue(chat.is_blank(chat.clean(text)), repr(text))
-        self.assertTrue(chat.is_blank(chat.clean('\u3164\u2800\u200b')))
-        self.assertFalse(chat.is_blank('\u3164x'))
+            self.assertTrue(chat.has_blank_line(chat.clean(text)), repr(text))
+        self.assertTrue(chat.has_blank_line(chat.clean('\u3164\u2800\u200b')))
+        self.assertFalse(chat.has_blank_line('\u3164x'))
+        for lines in ('a\n\nb', 'a\n \u3164', '\t\nb', 'a\nb\n'):  # one line of several
+            self.assertTrue(chat.has_blank_line(lines), repr(lines))
+        self.assertFalse(chat.has_blank_line('a\n \u3164b\n\u2800c'))
 
     def test_long_runs_of_spaces_are_shortened(self):
         for blank in (' ', '\t', '\xa0', '\u2002', '\u3000', '\u2800', '\u3164', '\u205f'):
