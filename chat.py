@@ -173,6 +173,9 @@ DEFAULT_PORT = 9090
 DEFAULT_HISTORY = 20           # public messages replayed to a newcomer
 HISTORY_MAX_LINES = 1000       # a room's lines kept for /history (within --max-backlog)
 HISTORY_DEFAULT_LINES = 100    # /history without N
+KEPT_ROOMS_MAX = 1000          # rooms no one is in kept for their history (--data, --redis):
+                               # past it the one quiet longest goes, so a flood of new rooms
+                               # cannot grow the server without bound
 MAX_NAME_CHARS = 24
 MAX_LINE_BYTES = 4096          # longest line a peer may send (IRC allows 512)
 MAX_SPACE_RUN = 8              # spaces in a row in what peers say: enough for code
@@ -1445,6 +1448,8 @@ class Room:
     def add(self, peer):
         """peer comes in; the others hear of it soon, and not at once: a
         client that names itself first thing is announced by that name."""
+        if not self.members:
+            self.server.kept_rooms.pop(self.key, None)
         self.members[peer.key] = peer
         peer.room = self
         # It must not be handed the lines broadcast earlier this turn.
@@ -1469,14 +1474,24 @@ class Room:
         else:
             self.departures.append((peer.name, reason))
             self.announce_soon()
-        if not self.members and self is not self.server.lobby and not self.durable():
-            del self.server.rooms[self.key]
+        if not self.members and self is not self.server.lobby:
+            if self.durable():
+                self.server.keep_empty(self)
+            else:
+                del self.server.rooms[self.key]
 
     def durable(self):
         """With --data or --redis, a room that has history or a topic
-        outlives its last member."""
+        outlives its last member (up to KEPT_ROOMS_MAX such rooms)."""
         return (self.server.data is not None or self.server.link is not None) and bool(
             len(self.history) or self.topic)
+
+    def last_said(self):
+        """The stamp of its last line or topic (b'' if it has neither)."""
+        stamps = [self.history.blobs[-1][0]] if self.history.blobs else []
+        if self.topic_said:
+            stamps.append(self.topic_said[0])
+        return max(stamps, default=b'')
 
     def note_behind(self, peer):
         """peer came, went, fell behind or caught up: recompute how long the
@@ -1521,6 +1536,8 @@ class Room:
         self.history.add(stamp, lines)
         if self.server.data is not None:
             self.server.data.record(stamp, self.shown, lines)
+        if not self.members:  # linked: its last member left before the lines came back
+            self.server.keep_empty(self)
 
     def set_topic(self, text, setter):
         """Linked, every server sets it when it comes back from Redis."""
@@ -1530,6 +1547,8 @@ class Room:
 
     def set_topic_here(self, text, setter):
         self.topic = text
+        if not self.members:  # linked: set by someone who has left, or elsewhere
+            self.server.keep_empty(self)
         notice = notice_line('%s set the topic: %s' % (setter, text))
         self.topic_said = (self.server.stamp(), notice)
         if self.server.data is not None:
@@ -3130,6 +3149,7 @@ class Server(Commands):
         self.turn_budget = max(1, max_backlog // TURN_SHARE)
         self.behind_bytes = max_backlog // BEHIND_SHARE
         self.rooms = {}             # name_key -> Room; a room is made on first join
+        self.kept_rooms = collections.OrderedDict()  # those no one is in: oldest first
         self.data = data            # DataLog (--data), or None: history in memory only
         self.resume_for = resume_for  # seconds a lost connection may come back (0: never)
         self.sessions = {}          # SHA-256 of a resume token (token_digest) -> Peer
@@ -3161,6 +3181,7 @@ class Server(Commands):
             opened = data.people.load(self)
             if resume_for:
                 self.restore_sessions(opened)
+            self.keep_empty_rooms()
         self.fds_exhausted = False
         self.accepting = False      # the listeners are in the selector
         self.stopping = False
@@ -3473,6 +3494,25 @@ class Server(Commands):
         if peer.lost_at is not None and peer.sock is None and (
                 time.monotonic() - peer.lost_at >= self.resume_for - 0.01):
             self.drop(peer, 'connection lost')
+
+    def keep_empty(self, room):
+        """Keep a room no one is in for its history; past KEPT_ROOMS_MAX
+        of them, forget the one that has been empty longest."""
+        if room is self.lobby:
+            return  # always here
+        self.kept_rooms[room.key] = room
+        self.kept_rooms.move_to_end(room.key)
+        while len(self.kept_rooms) > KEPT_ROOMS_MAX:
+            key, oldest = self.kept_rooms.popitem(last=False)
+            if self.rooms.get(key) is oldest and not oldest.members:
+                del self.rooms[key]
+
+    def keep_empty_rooms(self):
+        """After the rooms are loaded (--data, --redis): keep those no one
+        is in, their last lines' order for the order they went quiet in."""
+        empty = [room for room in self.rooms.values() if not room.members]
+        for room in sorted(empty, key=Room.last_said):  # (stable: a tie keeps the load's order)
+            self.keep_empty(room)
 
     def room_named(self, name):
         """The room called name (without "#"), made if it is new."""
@@ -5579,13 +5619,18 @@ class Link:
             self.got_history(name, entries)
             waiting[0] -= 1
             if not waiting[0]:
-                self.read_bus()
+                self.rooms_loaded()
         for name in names:
             self.commands.call(lambda entries, name=name: got(entries, name), 'XREVRANGE',
                                self.key('history', name_key(name)), '+', '-',
                                'COUNT', HISTORY_MAX_LINES)
         if not names:
-            self.read_bus()
+            self.rooms_loaded()
+
+    def rooms_loaded(self):
+        """The rooms' history and topics are here: read the bus on from them."""
+        self.server.keep_empty_rooms()
+        self.read_bus()
 
     def got_history(self, name, entries):
         """A room's lines from Redis, newest first: those said before the

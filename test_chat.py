@@ -2469,6 +2469,22 @@ class DataTests:
 
 class TestData(DataTests, unittest.TestCase):
 
+    def test_rooms_no_one_is_in_are_kept_up_to_a_bound(self):
+        kept = chat.KEPT_ROOMS_MAX
+        server = self.serve()
+        ann = self.join(server, 'ann')
+        ann.send(''.join('/join #r%d\nsaid in r%d\n' % (i, i) for i in range(kept + 2))
+                 + '/join #lobby\n')  # as ann leaves the last, two rooms are too many
+        for conn in (ann, None):
+            if conn is None:  # the log still has r0 and r1: loaded, and too many
+                server.stop()
+                server = self.serve(port=server.port)
+                conn = self.join(server, 'ben')
+            conn.send('/rooms\n/join #r1\n/join #r2\n/join #lobby\n')
+            conn.expect(r'^-!- %d rooms,' % (kept + 1))  # r2 to r1001, and the lobby
+            before, _ = conn.expect(r'\] <ann> said in r2$')  # replayed, stamped
+            self.assertNotIn('<ann> said in r1', before)  # the room quiet longest went
+
     def test_kill_9_loses_no_line_that_anyone_saw(self):
         server = self.serve()
         people = [self.join(server, name) for name in ('ann', 'ben', 'cat')]
@@ -6452,6 +6468,22 @@ class TestLink(LinkTests, unittest.TestCase):
         ben.expect(r'^!!! you were kicked by boss: bye now$')
         for conn in (boss, cat):
             conn.expect(r'^-!- ben left \(kicked by boss: bye now\)$')
+
+    def test_a_server_linked_later_keeps_so_many_rooms_no_one_is_in(self):
+        kept = chat.KEPT_ROOMS_MAX
+        one = self.linked_server('--rate', '0')
+        ann, ben = self.join(one, 'ann'), self.join(one, 'ben')
+        ann.send('/join #r0\n/topic set in r0\n'  # back from Redis after ann left, as
+                 + ''.join('/join #r%d\nsaid in r%d\n' % (i, i) for i in range(1, kept + 2))
+                 + '/join #lobby\nback\n')  # each line is
+        ben.expect(r'^<ann> back$')  # after the others, in the bus's order
+        ann.send('/rooms\n/join #r1\n/join #r2\n/join #lobby\n')
+        ann.expect(r'^-!- %d rooms,' % (kept + 1))  # r2 to r1001, and the lobby
+        before, _ = ann.expect(r'\] <ann> said in r2$')
+        self.assertNotIn('<ann> said in r1', before)
+        cat = self.join(self.linked_server(), 'cat')  # Redis has them all: too many
+        cat.send('/rooms\n')
+        cat.expect(r'^-!- %d rooms,' % (kept + 1))
 
     def test_bans_hold_on_every_server(self):
         args = ('--op-password-file', self.op_file())
