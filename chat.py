@@ -259,6 +259,8 @@ LINK_RETRY_SEC = (0.5, 1, 2, 4, 8)  # waits between tries to link again; the las
 LINK_CONNECT_SEC = 5.0         # to reach Redis at start, and for each try after
 LINK_MAX_QUEUED = 8 << 20      # unsent to Redis, or unanswered: past it, start again
 LINK_GUEST_BLOCK = 1000        # guest numbers taken from Redis at a time
+LINK_ROOMS_MAX = 2 * KEPT_ROOMS_MAX  # rooms Redis keeps history for, the last said in:
+                               # those the servers keep, and rooms people sit in quietly
 LINK_SESSION_KEEP_SEC = 7 * 24 * 3600  # a session's record in Redis (for resuming
 # on another server) lasts this long after its last change, if not ended before
 LINK_BUS_KEEP = 100000         # events the bus keeps (about), for servers cut off a while
@@ -5092,10 +5094,21 @@ def check_redis(url, address, tls):
 # Public lines go on the bus and into their room's history (a stream, kept
 # to HISTORY_MAX_LINES entries) in one step, so that both have them in the
 # same order; each history entry is the say event and names its bus entry.
+# The rooms Redis keeps history for are a sorted set, "KEY<TAB>NAME" by the
+# time last said in (ms): past LINK_ROOMS_MAX, the oldest go, history and topic.
 SAY_SCRIPT = b"""
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[2], 'b', id)
-redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('ZADD', KEYS[3], string.match(id, '^%d+'), ARGV[4])
+local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[5])
+if over > 0 then
+  local gone = redis.call('ZPOPMIN', KEYS[3], over)
+  for i = 1, #gone, 2 do
+    local key = string.match(gone[i], '^[^\t]*')
+    redis.call('DEL', ARGV[6] .. key)
+    redis.call('HDEL', ARGV[7], key)
+  end
+end
 return id
 """
 SAY_SCRIPT_SHA = hashlib.sha1(SAY_SCRIPT).hexdigest()
@@ -5116,6 +5129,11 @@ BUS_EVENTS = frozenset(('say', 'topic', 'in', 'nick', 'out', 'lost', 'back', 'aw
 def said_fields(fields):
     """A say event's fields: (N, ROOM, STAMP, SENDER, LINES), as bytes."""
     return fields.split(b'\t', 4)
+
+
+def said_in(room):
+    """room as a member of CLUSTER:rooms-said (SAY_SCRIPT)."""
+    return room.key + '\t' + room.name
 
 
 def stored_json(value, *kinds):
@@ -5378,9 +5396,10 @@ class Link:
         history in Redis in the same step (SAY_SCRIPT)."""
         stamp, number = self.server.stamp(), self.sent_count + 1
         if not self.call('EVALSHA', SAY_SCRIPT_SHA, 3, self.bus, self.key('history', room.key),
-                         self.key('rooms'), LINK_BUS_KEEP,
+                         self.key('rooms-said'), LINK_BUS_KEEP,
                          self.event('say', number, room.key, stamp, sender.name, lines),
-                         HISTORY_MAX_LINES, room.name):
+                         HISTORY_MAX_LINES, said_in(room), LINK_ROOMS_MAX,
+                         self.key('history', ''), self.key('topics')):
             return False
         heard = functools.partial(self.hear_said, room, sender, stamp, lines)
         self.sent_count = number
@@ -5417,11 +5436,15 @@ class Link:
             self.unconfirmed[peer.key] = peer
 
     def topic(self, room, text, setter):
-        """A new topic, for every server, and kept in Redis for later ones."""
+        """A new topic, for every server, and kept in Redis for later ones
+        (its room among those said in, which SAY_SCRIPT trims)."""
         name = room.name
-        return self.publish_numbered('topic', lambda: self.server.room_named(
-            name).set_topic_here(text, setter), name, setter, text) and self.call(
-            'HSET', self.key('topics'), room.key, json.dumps([room.name, text, setter]))
+        if not self.publish_numbered('topic', lambda: self.server.room_named(
+                name).set_topic_here(text, setter), name, setter, text):
+            return False
+        self.call('HSET', self.key('topics'), room.key, json.dumps([room.name, text, setter]))
+        self.call('ZADD', self.key('rooms-said'), int(time.time() * 1000), said_in(room))
+        return True
 
     # Bans and registered names: on the bus for the servers linked now, and
     # in a hash for those that link later.  CLUSTER:bans has a field per
@@ -5602,7 +5625,7 @@ class Link:
 
     def load_rooms(self):
         self.commands.call(self.got_topics, 'HGETALL', self.key('topics'))
-        self.commands.call(self.got_rooms, 'SMEMBERS', self.key('rooms'))
+        self.commands.call(self.got_rooms, 'ZRANGE', self.key('rooms-said'), 0, -1)
 
     def got_topics(self, reply):
         for value in reply[1::2]:
@@ -5611,8 +5634,8 @@ class Link:
                 room = self.server.room_named(name)
                 room.topic = room.topic or text
 
-    def got_rooms(self, names):
-        names = [name.decode('utf-8', 'replace') for name in names]
+    def got_rooms(self, rooms):
+        names = [room.decode('utf-8', 'replace').partition('\t')[2] for room in rooms]
         names = [name for name in names if name_problem(name) is None]
         waiting = [len(names)]
         def got(entries, name):

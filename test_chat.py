@@ -6469,19 +6469,25 @@ class TestLink(LinkTests, unittest.TestCase):
         for conn in (boss, cat):
             conn.expect(r'^-!- ben left \(kicked by boss: bye now\)$')
 
-    def test_a_server_linked_later_keeps_so_many_rooms_no_one_is_in(self):
-        kept = chat.KEPT_ROOMS_MAX
+    def test_rooms_are_kept_up_to_a_bound_here_and_in_redis(self):
+        kept, in_redis = chat.KEPT_ROOMS_MAX, chat.LINK_ROOMS_MAX
+        last = in_redis + 1  # rooms r0 (a topic only) to r2001: two more than Redis keeps
         one = self.linked_server('--rate', '0')
         ann, ben = self.join(one, 'ann'), self.join(one, 'ben')
         ann.send('/join #r0\n/topic set in r0\n'  # back from Redis after ann left, as
-                 + ''.join('/join #r%d\nsaid in r%d\n' % (i, i) for i in range(1, kept + 2))
+                 + ''.join('/join #r%d\nsaid in r%d\n' % (i, i) for i in range(1, last + 1))
                  + '/join #lobby\nback\n')  # each line is
         ben.expect(r'^<ann> back$')  # after the others, in the bus's order
-        ann.send('/rooms\n/join #r1\n/join #r2\n/join #lobby\n')
-        ann.expect(r'^-!- %d rooms,' % (kept + 1))  # r2 to r1001, and the lobby
-        before, _ = ann.expect(r'\] <ann> said in r2$')
-        self.assertNotIn('<ann> said in r1', before)
-        cat = self.join(self.linked_server(), 'cat')  # Redis has them all: too many
+        first = last - kept + 1  # the oldest of the empty rooms kept here
+        ann.send('/rooms\n/join #r%d\n/join #r%d\n/join #lobby\n' % (first - 1, first))
+        ann.expect(r'^-!- %d rooms,' % (kept + 1))  # and the lobby
+        before, _ = ann.expect(r'\] <ann> said in r%d$' % first)
+        self.assertNotIn('<ann> said in r%d' % (first - 1), before)
+        self.assertEqual(self.redis.command('ZCARD', 'chat:rooms-said'), in_redis)
+        self.assertEqual(self.redis.command('HEXISTS', 'chat:topics', 'r0'), 0)
+        self.assertEqual([self.redis.command('EXISTS', 'chat:history:r%d' % i)
+                          for i in (1, 2)], [0, 1])
+        cat = self.join(self.linked_server(), 'cat')  # loads the newest from Redis
         cat.send('/rooms\n')
         cat.expect(r'^-!- %d rooms,' % (kept + 1))
 
