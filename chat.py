@@ -173,9 +173,9 @@ DEFAULT_PORT = 9090
 DEFAULT_HISTORY = 20           # public messages replayed to a newcomer
 HISTORY_MAX_LINES = 1000       # a room's lines kept for /history (within --max-backlog)
 HISTORY_DEFAULT_LINES = 100    # /history without N
-KEPT_ROOMS_MAX = 1000          # rooms no one is in kept for their history (--data, --redis):
-                               # past it the one quiet longest goes, so a flood of new rooms
-                               # cannot grow the server without bound
+KEPT_ROOMS_MAX = 1000          # rooms no one is in kept for their history (--data): past it
+                               # the one said in longest ago goes, so a flood of new rooms
+                               # cannot grow the server without bound (--redis: LINK_ROOMS_MAX)
 MAX_NAME_CHARS = 24
 MAX_LINE_BYTES = 4096          # longest line a peer may send (IRC allows 512)
 MAX_SPACE_RUN = 8              # spaces in a row in what peers say: enough for code
@@ -259,8 +259,10 @@ LINK_RETRY_SEC = (0.5, 1, 2, 4, 8)  # waits between tries to link again; the las
 LINK_CONNECT_SEC = 5.0         # to reach Redis at start, and for each try after
 LINK_MAX_QUEUED = 8 << 20      # unsent to Redis, or unanswered: past it, start again
 LINK_GUEST_BLOCK = 1000        # guest numbers taken from Redis at a time
-LINK_ROOMS_MAX = 2 * KEPT_ROOMS_MAX  # rooms Redis keeps history for, the last said in:
-                               # those the servers keep, and rooms people sit in quietly
+LINK_ROOMS_MAX = 2 * KEPT_ROOMS_MAX  # rooms Redis keeps history for, the last said in,
+                               # with room for those people sit in quietly; each linked
+                               # server keeps as many no one is in, so it forgets those
+                               # Redis has forgotten (Server.keep_empty)
 LINK_SESSION_KEEP_SEC = 7 * 24 * 3600  # a session's record in Redis (for resuming
 # on another server) lasts this long after its last change, if not ended before
 LINK_BUS_KEEP = 100000         # events the bus keeps (about), for servers cut off a while
@@ -1484,7 +1486,7 @@ class Room:
 
     def durable(self):
         """With --data or --redis, a room that has history or a topic
-        outlives its last member (up to KEPT_ROOMS_MAX such rooms)."""
+        outlives its last member (up to a limit: Server.keep_empty)."""
         return (self.server.data is not None or self.server.link is not None) and bool(
             len(self.history) or self.topic)
 
@@ -3151,7 +3153,7 @@ class Server(Commands):
         self.turn_budget = max(1, max_backlog // TURN_SHARE)
         self.behind_bytes = max_backlog // BEHIND_SHARE
         self.rooms = {}             # name_key -> Room; a room is made on first join
-        self.kept_rooms = collections.OrderedDict()  # those no one is in: oldest first
+        self.kept_rooms = {}        # name_key -> Room: those no one is in (keep_empty)
         self.data = data            # DataLog (--data), or None: history in memory only
         self.resume_for = resume_for  # seconds a lost connection may come back (0: never)
         self.sessions = {}          # SHA-256 of a resume token (token_digest) -> Peer
@@ -3498,22 +3500,22 @@ class Server(Commands):
             self.drop(peer, 'connection lost')
 
     def keep_empty(self, room):
-        """Keep a room no one is in for its history; past KEPT_ROOMS_MAX
-        of them, forget the one that has been empty longest."""
+        """Keep a room no one is in for its history; past the limit,
+        forget the one said in longest ago (the first kept, of a tie).
+        Linked, the limit is Redis's, which forgets rooms in that order."""
         if room is self.lobby:
             return  # always here
         self.kept_rooms[room.key] = room
-        self.kept_rooms.move_to_end(room.key)
-        while len(self.kept_rooms) > KEPT_ROOMS_MAX:
-            key, oldest = self.kept_rooms.popitem(last=False)
+        most = KEPT_ROOMS_MAX if self.link is None else LINK_ROOMS_MAX
+        while len(self.kept_rooms) > most:  # (a scan: only a flood of rooms gets here)
+            key = min(self.kept_rooms, key=lambda kept: self.kept_rooms[kept].last_said())
+            oldest = self.kept_rooms.pop(key)
             if self.rooms.get(key) is oldest and not oldest.members:
                 del self.rooms[key]
 
     def keep_empty_rooms(self):
-        """After the rooms are loaded (--data, --redis): keep those no one
-        is in, their last lines' order for the order they went quiet in."""
-        empty = [room for room in self.rooms.values() if not room.members]
-        for room in sorted(empty, key=Room.last_said):  # (stable: a tie keeps the load's order)
+        """After the rooms are loaded (--data, --redis): keep those no one is in."""
+        for room in [room for room in self.rooms.values() if not room.members]:
             self.keep_empty(room)
 
     def room_named(self, name):
@@ -3535,6 +3537,7 @@ class Server(Commands):
             old.catch_up(peer)  # what it was sent there this turn comes first
             if peer.session is not None:
                 peer.session.close_run()  # before the room hears it left
+            self.kept_rooms.pop(room.key, None)  # old's emptying must not forget room
             old.remove(peer, 'for ' + room.shown)
         room.add(peer)
         if peer.session is not None:
@@ -3560,6 +3563,8 @@ class Server(Commands):
             peer.lingering = linger
             self.doomed.append(peer)
             if linger and not peer.told_last:  # not even a line said later this turn
+                if peer.room is not None:
+                    peer.room.catch_up(peer)  # (but those said before, yes)
                 if peer.websocket is not None:
                     self.queue_frame(peer, close_frame(1000))  # before the FIN, and last
                 peer.told_last = True
@@ -3621,6 +3626,7 @@ class Server(Commands):
     def move_mirror(self, mirror, room_name):
         room = self.room_named(room_name)
         if room is not mirror.room:
+            self.kept_rooms.pop(room.key, None)  # as in join
             mirror.room.remove(mirror, 'for ' + room.shown)
             room.add(mirror)
 
@@ -5094,19 +5100,21 @@ def check_redis(url, address, tls):
 # Public lines go on the bus and into their room's history (a stream, kept
 # to HISTORY_MAX_LINES entries) in one step, so that both have them in the
 # same order; each history entry is the say event and names its bus entry.
-# The rooms Redis keeps history for are a sorted set, "KEY<TAB>NAME" by the
-# time last said in (ms): past LINK_ROOMS_MAX, the oldest go, history and topic.
+# The rooms Redis keeps history for are a sorted set of their keys by the
+# time last said in (the entry's ms), and a hash of their names: past
+# LINK_ROOMS_MAX, the oldest go, with their history and topic.
 SAY_SCRIPT = b"""
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[2], 'b', id)
 redis.call('ZADD', KEYS[3], string.match(id, '^%d+'), ARGV[4])
-local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[5])
+redis.call('HSET', KEYS[4], ARGV[4], ARGV[5])
+local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[6])
 if over > 0 then
   local gone = redis.call('ZPOPMIN', KEYS[3], over)
   for i = 1, #gone, 2 do
-    local key = string.match(gone[i], '^[^\t]*')
-    redis.call('DEL', ARGV[6] .. key)
-    redis.call('HDEL', ARGV[7], key)
+    redis.call('HDEL', KEYS[4], gone[i])
+    redis.call('HDEL', KEYS[5], gone[i])
+    redis.call('DEL', ARGV[7] .. gone[i])
   end
 end
 return id
@@ -5129,11 +5137,6 @@ BUS_EVENTS = frozenset(('say', 'topic', 'in', 'nick', 'out', 'lost', 'back', 'aw
 def said_fields(fields):
     """A say event's fields: (N, ROOM, STAMP, SENDER, LINES), as bytes."""
     return fields.split(b'\t', 4)
-
-
-def said_in(room):
-    """room as a member of CLUSTER:rooms-said (SAY_SCRIPT)."""
-    return room.key + '\t' + room.name
 
 
 def stored_json(value, *kinds):
@@ -5395,11 +5398,12 @@ class Link:
         (in its order); False if the link is down.  They go into the room's
         history in Redis in the same step (SAY_SCRIPT)."""
         stamp, number = self.server.stamp(), self.sent_count + 1
-        if not self.call('EVALSHA', SAY_SCRIPT_SHA, 3, self.bus, self.key('history', room.key),
-                         self.key('rooms-said'), LINK_BUS_KEEP,
+        if not self.call('EVALSHA', SAY_SCRIPT_SHA, 5, self.bus, self.key('history', room.key),
+                         self.key('rooms-said'), self.key('room-names'), self.key('topics'),
+                         LINK_BUS_KEEP,
                          self.event('say', number, room.key, stamp, sender.name, lines),
-                         HISTORY_MAX_LINES, said_in(room), LINK_ROOMS_MAX,
-                         self.key('history', ''), self.key('topics')):
+                         HISTORY_MAX_LINES, room.key, room.name, LINK_ROOMS_MAX,
+                         self.key('history', '')):
             return False
         heard = functools.partial(self.hear_said, room, sender, stamp, lines)
         self.sent_count = number
@@ -5443,7 +5447,8 @@ class Link:
                 name).set_topic_here(text, setter), name, setter, text):
             return False
         self.call('HSET', self.key('topics'), room.key, json.dumps([room.name, text, setter]))
-        self.call('ZADD', self.key('rooms-said'), int(time.time() * 1000), said_in(room))
+        self.call('ZADD', self.key('rooms-said'), 'NX', int(time.time() * 1000), room.key)
+        self.call('HSETNX', self.key('room-names'), room.key, room.name)
         return True
 
     # Bans and registered names: on the bus for the servers linked now, and
@@ -5625,7 +5630,7 @@ class Link:
 
     def load_rooms(self):
         self.commands.call(self.got_topics, 'HGETALL', self.key('topics'))
-        self.commands.call(self.got_rooms, 'ZRANGE', self.key('rooms-said'), 0, -1)
+        self.commands.call(self.got_rooms, 'HVALS', self.key('room-names'))
 
     def got_topics(self, reply):
         for value in reply[1::2]:
@@ -5634,8 +5639,8 @@ class Link:
                 room = self.server.room_named(name)
                 room.topic = room.topic or text
 
-    def got_rooms(self, rooms):
-        names = [room.decode('utf-8', 'replace').partition('\t')[2] for room in rooms]
+    def got_rooms(self, names):
+        names = [name.decode('utf-8', 'replace') for name in names]
         names = [name for name in names if name_problem(name) is None]
         waiting = [len(names)]
         def got(entries, name):
