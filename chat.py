@@ -1478,11 +1478,8 @@ class Room:
         else:
             self.departures.append((peer.name, reason))
             self.announce_soon()
-        if not self.members and self is not self.server.lobby:
-            if self.durable():
-                self.server.keep_empty(self)
-            else:
-                del self.server.rooms[self.key]
+        if not self.members:
+            self.server.keep_empty(self)
 
     def durable(self):
         """With --data or --redis, a room that has history or a topic
@@ -1534,12 +1531,11 @@ class Room:
     def remember(self, lines, stamp=None):
         """Public lines (one or more, each ending in a newline) into the
         history and, with --data, the data log (written before they are sent)."""
-        if not self.history.most:
-            return
-        stamp = stamp or self.server.stamp()
-        self.history.add(stamp, lines)
-        if self.server.data is not None:
-            self.server.data.record(stamp, self.shown, lines)
+        if self.history.most:
+            stamp = stamp or self.server.stamp()
+            self.history.add(stamp, lines)
+            if self.server.data is not None:
+                self.server.data.record(stamp, self.shown, lines)
         if not self.members:  # linked: its last member left before the lines came back
             self.server.keep_empty(self)
 
@@ -3500,11 +3496,16 @@ class Server(Commands):
             self.drop(peer, 'connection lost')
 
     def keep_empty(self, room):
-        """Keep a room no one is in for its history; past the limit,
-        forget the one said in longest ago (the first kept, of a tie).
-        Linked, the limit is Redis's, which forgets rooms in that order."""
+        """A room no one is in: forget it, or keep it for its history
+        (Room.durable); past the limit, forget the one said in longest ago
+        (the first kept, of a tie).  Linked, the limit is Redis's, which
+        forgets rooms in that order."""
         if room is self.lobby:
             return  # always here
+        if not room.durable():
+            if self.rooms.get(room.key) is room:
+                del self.rooms[room.key]
+            return
         self.kept_rooms[room.key] = room
         most = KEPT_ROOMS_MAX if self.link is None else LINK_ROOMS_MAX
         while len(self.kept_rooms) > most:  # (a scan: only a flood of rooms gets here)
