@@ -3533,14 +3533,13 @@ class Server(Commands):
             self.link.claim(peer, 'in', peer.name, room.name, peer.claimed)
         elif self.link is not None:
             self.link.publish('in', peer.name, room.name, peer.claimed)
-        if peer.room is not None:
-            old = peer.room
-            old.catch_up(peer)  # what it was sent there this turn comes first
+        if peer.room is None:
+            room.add(peer)
+        else:
+            peer.room.catch_up(peer)  # what it was sent there this turn comes first
             if peer.session is not None:
                 peer.session.close_run()  # before the room hears it left
-            self.kept_rooms.pop(room.key, None)  # old's emptying must not forget room
-            old.remove(peer, 'for ' + room.shown)
-        room.add(peer)
+            self.move(peer, room)
         if peer.session is not None:
             peer.session.moved(room)
             if self.link is not None:
@@ -3624,12 +3623,16 @@ class Server(Commands):
         self.room_named(room_name if name_problem(room_name) is None else LOBBY).add(mirror)
         return mirror
 
+    def move(self, peer, room):
+        """peer, here or on another server, leaves its room for room."""
+        self.kept_rooms.pop(room.key, None)  # the old room's emptying must not forget it
+        peer.room.remove(peer, 'for ' + room.shown)
+        room.add(peer)
+
     def move_mirror(self, mirror, room_name):
         room = self.room_named(room_name)
         if room is not mirror.room:
-            self.kept_rooms.pop(room.key, None)  # as in join
-            mirror.room.remove(mirror, 'for ' + room.shown)
-            room.add(mirror)
+            self.move(mirror, room)
 
     def drop_mirror(self, mirror, reason):
         if self.names.get(mirror.key) is mirror:

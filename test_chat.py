@@ -2447,6 +2447,12 @@ def in_order(seen, kept):
     return all(line in position for line in seen)
 
 
+def rooms_said_in(numbers):
+    """Input that joins #rN and says "said in rN" there, for each N: rooms
+    enough to pass the bounds on those kept with no one in them."""
+    return ''.join('/join #r%d\nsaid in r%d\n' % (number, number) for number in numbers)
+
+
 class DataTests:
     """A server with --data DIR: what it keeps, and what it survives."""
 
@@ -2476,7 +2482,7 @@ class TestData(DataTests, unittest.TestCase):
         kept = chat.KEPT_ROOMS_MAX
         server = self.serve()
         ann = self.join(server, 'ann')
-        ann.send(''.join('/join #r%d\nsaid in r%d\n' % (i, i) for i in range(kept + 2))
+        ann.send(rooms_said_in(range(kept + 2))
                  + '/join #lobby\n')  # as ann leaves the last, two rooms are too many
         for conn in (ann, None):
             if conn is None:  # the log still has r0 and r1: loaded, and too many
@@ -2486,13 +2492,12 @@ class TestData(DataTests, unittest.TestCase):
             conn.send('/rooms\n/join #r1\n/join #r2\n/join #lobby\n')
             conn.expect(r'^-!- %d rooms,' % (kept + 1))  # r2 to r1001, and the lobby
             before, _ = conn.expect(r'\] <ann> said in r2$')  # replayed, stamped
-            self.assertNotIn('<ann> said in r1', before)  # the room quiet longest went
+            self.assertNotIn('<ann> said in r1', before)  # the one said in longest ago went
 
     def test_the_oldest_room_kept_may_be_joined_as_the_last_one_left_empties(self):
         server = self.serve()
         ann, ben = self.join(server, 'ann'), self.join(server, 'ben')
-        ann.send(''.join('/join #r%d\nsaid in r%d\n' % (i, i)
-                         for i in range(chat.KEPT_ROOMS_MAX + 1)) + '/join #r0\n')
+        ann.send(rooms_said_in(range(chat.KEPT_ROOMS_MAX + 1)) + '/join #r0\n')
         ann.expect(r'\] <ann> said in r0$')  # r1000 is empty now, and r0 is not
         ben.send('/join #r0\n')
         ben.expect(r'^-!- 2 online in #r0: ann, ben$')
@@ -6489,7 +6494,7 @@ class TestLink(LinkTests, unittest.TestCase):
         one = self.linked_server('--rate', '0')
         ann, ben = self.join(one, 'ann'), self.join(one, 'ben')
         ann.send('/join #r0\n/topic set in r0\n'  # back from Redis after ann left, as
-                 + ''.join('/join #r%d\nsaid in r%d\n' % (i, i) for i in range(1, most + 2))
+                 + rooms_said_in(range(1, most + 2))
                  + '/join #lobby\nback\n')  # each line is: two rooms too many
         ben.expect(r'^<ann> back$')  # after the others, in the bus's order
         ann.send('/rooms\n/join #r1\n/join #r3\n/join #lobby\n')
@@ -6510,7 +6515,7 @@ class TestLink(LinkTests, unittest.TestCase):
     def test_without_history_a_room_no_one_is_in_goes_even_if_its_lines_come_later(self):
         one = self.linked_server('--rate', '0', '--history', '0')
         ann, ben = self.join(one, 'ann'), self.join(one, 'ben')
-        ann.send(''.join('/join #r%d\nsaid in r%d\n' % (i, i) for i in range(50))
+        ann.send(rooms_said_in(range(50))
                  + '/join #lobby\nback\n')  # each line comes back from Redis after ann left
         ben.expect(r'^<ann> back$')  # after the others, in the bus's order
         ben.send('/rooms\n')
