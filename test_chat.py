@@ -6512,6 +6512,18 @@ class TestLink(LinkTests, unittest.TestCase):
         cat.send('/rooms\n')
         cat.expect(r'^-!- %d rooms,' % most)  # the lobby among them (said in)
 
+    def test_a_person_of_another_server_may_move_into_the_oldest_room_kept_there(self):
+        one, two = self.linked_server('--rate', '0'), self.linked_server()
+        ann, cat = self.join(one, 'ann'), self.join(two, 'cat')
+        self.everyone_knows([ann, cat], 2)
+        # Both servers keep the most rooms no one is in, r0 to r1999, as ann
+        # leaves the last; then #start empties as she goes into r0, the oldest.
+        ann.send(rooms_said_in(range(chat.LINK_ROOMS_MAX)) + '/join #start\nin start\n'
+                 '/join #r0\n/msg cat moved\n')
+        cat.expect(r'^\[PM from ann\] moved$')  # after the move, in the bus's order
+        cat.send('/join #r0\n')
+        cat.expect(r'^-!- 2 online in #r0: ann, cat$')
+
     def test_without_history_a_room_no_one_is_in_goes_even_if_its_lines_come_later(self):
         one = self.linked_server('--rate', '0', '--history', '0')
         ann, ben = self.join(one, 'ann'), self.join(one, 'ben')
