@@ -1728,7 +1728,7 @@ class Session:
     numbered them, which may count a few the peer never had."""
 
     __slots__ = ('token', 'digest', 'peer', 'runs', 'direct_bytes', 'skipped', 'loss_run',
-                 'restored', 'bus_mark')
+                 'restored', 'bus_mark', 'private_mark')
 
     def __init__(self, peer, digest=None):
         self.token = None if digest else secrets.token_urlsafe(16)  # 128 random bits
@@ -1743,6 +1743,8 @@ class Session:
         self.loss_run = None        # the first run after the connection was lost
         self.bus_mark = b'0-0'      # --redis: the last bus entry heard when the token
         self.moved(peer.room)       # was given or the room entered (Link.missed)
+        self.private_mark = b'0-0'  # ... when the token was given: a client counts its
+        # room's lines from the room's notice, but private messages from the token
 
     def moved(self, room):
         """The peer is in room now, or ignores other people: a new run."""
@@ -3415,7 +3417,7 @@ class Server(Commands):
         self.end_session(peer)
         session = Session(peer)  # from the room's lines said so far
         if self.link is not None:
-            session.bus_mark = self.link.last_id or b'0-0'
+            session.bus_mark = session.private_mark = self.link.last_id or b'0-0'
         self.queue(peer, notice_line(RESUME_NOTICE % session.token))
         peer.session = session   # counts what comes after the notice
         self.sessions[session.digest] = peer
@@ -5788,7 +5790,8 @@ class Link:
         """Where peer's session is, for whichever server it resumes on."""
         key = self.key('session', peer.session.digest)
         self.call('HSET', key, 'name', peer.name, 'server', self.id,
-                  'mark', peer.session.bus_mark, 'claimed', repr(peer.claimed))
+                  'mark', peer.session.bus_mark, 'private_mark', peer.session.private_mark,
+                  'claimed', repr(peer.claimed))
         self.call('EXPIRE', key, LINK_SESSION_KEEP_SEC)
 
     def end_session(self, digest):
@@ -5813,6 +5816,8 @@ class Link:
             else:
                 self.people.get(mirror.home, {}).pop(mirror.key, None)
                 missed, gone = self.missed(mirror, stream_id(session[b'mark']), heard,
+                                           stream_id(session.get(b'private_mark',
+                                                                 session[b'mark'])),
                                            heard_privately)
                 self.server.resume_from_elsewhere(peer, mirror, missed, gone)
                 self.call('DEL', self.key('session', digest))  # its new token replaces it
@@ -5822,12 +5827,12 @@ class Link:
         except RespFailure as exc:
             self.fail(exc)
 
-    def missed(self, mirror, mark, heard, heard_privately):
+    def missed(self, mirror, mark, heard, private_mark, heard_privately):
         """The public lines of mirror's room since bus entry mark, less its
         own and less the first heard (which its client had), then the
-        private messages to it since mark, less the first heard_privately;
-        at most half a backlog cap of the newest; and a note if some are
-        gone."""
+        private messages to it since bus entry private_mark, less the first
+        heard_privately; at most half a backlog cap of the newest; and a
+        note if some are gone."""
         room, server = mirror.room, self.server
         marks = room.bus_marks
         index = bisect.bisect_right(marks, (mark, float('inf')))
@@ -5841,12 +5846,13 @@ class Link:
                     lines.append(line)
         lines = lines[heard:]
         privately = self.private_for.pop(mirror, None) or KeptPrivately(0)
-        lines += privately.since(mark)[heard_privately:]
+        lines += privately.since(private_mark)[heard_privately:]
         kept, size = len(lines), 0
         while kept and size + len(lines[kept - 1]) <= server.max_backlog // RESUME_SHARE:
             kept -= 1
             size += len(lines[kept])
-        gone = (kept or stream_id(self.first_id) > mark or privately.forgot_after(mark)
+        gone = (kept or stream_id(self.first_id) > private_mark  # (<= mark: it is older)
+                or privately.forgot_after(private_mark)
                 or (index == 0 and marks and marks[0][0] > mark and room.said_from > 0))
         return lines[kept:], ' (some earlier ones are gone)' if gone else ''
 

@@ -6403,6 +6403,30 @@ class TestLink(LinkTests, unittest.TestCase):
         again.send('/resume %s\n' % token)
         again.expect(r'^!!! cannot resume: no such session')
 
+    def test_private_messages_count_from_the_token_on_a_resume_on_another_server(self):
+        one, two = self.linked_server(), self.linked_server()
+        ann = Conn(one.port)
+        self.addCleanup(ann.close)
+        token = ann.expect(RESUME_LINE)[1].group(1)
+        ann.send('/nick ann\n')
+        ann.name = 'ann'
+        ben = self.join(two, 'ben')
+        self.everyone_knows([ann, ben], 2)
+        ben.send('/msg ann before the join\n')
+        ann.expect(r'^\[PM from ben\] before the join$')
+        ann.send('/join side\n')  # its client counts room lines from here on, not private ones
+        ben.send('/join side\n/msg ann after the join\n')
+        ann.expect(r'^\[PM from ben\] after the join$')
+        cut(ann)
+        ben.expect(r'^-!- ann lost the connection$')
+        ben.send('/msg ann while lost\n')
+        ben.expect(r'^-!- ann lost the connection: it gets this if it comes back$')
+        back = Conn(two.port, hello=False)
+        self.addCleanup(back.close)
+        back.send('/resume %s 9 0 2\n' % token)  # no room line since the join; 2 private
+        back.expect(r'^-!- You are back as ann in #side: 1 line you missed$')
+        self.assertEqual(back.line(), '[PM from ben] while lost')
+
     def test_unreachable_redis_at_start_is_one_clear_line_unless_optional(self):
         port = free_port()
         result = run_chat('server', '0', '--host', '127.0.0.1', '--redis',
