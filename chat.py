@@ -2894,7 +2894,7 @@ class Commands:
         self.end_session(peer)
         if peer in self.doomed:  # leaving as it went: it is the other server's to announce
             self.doomed.remove(peer)
-        peer.home, peer.close_reason, peer.lost_at = home, None, None
+        peer.home, peer.close_reason = home, None  # (if lost, Link.on_moved says it is back)
 
     def resume_session(self, owner, peer, seen=None, heard=None):
         """peer's connection becomes owner's, and is sent what owner missed:

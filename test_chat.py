@@ -6427,6 +6427,25 @@ class TestLink(LinkTests, unittest.TestCase):
         back.expect(r'^-!- You are back as ann in #side: 1 line you missed$')
         self.assertEqual(back.line(), '[PM from ben] while lost')
 
+    def test_a_lost_person_back_on_another_server_is_back_on_its_old_one_too(self):
+        one, two = self.linked_server(), self.linked_server()
+        ann = Conn(one.port)
+        self.addCleanup(ann.close)
+        token = ann.expect(RESUME_LINE)[1].group(1)
+        ann.send('/nick ann\n')
+        ann.name = 'ann'
+        dan, ben = self.join(one, 'dan'), self.join(two, 'ben')
+        self.everyone_knows([ann, dan, ben], 3)
+        cut(ann)
+        for conn in (dan, ben):
+            conn.expect(r'^-!- ann lost the connection$')
+        back = Conn(two.port, hello=False)
+        self.addCleanup(back.close)
+        back.send('/resume %s\n' % token)
+        back.expect(r'^-!- You are back as ann in #lobby')
+        for conn in (ben, dan):
+            conn.expect(r'^-!- ann is back$')
+
     def test_unreachable_redis_at_start_is_one_clear_line_unless_optional(self):
         port = free_port()
         result = run_chat('server', '0', '--host', '127.0.0.1', '--redis',
