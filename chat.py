@@ -2443,8 +2443,9 @@ class Commands:
             return
         if self.refused_if_muted(peer):
             return
-        room.set_topic(text[:MAX_TOPIC_CHARS], peer.name)
-        self.log('%s set the topic of %s: %s' % (peer.name, room.shown, room.topic))
+        text = text[:MAX_TOPIC_CHARS]
+        room.set_topic(text, peer.name)  # (linked, it is set when it comes back from Redis)
+        self.log('%s set the topic of %s: %s' % (peer.name, room.shown, text))
 
     # People ------------------------------------------------------------------
 

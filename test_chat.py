@@ -6215,6 +6215,7 @@ class TestLink(LinkTests, unittest.TestCase):
         # Rooms, topics, away, whois.
         ben.send('/join side\n/topic the side room\n/away lunch\n')
         ben.expect(r'^-!- ben set the topic: the side room$')
+        two.wait_log(r'ben set the topic of #side: the side room$')  # not the topic before
         ann.expect(r'^-!- ben left for #side$')
         cat.send('/rooms\n')
         cat.expect(r'^-!-   #lobby \(2\)$')
