@@ -2726,8 +2726,9 @@ class Commands:
         if recipient.home is None:
             self.hear_private(peer, recipient, text)
         elif not self.link.publish_numbered('pm', lambda: self.queue(peer, error_line(
-                'the link to the other servers broke before your message to %s went: '
-                'not sent' % recipient.name)), peer.name, recipient.name, text):
+                'the link to the other servers broke before your message to %s was '
+                'confirmed: it may not have gone' % recipient.name)), peer.name,
+                recipient.name, text):
             self.queue(peer, error_line('%s is on another server, and the link to it is '
                                         'down: not sent' % recipient.name))
             return
@@ -5208,6 +5209,7 @@ class Link:
         self.last_id = None          # of the last bus entry read
         self.first_id = None         # of the bus entry this server began after
         self.sent_count = 0          # numbered events sent (say, pm, topic, wall)
+        self.settled = 0             # ... of those, the last back or taken for lost
         self.up = False
         self.down_told = False       # this outage was told (once)
         self.tries = 0               # to link again, since it went down
@@ -5330,6 +5332,7 @@ class Link:
             self.down_told = True
             self.server.wall_here(notice_line(LINK_DOWN))
         sent, self.sent = self.sent, collections.deque()
+        self.settled = self.sent_count  # Redis may yet run some: then they are done with
         for _, _, if_lost in sent:  # in the order they were sent
             if_lost()
         self.unconfirmed.clear()
@@ -5430,14 +5433,20 @@ class Link:
         return True
 
     def came_back(self, origin, number):
-        """True if the Nth numbered event of origin is this server's own,
-        back from Redis; those it sent before it that never came back (the
-        bus lost them) count as lost."""
+        """Whether the Nth numbered event of origin is this server's own,
+        back from Redis: None if it is not; True if it was awaited (those
+        sent before it that never came back, which the bus lost, count as
+        lost); False if it was taken for lost already (the link broke
+        first, yet Redis had it), and so is done with."""
         if origin != self.id:
+            return None
+        number = int(number)
+        if number <= self.settled:
             return False
-        while self.sent and self.sent[0][0] <= int(number):
+        while self.sent and self.sent[0][0] <= number:
             sent, if_back, if_lost = self.sent.popleft()
-            (if_back if sent == int(number) else if_lost)()
+            (if_back if sent == number else if_lost)()
+        self.settled = number
         return True
 
     def claim(self, peer, kind, *fields):
@@ -5762,8 +5771,8 @@ class Link:
 
     def on_say(self, origin, fields):
         number, room_key, stamp, sender, lines = said_fields(fields)
-        if self.came_back(origin, number):  # heard as it comes back (hear_said)
-            return
+        if self.came_back(origin, number) is not None:  # heard as it came back, or
+            return  # as it was lost (hear_said)
         room = self.server.rooms.get(room_key.decode('utf-8', 'replace'))
         if room is not None:
             mirror = self.mirror_of(origin, sender.decode('utf-8', 'replace'))
@@ -5873,7 +5882,8 @@ class Link:
 
     def on_topic(self, origin, fields):
         number, name, setter, text = fields.split('\t', 3)
-        self.came_back(origin, number)
+        if self.came_back(origin, number) is False:
+            return  # set here already
         if name_problem(name) is None:
             self.server.room_named(name).set_topic_here(text, setter)
 
@@ -6095,8 +6105,8 @@ class Link:
 
     def on_wall(self, origin, fields):
         number, line = fields.split('\t', 1)
-        self.came_back(origin, number)
-        self.server.wall_here(line.encode('utf-8') + b'\n')
+        if self.came_back(origin, number) is not False:  # (else told here already)
+            self.server.wall_here(line.encode('utf-8') + b'\n')
 
     def on_hello(self, origin, _):
         if origin != self.id:

@@ -6763,12 +6763,15 @@ class TestLink(LinkTests, unittest.TestCase):
         ben.expect(r'^-!- Last 2 messages:$')
 
     def test_a_stalled_redis_holds_input_back_then_the_link_starts_again(self):
-        one, two = self.linked_server('--rate=0'), self.linked_server()
+        one = self.linked_server('--rate=0', '--op-password-file', self.op_file())
+        two = self.linked_server()
         ann, amy, ben = self.join(one, 'ann'), self.join(one, 'amy'), self.join(two, 'ben')
         self.everyone_knows([ann, amy, ben], 3)
+        ann.send('/op opsecret\n')
+        ann.expect(r'^-!- ann is now an operator')
         self.redis.proc.send_signal(signal.SIGSTOP)  # alive, but answers nothing
         self.addCleanup(self.redis.proc.send_signal, signal.SIGCONT)
-        ann.send('/msg ben are you there\n/topic set while stalled\n')
+        ann.send('/msg ben are you there\n/topic set while stalled\n/wall stalled wall\n')
         ann.expect(r'^\[PM to ben\] are you there$')
         said = ['%04d %s' % (number, 'x' * 4000) for number in range(100)]  # 400 KB
         sender = threading.Thread(target=ann.send, args=(''.join(l + '\n' for l in said),))
@@ -6778,15 +6781,20 @@ class TestLink(LinkTests, unittest.TestCase):
                    'the stall to be noticed', timeout=chat.LINK_ANSWER_SEC + 2 * chat.LINK_BEAT_SEC)
         amy.expect(r'^-!- the link to the other servers is down')
         amy.expect(r'^-!- ann set the topic: set while stalled$')  # what never came back:
+        amy.expect(r'^-!- ann to everyone: stalled wall$')
         self.assertEqual([amy.line()[6:] for _ in said], said)  # heard here, in order
         ann.expect(r'^!!! the link to the other servers broke before your message to ben '
-                   r'went: not sent$')
+                   r'was confirmed: it may not have gone$')
         sender.join(TIMEOUT)
-        self.redis.proc.send_signal(signal.SIGCONT)
+        self.redis.proc.send_signal(signal.SIGCONT)  # it runs what it had:
+        ben.expect(r'^\[PM from ann\] are you there$')  # the others hear it,
+        ben.expect(r'^-!- ann to everyone: stalled wall$')
         for conn in (ann, amy):
             conn.expect(r'^-!- linked again$')
         ann.send('after the stall\n')
         ben.expect(r'^<ann> after the stall$')
+        before, _ = amy.expect(r'^<ann> after the stall$')  # its own server not again
+        self.assertFalse([line for line in before if 'stalled' in line], before)
 
     def test_bench_spreads_its_clients_over_linked_servers(self):
         one, two = self.linked_server('--rate=0'), self.linked_server('--rate=0')
