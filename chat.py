@@ -5308,6 +5308,7 @@ class Link:
         for digest in self.ended:
             self.call('DEL', self.key('session', digest))
         self.ended.clear()
+        self.say_unsaid('topics')
         self.call('PING', answer=lambda _: self.server.log(  # once what it read is taken
             'link: linked through Redis at %s:%d as %s, cluster %s' % (
                 self.url.host, self.url.port, self.id, self.cluster)))
@@ -5422,14 +5423,15 @@ class Link:
         self.server.direct_bytes += len(lines)  # against this turn's share, as if sent
         return True
 
-    def publish_numbered(self, kind, if_lost, *fields):
+    def publish_numbered(self, kind, if_lost, *fields, if_back=lambda: None):
         """publish() an event that must not vanish unnoticed: if it never
-        comes back from Redis, if_lost() is done here instead."""
+        comes back from Redis, if_lost() is done here instead (and if_back()
+        if it does)."""
         number = self.sent_count + 1
         if not self.publish(kind, number, *fields):
             return False
         self.sent_count = number
-        self.sent.append((number, lambda: None, if_lost))
+        self.sent.append((number, if_back, if_lost))
         return True
 
     def came_back(self, origin, number):
@@ -5455,12 +5457,20 @@ class Link:
         if self.publish(kind, *fields):
             self.unconfirmed[peer.key] = peer
 
-    def topic(self, room, text, setter):
+    def topic(self, room, text, setter, again=False):
         """A new topic, for every server, and kept in Redis for later ones
-        (its room among those said in, which SAY_SCRIPT trims)."""
+        (its room among those said in, which SAY_SCRIPT trims); set here as
+        it comes back.  If the link is down it is set here only, and given
+        to the others when it is up (again: unless another came meanwhile,
+        it is set here already)."""
         name = room.name
-        if not self.publish_numbered('topic', lambda: self.server.room_named(
-                name).set_topic_here(text, setter), name, setter, text):
+        def set_here():
+            room = self.server.room_named(name)
+            if not (again and room.topic == text):
+                room.set_topic_here(text, setter)
+        if not self.publish_numbered('topic', set_here, name, setter, text, if_back=set_here):
+            self.unsaid[('topics', room.key)] = (
+                lambda: self.topic(self.server.room_named(name), text, setter, True), True)
             return False
         self.call('HSET', self.key('topics'), room.key, json.dumps([room.name, text, setter]))
         self.call('ZADD', self.key('rooms-said'), 'NX', int(time.time() * 1000), room.key)
@@ -5882,8 +5892,8 @@ class Link:
 
     def on_topic(self, origin, fields):
         number, name, setter, text = fields.split('\t', 3)
-        if self.came_back(origin, number) is False:
-            return  # set here already
+        if self.came_back(origin, number) is not None:
+            return  # this server's own: set as it came back or was lost (Link.topic)
         if name_problem(name) is None:
             self.server.room_named(name).set_topic_here(text, setter)
 

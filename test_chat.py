@@ -6325,6 +6325,8 @@ class TestLink(LinkTests, unittest.TestCase):
         amy.expect(r'^<ann> said while alone$')
         ann.send('/op opsecret\n/ban 127.0.0.2 5\n')  # reaches the others once linked
         ann.expect(r'^-!- ann banned 127\.0\.0\.2 for 5 minutes$')
+        ann.send('/topic set while apart\n')  # so does this
+        amy.expect(r'^-!- ann set the topic: set while apart$')
         amy.send('/nick zed\n')  # apart, both servers let someone take one name:
         amy.expect(r'^-!- amy is now known as zed$')
         ben.send('/nick zed\n')
@@ -6341,10 +6343,15 @@ class TestLink(LinkTests, unittest.TestCase):
         before, _ = ben.expect(r'^<ann> said when linked again$')
         self.assertNotIn('<ann> said while alone', before)
         self.assertEqual(far.expect_closed()[-1], '!!! you were banned by ann')
+        self.assertIn('-!- ann set the topic: set while apart', before)
+        self.assertEqual(json.loads(self.redis.command('HGET', 'chat:topics', 'lobby'))[1],
+                         'set while apart')  # for servers linked later
         self.everyone_knows([ann, ben], 3)  # re-announced: everyone again, no one twice
         for conn in (ann, ben):
             self.assertEqual(sum('link to the other servers is down' in line
                                  for line in conn.seen), 1)
+        amy.expect(r'^<ann> said when linked again$')
+        self.assertEqual(sum('set the topic' in line for line in amy.seen), 1)  # not again
 
     def test_a_killed_server_s_people_are_lost_then_gone(self):
         one = self.linked_server('--resume-for=3')
