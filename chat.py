@@ -5302,9 +5302,7 @@ class Link:
             self.heard[origin] = now  # they have LINK_DEAD_SEC to answer
         self.publish('hello')
         self.publish('state', json.dumps(self.state()))
-        for peer in list(self.server.names.values()):  # what changed while it was down
-            if peer.home is None and peer.session is not None:
-                self.note_session(peer)
+        self.note_sessions()  # what changed while it was down
         for digest in self.ended:
             self.call('DEL', self.key('session', digest))
         self.ended.clear()
@@ -5547,6 +5545,16 @@ class Link:
         self.call('HGETALL', self.key('bans'), answer=self.got_bans)
         self.call('HGETALL', self.key('names'), answer=self.got_names)
 
+    def check_epoch(self, epoch):
+        """At each beat: a Redis emptied while linked (FLUSHALL, or a
+        replica with nothing taking over) has lost its epoch; it is given
+        all held here, as at a link."""
+        if epoch != self.epoch and self.loading is None and self.up:
+            self.server.log('link: Redis at %s:%d lost what it held; giving it back' % (
+                self.url.host, self.url.port))
+            self.load_shared(False)
+            self.note_sessions()
+
     def got_bans(self, reply):
         """Every ban in Redis: those not over hold here too."""
         if isinstance(reply, RespError):
@@ -5739,6 +5747,7 @@ class Link:
         if not self.up:
             return
         self.publish('beat')
+        self.call('GET', self.key('epoch'), answer=self.check_epoch)
         for origin, heard in list(self.heard.items()):
             if now - heard > LINK_DEAD_SEC and origin not in self.dead:
                 self.dead.add(origin)
@@ -5805,6 +5814,11 @@ class Link:
         """room's next line is the bus entry just read (Link.missed)."""
         if self.server.resume_for:
             room.bus_marks.append((stream_id(self.last_id), room.seq))
+
+    def note_sessions(self):
+        for peer in list(self.server.names.values()):
+            if peer.home is None and peer.session is not None:
+                self.note_session(peer)
 
     def note_session(self, peer):
         """Where peer's session is, for whichever server it resumes on."""

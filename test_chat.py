@@ -6629,6 +6629,21 @@ class TestLink(LinkTests, unittest.TestCase):
         self.addCleanup(also.close)
         also.expect(r'^-!- \d+ online')
 
+    def test_a_redis_emptied_while_linked_is_given_back_what_the_servers_hold(self):
+        one = self.linked_server('--op-password-file', self.op_file())
+        ann, mallory = self.join(one, 'ann'), self.join(one, 'mallory')
+        ann.send('/op opsecret\n/ban mallory 5\n')
+        ann.expect(r'^-!- ann banned mallory')
+        wait_until(lambda: self.redis.command('HLEN', 'chat:bans') == 1, 'the ban in Redis')
+        self.redis.command('FLUSHALL')  # no link breaks: the next beat finds it out
+        wait_until(lambda: self.redis.command('HLEN', 'chat:bans') == 1, 'the ban given back',
+                   timeout=2 * chat.LINK_BEAT_SEC + TIMEOUT)
+        one.wait_log(r'link: Redis at \S+ lost what it held; giving it back$')
+        self.assertTrue(self.redis.command('KEYS', 'chat:session:*'))  # ann's, to resume
+        late = self.join(self.linked_server(), 'late')
+        late.send('/nick mallory\n')
+        late.expect(r'^!!! cannot use the name mallory: the name is banned')
+
     def test_a_registered_name_is_its_owners_on_every_server(self):
         one, two = self.linked_server(), self.linked_server()  # no --data: Redis keeps it
         ann = self.join(one, 'ann')
