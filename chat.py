@@ -1547,10 +1547,10 @@ class Room:
 
     def set_topic_here(self, text, setter):
         self.topic = text
-        if not self.members:  # linked: set by someone who has left, or elsewhere
-            self.server.keep_empty(self)
         notice = notice_line('%s set the topic: %s' % (setter, text))
         self.topic_said = (self.server.stamp(), notice)
+        if not self.members:  # linked: set by someone who has left, or elsewhere; kept
+            self.server.keep_empty(self)  # as said in now (Room.last_said)
         if self.server.data is not None:
             self.server.data.record(self.topic_said[0], self.shown, notice)
         self.broadcast(notice)

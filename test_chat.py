@@ -6575,6 +6575,15 @@ class TestLink(LinkTests, unittest.TestCase):
         cat.send('/join #r0\n')
         cat.expect(r'^-!- 2 online in #r0: ann, cat$')
 
+    def test_a_topic_that_comes_back_after_its_setter_left_is_kept_at_the_bound(self):
+        one = self.linked_server('--rate', '0')
+        ann, ben = self.join(one, 'ann'), self.join(one, 'ben')
+        ann.send(rooms_said_in(range(chat.LINK_ROOMS_MAX))  # the most kept, as ann leaves
+                 + '/join #fresh\n/topic brand new\n/join #lobby\nback\n')  # the last
+        ben.expect(r'^<ann> back$')  # so the topic came back, after ann left #fresh
+        ben.send('/join #fresh\n')
+        ben.expect(r'^-!- Topic of #fresh: brand new$')  # the newest: r0 went instead
+
     def test_without_history_a_room_no_one_is_in_goes_even_if_its_lines_come_later(self):
         one = self.linked_server('--rate', '0', '--history', '0')
         ann, ben = self.join(one, 'ann'), self.join(one, 'ben')
