@@ -1642,7 +1642,9 @@ class Room:
     def announce(self, _=None):
         """Broadcast the joins and leaves not yet announced: one line for
         each kind, naming the first NOTICE_NAMES and counting the rest.  A
-        big room hears them less often, so a storm costs O(N) bytes."""
+        big room hears them less often, so a storm costs O(N) bytes.  Leaves
+        come first: someone who left and came back is last heard to come
+        (one who came and left was never announced, Room.remove)."""
         arrivals, self.arrivals = list(self.arrivals), {}
         departures, self.departures = self.departures, []
         returns = [peer for peer in self.returns if peer.room is self and (
@@ -1651,12 +1653,6 @@ class Room:
         self.notice_timer = False
         self.notices_due = time.monotonic() + max(
             NOTICE_INTERVAL_SEC, len(self.members) / NOTICE_DELIVERIES_PER_SEC)
-        if len(arrivals) <= NOTICE_ONE_BY_ONE:  # each newcomer has its welcome instead
-            for peer in arrivals:
-                self.broadcast(notice_line('%s joined' % peer.name), sender=peer)
-        else:
-            self.broadcast(notice_line('%d people joined: %s' % (
-                len(arrivals), name_list([p.name for p in arrivals], NOTICE_NAMES))))
         if len(departures) == 1:
             name, reason = departures[0]
             if reason == LOST_NOTE:  # not in what it is sent if it comes back
@@ -1668,6 +1664,12 @@ class Room:
         elif departures:
             self.broadcast(notice_line('%d people left: %s' % (len(departures), name_list(
                 ['%s (%s)' % departure for departure in departures], NOTICE_NAMES))))
+        if len(arrivals) <= NOTICE_ONE_BY_ONE:  # each newcomer has its welcome instead
+            for peer in arrivals:
+                self.broadcast(notice_line('%s joined' % peer.name), sender=peer)
+        else:
+            self.broadcast(notice_line('%d people joined: %s' % (
+                len(arrivals), name_list([p.name for p in arrivals], NOTICE_NAMES))))
         if len(returns) <= NOTICE_ONE_BY_ONE:
             for peer in returns:
                 self.broadcast(notice_line('%s is back' % peer.name), sender=peer)

@@ -798,6 +798,12 @@ class ProtocolTests:
         alice.expect(r'^-!- guest-2 joined$')
         alice.expect(r'^<guest-2> GET lunch, anyone\?$')
 
+    def test_someone_who_left_and_came_back_at_once_is_last_heard_to_have_come(self):
+        ann, ben = self.connect('ann'), self.connect('ben')
+        ann.send('/join #side\n/join #lobby\n/join #side\n/join #lobby\nback\n')  # one go:
+        before, _ = ben.expect(r'^<ann> back$')  # the comings and goings are told together
+        self.assertEqual(before[-2:], ['-!- ann left for #side', '-!- ann joined'])
+
     def test_leaving_is_announced_with_its_reason(self):
         alice, bob, carol = self.connect('alice'), self.connect('bob'), self.connect('carol')
         bob.sock.shutdown(socket.SHUT_WR)  # half-close: bob still reads
