@@ -2787,6 +2787,7 @@ class Commands:
             peer.ignoring.add(other)
             if peer.session is not None:
                 peer.session.moved(peer.room)  # its lines are filtered from here on
+                self.note_session(peer)  # (and on another server it resumes on)
             other.ignored_by.add(peer)
             self.queue(peer, notice_line('You ignore %s: nothing they say reaches you until '
                                          'one of you leaves' % other.name))
@@ -2800,6 +2801,7 @@ class Commands:
         peer.ignoring.discard(other)
         if peer.session is not None:
             peer.session.moved(peer.room)
+            self.note_session(peer)
         other.ignored_by.discard(peer)
         self.queue(peer, notice_line('You hear %s again' % other.name))
 
@@ -5827,7 +5829,8 @@ class Link:
         key = self.key('session', peer.session.digest)
         self.call('HSET', key, 'name', peer.name, 'server', self.id,
                   'mark', peer.session.bus_mark, 'private_mark', peer.session.private_mark,
-                  'claimed', repr(peer.claimed))
+                  'claimed', repr(peer.claimed),
+                  'ignoring', '\t'.join(other.name for other in peer.ignoring))
         self.call('EXPIRE', key, LINK_SESSION_KEEP_SEC)
 
     def end_session(self, digest):
@@ -5851,6 +5854,7 @@ class Link:
                 self.server.refuse_resume(peer)  # (the claim: not someone since called so)
             else:
                 self.people.get(mirror.home, {}).pop(mirror.key, None)
+                self.ignore_again(mirror, session.get(b'ignoring', b''))
                 missed, gone = self.missed(mirror, stream_id(session[b'mark']), heard,
                                            stream_id(session.get(b'private_mark',
                                                                  session[b'mark'])),
@@ -5863,6 +5867,16 @@ class Link:
         except RespFailure as exc:
             self.fail(exc)
 
+    def ignore_again(self, mirror, names):
+        """Whom a person resuming here ignored on its old server (names, a
+        tab between two, as note_session keeps them), of those still here."""
+        people = self.server.names
+        for name in names.decode('utf-8', 'replace').split('\t'):
+            other = people.get(name_key(name))
+            if other is not None and other is not mirror:
+                mirror.ignoring.add(other)
+                other.ignored_by.add(mirror)
+
     def missed(self, mirror, mark, heard, private_mark, heard_privately):
         """The public lines of mirror's room since bus entry mark, less its
         own and less the first heard (which its client had), then the
@@ -5873,16 +5887,19 @@ class Link:
         marks = room.bus_marks
         index = bisect.bisect_right(marks, (mark, float('inf')))
         first = marks[index][1] if index < len(marks) else room.seq
-        own = said_by(mirror.name)
+        unheard = said_by(mirror.name) + tuple(  # its own, and those of people it ignores
+            prefix for other in mirror.ignoring for prefix in said_by(other.name))
         lines = []
         for start, sender, blob, _ in room.said:
             for number, line in enumerate(blob.splitlines(True), start):
                 if (number >= first and sender is not mirror and line.startswith((b'<', b'* '))
-                        and not line.startswith(own)):
+                        and not line.startswith(unheard)):
                     lines.append(line)
         lines = lines[heard:]
         privately = self.private_for.pop(mirror, None) or KeptPrivately(0)
-        lines += privately.since(private_mark)[heard_privately:]
+        ignored = tuple(private_line(other.name, '')[:-1] for other in mirror.ignoring)
+        lines += [line for line in privately.since(private_mark)
+                  if not line.startswith(ignored)][heard_privately:]
         kept, size = len(lines), 0
         while kept and size + len(lines[kept - 1]) <= server.max_backlog // RESUME_SHARE:
             kept -= 1

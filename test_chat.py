@@ -6460,6 +6460,36 @@ class TestLink(LinkTests, unittest.TestCase):
         for conn in (ben, dan):
             conn.expect(r'^-!- ann is back$')
 
+    def test_a_resume_on_another_server_keeps_whom_the_person_ignores(self):
+        one, two = self.linked_server(), self.linked_server()
+        bob = Conn(two.port)
+        self.addCleanup(bob.close)
+        token = bob.expect(RESUME_LINE)[1].group(1)
+        bob.send('/nick bob\n')
+        bob.name = 'bob'
+        amy, carl = self.join(one, 'amy'), self.join(one, 'carl')
+        self.everyone_knows([bob, amy, carl], 3)
+        bob.send('/ignore carl\n')
+        bob.expect(r'^-!- You ignore carl')
+        for conn, line, hearer in ((amy, 'a1', carl), (carl, 'c1', amy), (amy, 'a2', bob)):
+            conn.send(line + '\n')
+            hearer.expect(r'^<%s> %s$' % (conn.name, line))  # one after another
+        cut(bob)  # it heard 2 lines: a1 and a2
+        amy.expect(r'^-!- bob lost the connection$')
+        carl.send('/msg bob psst\n')
+        carl.expect(r'^\[PM to bob\] psst$')
+        for conn, line, hearer in ((carl, 'c2', amy), (amy, 'a3', carl)):
+            conn.send(line + '\n')
+            hearer.expect(r'^<%s> %s$' % (conn.name, line))
+        back = Conn(one.port, hello=False)
+        back.name = 'bob'
+        self.addCleanup(back.close)
+        back.send('/resume %s 9 2 0\n' % token)
+        back.expect(r'^-!- You are back as bob in #lobby: 1 line you missed$')
+        self.assertEqual(back.line(), '<amy> a3')
+        back.send('/ignore\n')
+        back.expect(r'^-!- You ignore carl$')
+
     def test_unreachable_redis_at_start_is_one_clear_line_unless_optional(self):
         port = free_port()
         result = run_chat('server', '0', '--host', '127.0.0.1', '--redis',
