@@ -800,9 +800,11 @@ class ProtocolTests:
 
     def test_someone_who_left_and_came_back_at_once_is_last_heard_to_have_come(self):
         ann, ben = self.connect('ann'), self.connect('ben')
-        ann.send('/join #side\n/join #lobby\n/join #side\n/join #lobby\nback\n')  # one go:
-        before, _ = ben.expect(r'^<ann> back$')  # the comings and goings are told together
-        self.assertEqual(before[-2:], ['-!- ann left for #side', '-!- ann joined'])
+        # One go: "hi" tells the first return at once, and so the second
+        # leave and return are held, and told together, before "back".
+        ann.send('/join #side\n/join #lobby\nhi\n/join #side\n/join #lobby\nback\n')
+        before, _ = ben.expect(r'^<ann> back$')
+        self.assertEqual(before[-3:], ['<ann> hi', '-!- ann left for #side', '-!- ann joined'])
 
     def test_leaving_is_announced_with_its_reason(self):
         alice, bob, carol = self.connect('alice'), self.connect('bob'), self.connect('carol')
