@@ -6597,9 +6597,12 @@ class TestLink(LinkTests, unittest.TestCase):
         self.assertEqual([self.redis.command('EXISTS', 'chat:history:r%d' % i)
                           for i in (1, most + 1)], [0, 1])
         self.assertEqual(self.redis.command('HEXISTS', 'chat:topics', 'r0'), 0)
-        cat = self.join(self.linked_server(), 'cat')  # loads what Redis keeps
-        cat.send('/rooms\n')
-        cat.expect(r'^-!- %d rooms,' % most)  # the lobby among them (said in)
+        cat = self.join(self.linked_server(), 'cat')  # loads what Redis keeps, as
+        def rooms():  # it reads the bus on: a moment after it has linked
+            cat.send('/rooms\n')
+            return cat.expect(r'^-!- \d+ rooms?\b')[1].group(0)
+        wait_until(lambda: rooms() == '-!- %d rooms' % most, 'the rooms loaded')  # the
+        # lobby among them (said in)
 
     def test_a_person_of_another_server_may_move_into_the_oldest_room_kept_there(self):
         one, two = self.linked_server('--rate', '0'), self.linked_server()
