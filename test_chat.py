@@ -6183,6 +6183,24 @@ class LinkTests:
         conn.name = name
         return conn
 
+    def join_with_token(self, server, name):
+        """Someone on server, called name, and the token to resume it."""
+        conn = Conn(server.port)
+        self.addCleanup(conn.close)
+        token = conn.expect(RESUME_LINE)[1].group(1)
+        conn.send('/nick %s\n' % name)
+        conn.name = name
+        return conn, token
+
+    def resume(self, server, name, command):
+        """A new connection to server that sends command (/resume ...) to
+        come back as name."""
+        conn = Conn(server.port, hello=False)
+        self.addCleanup(conn.close)
+        conn.name = name
+        conn.send(command + '\n')
+        return conn
+
     def everyone_knows(self, conns, count):
         """Wait until every one of conns sees count people in its room."""
         for conn in conns:
@@ -6380,11 +6398,7 @@ class TestLink(LinkTests, unittest.TestCase):
 
     def test_a_client_resumes_on_another_server_without_missing_a_line(self):
         one, two, three = self.three()
-        ann = Conn(one.port)
-        self.addCleanup(ann.close)
-        token = ann.expect(RESUME_LINE)[1].group(1)
-        ann.send('/nick ann\n')
-        ann.name = 'ann'
+        ann, token = self.join_with_token(one, 'ann')
         ben, cat, dan = self.join(two, 'ben'), self.join(three, 'cat'), self.join(one, 'dan')
         self.everyone_knows([ann, ben, cat, dan], 4)
         ben.send('before\n/msg ann private before\n')
@@ -6398,10 +6412,8 @@ class TestLink(LinkTests, unittest.TestCase):
         cat.send('/msg ann private while away\n/msg ben read on\n')
         cat.expect(r'^\[PM to ann\] private while away$')
         ben.expect(r'^\[PM from cat\] read on$')  # so ben's server has read the first too
-        back = Conn(two.port, hello=False)  # ben's server: cat's message went on the bus
-        back.name = 'ann'
-        self.addCleanup(back.close)
-        back.send('/resume %s 9 1 2\n' % token)
+        back = self.resume(two, 'ann', '/resume %s 9 1 2' % token)  # ben's server: cat's
+        # message went on the bus
         back.expect(r'^-!- You are back as ann in #lobby: 3 lines you missed$')
         self.assertEqual([back.line(), back.line(), back.line()],
                          ['<ben> while away 1', '<ben> while away 2',
@@ -6414,18 +6426,12 @@ class TestLink(LinkTests, unittest.TestCase):
         cat.expect(r'^-!- ann: in #lobby, on another server$')
         self.everyone_knows([back, ben, cat], 4)  # one ann, no ghost (and dan: his server
         # is not yet taken for dead)
-        again = Conn(three.port, hello=False)  # the old token is spent
-        self.addCleanup(again.close)
-        again.send('/resume %s\n' % token)
+        again = self.resume(three, 'ann', '/resume %s' % token)  # the old token is spent
         again.expect(r'^!!! cannot resume: no such session')
 
     def test_private_messages_count_from_the_token_on_a_resume_on_another_server(self):
         one, two = self.linked_server(), self.linked_server()
-        ann = Conn(one.port)
-        self.addCleanup(ann.close)
-        token = ann.expect(RESUME_LINE)[1].group(1)
-        ann.send('/nick ann\n')
-        ann.name = 'ann'
+        ann, token = self.join_with_token(one, 'ann')
         ben = self.join(two, 'ben')
         self.everyone_knows([ann, ben], 2)
         ben.send('/msg ann before the join\n')
@@ -6437,38 +6443,27 @@ class TestLink(LinkTests, unittest.TestCase):
         ben.expect(r'^-!- ann lost the connection$')
         ben.send('/msg ann while lost\n')
         ben.expect(r'^-!- ann lost the connection: it gets this if it comes back$')
-        back = Conn(two.port, hello=False)
-        self.addCleanup(back.close)
-        back.send('/resume %s 9 0 2\n' % token)  # no room line since the join; 2 private
+        back = self.resume(two, 'ann', '/resume %s 9 0 2' % token)  # no room line since
+        # the join; 2 private
         back.expect(r'^-!- You are back as ann in #side: 1 line you missed$')
         self.assertEqual(back.line(), '[PM from ben] while lost')
 
     def test_a_lost_person_back_on_another_server_is_back_on_its_old_one_too(self):
         one, two = self.linked_server(), self.linked_server()
-        ann = Conn(one.port)
-        self.addCleanup(ann.close)
-        token = ann.expect(RESUME_LINE)[1].group(1)
-        ann.send('/nick ann\n')
-        ann.name = 'ann'
+        ann, token = self.join_with_token(one, 'ann')
         dan, ben = self.join(one, 'dan'), self.join(two, 'ben')
         self.everyone_knows([ann, dan, ben], 3)
         cut(ann)
         for conn in (dan, ben):
             conn.expect(r'^-!- ann lost the connection$')
-        back = Conn(two.port, hello=False)
-        self.addCleanup(back.close)
-        back.send('/resume %s\n' % token)
+        back = self.resume(two, 'ann', '/resume %s' % token)
         back.expect(r'^-!- You are back as ann in #lobby')
         for conn in (ben, dan):
             conn.expect(r'^-!- ann is back$')
 
     def test_a_resume_on_another_server_keeps_whom_the_person_ignores(self):
         one, two = self.linked_server(), self.linked_server()
-        bob = Conn(two.port)
-        self.addCleanup(bob.close)
-        token = bob.expect(RESUME_LINE)[1].group(1)
-        bob.send('/nick bob\n')
-        bob.name = 'bob'
+        bob, token = self.join_with_token(two, 'bob')
         amy, carl = self.join(one, 'amy'), self.join(one, 'carl')
         self.everyone_knows([bob, amy, carl], 3)
         bob.send('/ignore carl\n')
@@ -6483,10 +6478,7 @@ class TestLink(LinkTests, unittest.TestCase):
         for conn, line, hearer in ((carl, 'c2', amy), (amy, 'a3', carl)):
             conn.send(line + '\n')
             hearer.expect(r'^<%s> %s$' % (conn.name, line))
-        back = Conn(one.port, hello=False)
-        back.name = 'bob'
-        self.addCleanup(back.close)
-        back.send('/resume %s 9 2 0\n' % token)
+        back = self.resume(one, 'bob', '/resume %s 9 2 0' % token)
         back.expect(r'^-!- You are back as bob in #lobby: 1 line you missed$')
         self.assertEqual(back.line(), '<amy> a3')
         back.send('/ignore\n')
