@@ -3117,6 +3117,57 @@ class TestBurstsAreSpreadOverTurns(unittest.TestCase):
         self.assertEqual(len(server.names), len(peers))
 
 
+class TestEndOfInputInOneTurn(unittest.TestCase):
+    """A line said and another peer's end of input, handled in one loop
+    turn in that order (stepped by hand, so the turn is exact)."""
+
+    def test_a_peer_that_ends_its_input_gets_what_was_said_before_in_its_last_turn(self):
+        server, address = stepped_server(self, rate=0)
+        speaker = socket.create_connection(address)  # first: first in select's order too
+        leaver = socket.create_connection(address)
+        for sock in (speaker, leaver):
+            self.addCleanup(sock.close)
+            sock.sendall(b'\n')
+            sock.setblocking(False)
+        step_until(server, lambda: len(server.names) == 2, 'both in')
+        by_address = {peer.sock.getpeername(): peer for peer in server.names.values()}
+        speaker_name = by_address[speaker.getsockname()].name
+        leaving = by_address[leaver.getsockname()]
+        lobby = leaving.room
+        # Two quiet turns empty epoll's ready list, so the two events below
+        # come in the order they happen; an even turn does not rotate them.
+        def quiet():
+            for sock in (speaker, leaver):
+                recv_now(sock)
+            server.run_once(timeout=0)
+            server.run_once(timeout=0)
+            if server.turn % 2:
+                server.run_once(timeout=0)
+            return not recv_now(speaker) + recv_now(leaver)
+        wait_until(quiet, 'a quiet even turn')
+        said_before = len(lobby.history)
+        speaker.sendall(b'said just before the end\n')  # on loopback: there on return
+        leaver.shutdown(socket.SHUT_WR)
+        server.run_once(timeout=TIMEOUT)
+        self.assertEqual((len(lobby.history), leaving.close_reason),
+                         (said_before + 1, 'connection closed'), 'not one turn')
+        received = bytearray()
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            server.run_once(timeout=0.05)
+            try:
+                chunk = leaver.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            received += chunk
+        else:
+            self.fail('the server did not close the connection')
+        self.assertIn('<%s> said just before the end' % speaker_name,
+                      received.decode().splitlines())
+
+
 class TestBackpressure(unittest.TestCase):
     """The real loop, in a process of its own, against readers that read at
     a fixed rate: a reader that keeps up survives any burst within the flood
