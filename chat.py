@@ -5212,6 +5212,7 @@ class Link:
         self.commands = self.reader = None
         self.last_id = None          # of the last bus entry read
         self.first_id = None         # of the bus entry this server began after
+        self.rooms_read = False      # the rooms' history and topics, at the first link
         self.sent_count = 0          # numbered events sent (say, pm, topic, wall)
         self.settled = 0             # ... of those, the last back or taken for lost
         self.up = False
@@ -5296,9 +5297,10 @@ class Link:
         first = self.last_id is None
         if first:  # from the bus's newest entry on
             self.last_id = self.first_id = newest[0][0] if newest else b'0-0'
-            self.load_rooms()
-        else:
+        if self.rooms_read:
             self.read_bus()
+        else:  # the first link, or one that broke before they all came
+            self.load_rooms()
         self.up, self.tries = True, 0
         self.load_shared(first)
         now = time.monotonic()
@@ -5311,9 +5313,8 @@ class Link:
             self.call('DEL', self.key('session', digest))
         self.ended.clear()
         self.say_unsaid('topics')
-        self.call('PING', answer=lambda _: self.server.log(  # once what it read is taken
-            'link: linked through Redis at %s:%d as %s, cluster %s' % (
-                self.url.host, self.url.port, self.id, self.cluster)))
+        if self.rooms_read:
+            self.say_linked()
         if self.down_told:
             self.down_told = False
             self.server.wall_here(notice_line(LINKED_AGAIN))
@@ -5663,8 +5664,9 @@ class Link:
                                          if stamp_seconds(stamp)])
         self.call('EVAL', TAKE_MAIL_SCRIPT, 1, self.key('mail', peer.key), answer=taken)
 
-    # The first time linked: each room's history and topic, from Redis, for
-    # the rooms that have none here; then the bus, from where they end.
+    # The first time linked (and again if that link broke before they all
+    # came): each room's history and topic, from Redis, for the rooms that
+    # have none here; then the bus, from where they end.
 
     def load_rooms(self):
         self.commands.call(self.got_topics, 'HGETALL', self.key('topics'))
@@ -5695,8 +5697,16 @@ class Link:
 
     def rooms_loaded(self):
         """The rooms' history and topics are here: read the bus on from them."""
+        self.rooms_read = True
         self.server.keep_empty_rooms()
         self.read_bus()
+        self.say_linked()
+
+    def say_linked(self):
+        """Log that this server is linked, once what it read is taken."""
+        self.call('PING', answer=lambda _: self.server.log(
+            'link: linked through Redis at %s:%d as %s, cluster %s' % (
+                self.url.host, self.url.port, self.id, self.cluster)))
 
     def got_history(self, name, entries):
         """A room's lines from Redis, newest first: those said before the
