@@ -5673,6 +5673,8 @@ class Link:
         self.commands.call(self.got_rooms, 'HVALS', self.key('room-names'))
 
     def got_topics(self, reply):
+        if isinstance(reply, RespError):  # not a hash (damaged): none kept
+            return
         for value in reply[1::2]:
             name, text, setter = stored_json(value, str, str, str) or ('', '', '')
             if name_problem(name) is None:
@@ -5680,6 +5682,8 @@ class Link:
                 room.topic = room.topic or text
 
     def got_rooms(self, names):
+        if isinstance(names, RespError):  # not a hash (damaged): none kept
+            names = []
         names = [name.decode('utf-8', 'replace') for name in names]
         names = [name for name in names if name_problem(name) is None]
         waiting = [len(names)]
@@ -5712,7 +5716,7 @@ class Link:
         """A room's lines from Redis, newest first: those said before the
         bus entry this server reads on from (the rest come on the bus)."""
         room = self.server.room_named(name)
-        if len(room.history):
+        if len(room.history) or isinstance(entries, RespError):  # not a stream: none
             return
         for _, fields in reversed(entries):
             said = dict(zip(fields[::2], fields[1::2]))

@@ -6638,6 +6638,17 @@ class TestLink(LinkTests, unittest.TestCase):
         two.wait_log(r'link: lost Redis')
         self.assertEqual(history_of(self.join(two, 'ben')), ['<ann> said before two started'])
 
+    def test_rooms_whose_keys_in_redis_are_damaged_are_loaded_without_them(self):
+        self.redis.command('SET', 'chat:topics', 'not a hash')
+        self.redis.command('HSET', 'chat:room-names', 'dev', 'dev')
+        self.redis.command('SET', 'chat:history:dev', 'not a stream')
+        one = self.linked_server()  # linked once the rooms are loaded: not stuck retrying
+        self.assertNotIn('link: lost Redis', '\n'.join(one.logs))
+        ann = self.join(one, 'ann')
+        ann.send('/join dev\n')
+        ann.expect(r'^-!- You are in #dev')
+        self.assertEqual(history_of(ann), [])
+
     def test_rooms_are_kept_up_to_a_bound_here_and_in_redis(self):
         most = chat.LINK_ROOMS_MAX
         one = self.linked_server('--rate', '0')
