@@ -1730,7 +1730,7 @@ class Session:
     numbered them, which may count a few the peer never had."""
 
     __slots__ = ('token', 'digest', 'peer', 'runs', 'direct_bytes', 'skipped', 'loss_run',
-                 'restored', 'bus_mark', 'private_mark')
+                 'restored', 'bus_mark', 'private_mark', 'ignore_spans')
 
     def __init__(self, peer, digest=None):
         self.token = None if digest else secrets.token_urlsafe(16)  # 128 random bits
@@ -1747,6 +1747,10 @@ class Session:
         self.moved(peer.room)       # was given or the room entered (Link.missed)
         self.private_mark = b'0-0'  # ... when the token was given: a client counts its
         # room's lines from the room's notice, but private messages from the token
+        # --redis: whom it ignored, from which bus entry to which (None: on),
+        # as [Peer, name when it ended, first, last]: its client did not count
+        # their lines then (Link.missed).  Those ignored now, from the start.
+        self.ignore_spans = [[other, other.name, b'0-0', None] for other in peer.ignoring]
 
     def moved(self, room):
         """The peer is in room now, or ignores other people: a new run."""
@@ -1754,6 +1758,17 @@ class Session:
         self.drop_empty_run()
         self.runs.append([room, room.seq, None, frozenset(self.peer.ignoring)])
         self.bound()
+
+    def ignores(self, other, entry):
+        """--redis: the peer ignores other from after bus entry on."""
+        self.ignore_spans.append([other, other.name, entry, None])
+        del self.ignore_spans[:-SESSION_MAX_RUNS]
+
+    def hears_again(self, other, entry):
+        """--redis: ... and hears other again after bus entry."""
+        for span in self.ignore_spans:
+            if span[0] is other and span[3] is None:
+                span[1], span[3] = other.name, entry
 
     def mark_loss(self):
         """The connection is lost: what comes from now on is what a person
@@ -2787,6 +2802,8 @@ class Commands:
             peer.ignoring.add(other)
             if peer.session is not None:
                 peer.session.moved(peer.room)  # its lines are filtered from here on
+                if self.link is not None:
+                    peer.session.ignores(other, self.link.position())
                 self.note_session(peer)  # (and on another server it resumes on)
             other.ignored_by.add(peer)
             self.queue(peer, notice_line('You ignore %s: nothing they say reaches you until '
@@ -2801,6 +2818,8 @@ class Commands:
         peer.ignoring.discard(other)
         if peer.session is not None:
             peer.session.moved(peer.room)
+            if self.link is not None:
+                peer.session.hears_again(other, self.link.position())
             self.note_session(peer)
         other.ignored_by.discard(peer)
         self.queue(peer, notice_line('You hear %s again' % other.name))
@@ -3423,7 +3442,7 @@ class Server(Commands):
         self.end_session(peer)
         session = Session(peer)  # from the room's lines said so far
         if self.link is not None:
-            session.bus_mark = session.private_mark = self.link.last_id or b'0-0'
+            session.bus_mark = session.private_mark = self.link.position()
         self.queue(peer, notice_line(RESUME_NOTICE % session.token))
         peer.session = session   # counts what comes after the notice
         self.sessions[session.digest] = peer
@@ -3551,7 +3570,7 @@ class Server(Commands):
         if peer.session is not None:
             peer.session.moved(room)
             if self.link is not None:
-                peer.session.bus_mark = self.link.last_id or b'0-0'
+                peer.session.bus_mark = self.link.position()
         self.queue(peer, notice_line(YOU_ARE_IN % room.shown))
         self.note_session(peer)  # its client counts room lines from that notice
         if room.topic:
@@ -3617,6 +3636,9 @@ class Server(Commands):
             other.ignoring.discard(peer)
             if other.session is not None and other.room is not None:
                 other.session.moved(other.room)
+                if self.link is not None:
+                    other.session.hears_again(peer, self.link.position())
+                    self.note_session(other)
         for other in peer.ignoring:
             other.ignored_by.discard(peer)
 
@@ -5151,6 +5173,24 @@ def said_fields(fields):
     return fields.split(b'\t', 4)
 
 
+def ignore_spans(session):
+    """Whom a session record says its person ignored: (name, first, last)
+    for each span (bus entries as stream_id; last None: still ignored).  A
+    record from before spans were kept: those ignored now, from the start."""
+    if b'ignored' not in session:
+        names = session.get(b'ignoring', b'').decode('utf-8', 'replace').split('\t')
+        return [(name, (0, 0), None) for name in names if name]
+    spans = []
+    for span in session[b'ignored'].split(b'\t'):
+        try:
+            name, first, last = span.split(b' ')
+            spans.append((name.decode('utf-8', 'replace'), stream_id(first),
+                          None if last == b'+' else stream_id(last)))
+        except ValueError:  # damaged: that span is not known
+            continue
+    return spans
+
+
 def stored_json(value, *kinds):
     """A JSON list kept in Redis by Link, its items of kinds (types), or
     None if it is not one (written by something else, or damaged)."""
@@ -5180,9 +5220,6 @@ class KeptPrivately:
         while self.size > self.limit:
             self.forgotten, dropped = self.lines.popleft()
             self.size -= len(dropped)
-
-    def since(self, mark):
-        return [line for entry, line in self.lines if entry > mark]
 
     def forgot_after(self, mark):
         return self.forgotten is not None and self.forgotten > mark
@@ -5273,6 +5310,10 @@ class Link:
         self.commands.call(None, 'SCRIPT', 'LOAD', SAY_SCRIPT)
         self.reader.call(self.linked, 'XREVRANGE', self.bus, '+', '-', 'COUNT', 1)
         self.take_guest_numbers()
+
+    def position(self):
+        """The last bus entry read (b'0-0' before any)."""
+        return self.last_id or b'0-0'
 
     def read_bus(self):
         self.reader.call(self.on_bus, 'XREAD', 'COUNT', LINK_READ_COUNT, 'BLOCK',
@@ -5840,11 +5881,18 @@ class Link:
 
     def note_session(self, peer):
         """Where peer's session is, for whichever server it resumes on."""
-        key = self.key('session', peer.session.digest)
+        session = peer.session
+        key = self.key('session', session.digest)
+        since = stream_id(min(session.bus_mark, session.private_mark, key=stream_id))
+        spans = [b' '.join(((other.name if last is None else name).encode(), first,
+                            last or b'+'))
+                 for other, name, first, last in session.ignore_spans
+                 if last is None or stream_id(last) > since]  # (older: counted by no one)
         self.call('HSET', key, 'name', peer.name, 'server', self.id,
-                  'mark', peer.session.bus_mark, 'private_mark', peer.session.private_mark,
+                  'mark', session.bus_mark, 'private_mark', session.private_mark,
                   'claimed', repr(peer.claimed),
-                  'ignoring', '\t'.join(other.name for other in peer.ignoring))
+                  'ignoring', '\t'.join(other.name for other in peer.ignoring),
+                  'ignored', b'\t'.join(spans))
         self.call('EXPIRE', key, LINK_SESSION_KEEP_SEC)
 
     def end_session(self, digest):
@@ -5872,7 +5920,7 @@ class Link:
                 missed, gone = self.missed(mirror, stream_id(session[b'mark']), heard,
                                            stream_id(session.get(b'private_mark',
                                                                  session[b'mark'])),
-                                           heard_privately)
+                                           heard_privately, ignore_spans(session))
                 self.server.resume_from_elsewhere(peer, mirror, missed, gone)
                 self.call('DEL', self.key('session', digest))  # its new token replaces it
             self.server.guarded(self.server.resume, peer)
@@ -5891,29 +5939,37 @@ class Link:
                 mirror.ignoring.add(other)
                 other.ignored_by.add(mirror)
 
-    def missed(self, mirror, mark, heard, private_mark, heard_privately):
+    def missed(self, mirror, mark, heard, private_mark, heard_privately, spans):
         """The public lines of mirror's room since bus entry mark, less its
         own and less the first heard (which its client had), then the
         private messages to it since bus entry private_mark, less the first
-        heard_privately; at most half a backlog cap of the newest; and a
-        note if some are gone."""
+        heard_privately; neither those of people it ignored then (spans:
+        ignore_spans); at most half a backlog cap of the newest; and a note
+        if some are gone."""
         room, server = mirror.room, self.server
         marks = room.bus_marks
+        def after(entry):  # the number of the room's first line after bus entry
+            index = bisect.bisect_right(marks, (entry, float('inf')))
+            return marks[index][1] if index < len(marks) else room.seq
         index = bisect.bisect_right(marks, (mark, float('inf')))
-        first = marks[index][1] if index < len(marks) else room.seq
-        unheard = said_by(mirror.name) + tuple(  # its own, and those of people it ignores
-            prefix for other in mirror.ignoring for prefix in said_by(other.name))
+        first, own = after(mark), said_by(mirror.name)
+        unheard = [(said_by(name), after(begun),  # by line number
+                    float('inf') if ended is None else after(ended))
+                   for name, begun, ended in spans]
         lines = []
         for start, sender, blob, _ in room.said:
             for number, line in enumerate(blob.splitlines(True), start):
                 if (number >= first and sender is not mirror and line.startswith((b'<', b'* '))
-                        and not line.startswith(unheard)):
+                        and not line.startswith(own) and not any(
+                            begun <= number < ended and line.startswith(said)
+                            for said, begun, ended in unheard)):
                     lines.append(line)
         lines = lines[heard:]
         privately = self.private_for.pop(mirror, None) or KeptPrivately(0)
-        ignored = tuple(private_line(other.name, '')[:-1] for other in mirror.ignoring)
-        lines += [line for line in privately.since(private_mark)
-                  if not line.startswith(ignored)][heard_privately:]
+        unheard = [(private_line(name, '')[:-1], begun, ended) for name, begun, ended in spans]
+        lines += [line for entry, line in privately.lines if entry > private_mark and not any(
+            begun < entry and (ended is None or entry <= ended) and line.startswith(sender)
+            for sender, begun, ended in unheard)][heard_privately:]
         kept, size = len(lines), 0
         while kept and size + len(lines[kept - 1]) <= server.max_backlog // RESUME_SHARE:
             kept -= 1
@@ -6082,11 +6138,19 @@ class Link:
     def on_pm(self, origin, fields):
         number, sender, name, text = fields.split('\t', 3)
         self.came_back(origin, number)
-        recipient, mirror = self.server.names.get(name_key(name)), self.mirror_of(origin, sender)
-        if recipient is not None and recipient.home is None and mirror is not None:
-            self.server.hear_private(mirror, recipient, text)
-        elif recipient is not None and recipient.home is not None:
+        recipient = self.server.names.get(name_key(name))
+        if recipient is None:
+            return
+        if recipient.home is not None:  # for a resume here
             self.keep_private(recipient, sender, text)
+            return
+        if origin != self.id:
+            source = self.mirror_of(origin, sender)
+        else:  # sent here while recipient was on another server: it resumed here since
+            source = self.server.names.get(name_key(sender))
+            source = source if source is not None and source.home is None else None
+        if source is not None:
+            self.server.hear_private(source, recipient, text)
 
     def on_heard(self, origin, fields):
         """A private message between two people of server origin, which it

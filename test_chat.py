@@ -1783,6 +1783,8 @@ class CuttableProxy:
         self.running = True
         self.refusing = False  # True: new connections are reset at once (no network)
         self.trip = None  # bytes: the first chunk to the server holding them cuts instead
+        self.hold = None  # bytes: a chunk to the client holding them waits, and what
+        self.held = None  # follows on its connection, until release(): [pair, bytes]
         self.thread.start()
 
     def relay(self):
@@ -1813,12 +1815,25 @@ class CuttableProxy:
                     if self.trip and sock is pair[0] and self.trip in data:
                         self.trip = None
                         data = b''
+                    with self.lock:
+                        if self.hold and sock is pair[1] and self.hold in data:
+                            self.hold, self.held = None, [pair, b'']
+                        if self.held and self.held[0] is pair and data:
+                            self.held[1] += data
+                            continue
                     if data:
                         other.sendall(data)
                         continue
                 except OSError:
                     pass
                 self.cut(pair)
+
+    def release(self):
+        """What hold held goes on."""
+        with self.lock:
+            (client, _), data = self.held
+            self.held = None
+            client.sendall(data)
 
     def cut(self, pair=None):
         """Reset one pair of connections, or all."""
@@ -6538,6 +6553,82 @@ class TestLink(LinkTests, unittest.TestCase):
         self.assertEqual(back.line(), '<amy> a3')
         back.send('/ignore\n')
         back.expect(r'^-!- You ignore carl$')
+
+    def test_a_resume_on_another_server_counts_only_what_was_ignored_while_it_was(self):
+        one, two = self.linked_server(), self.linked_server()
+        bob, token = self.join_with_token(two, 'bob')
+        amy, carl = self.join(one, 'amy'), self.join(one, 'carl')
+        self.everyone_knows([bob, amy, carl], 3)
+
+        def say(conn, line, hearer=None):  # hearer hears it, after all said before
+            conn.send(line + '\n')
+            (hearer or bob).expect(r'^<%s> %s$' % (conn.name, line))
+        say(amy, 'a1')
+        bob.send('/ignore carl\n')
+        bob.expect(r'^-!- You ignore carl')
+        say(carl, 'c1', amy)
+        say(amy, 'a2')  # (so c1 has reached bob's server, unheard)
+        bob.send('/unignore carl\n')
+        bob.expect(r'^-!- You hear carl again$')
+        say(carl, 'c2')
+        bob.send('/ignore amy\n')
+        bob.expect(r'^-!- You ignore amy')
+        say(amy, 'a3', carl)
+        say(carl, 'c3')
+        cut(bob)  # it heard 4 lines: a1, a2, c2 and c3
+        amy.expect(r'^-!- bob lost the connection$')
+        say(amy, 'a4', carl)
+        say(carl, 'c4', amy)
+        for conn, text in ((amy, 'psst'), (carl, 'hi')):
+            conn.send('/msg bob %s\n' % text)
+            conn.expect(r'^\[PM to bob\] %s$' % text)
+        say(amy, 'a5', carl)  # (so one has read the messages back from Redis)
+        back = self.resume(one, 'bob', '/resume %s 9 4 0' % token)
+        back.expect(r'^-!- You are back as bob in #lobby: 2 lines you missed$')
+        self.assertEqual([back.line(), back.line()], ['<carl> c4', '[PM from carl] hi'])
+
+    def test_an_ignore_that_ended_as_its_person_left_is_not_taken_to_another_server(self):
+        one, two = self.linked_server(), self.linked_server()
+        bob, token = self.join_with_token(two, 'bob')
+        carl = self.join(one, 'carl')
+        self.everyone_knows([bob, carl], 2)
+        bob.send('/ignore carl\n')
+        bob.expect(r'^-!- You ignore carl')
+        carl.send('/quit\n')
+        self.gone(bob, 'carl')
+        carl = self.join(one, 'carl')  # someone else, by the same name
+        carl.send('n1\n')
+        bob.expect(r'^<carl> n1$')
+        cut(bob)
+        carl.expect(r'^-!- bob lost the connection$')
+        carl.send('n2\n')
+        back = self.resume(one, 'bob', '/resume %s 9 1 0' % token)
+        back.expect(r'^-!- You are back as bob in #lobby: 1 line you missed$')
+        self.assertEqual(back.line(), '<carl> n2')
+        carl.send('n3\n')
+        back.expect(r'^<carl> n3$')
+
+    def test_a_private_message_back_from_redis_after_its_recipient_resumed_here_reaches_it(self):
+        proxy = CuttableProxy(self.redis.port)
+        self.addCleanup(proxy.stop)
+        one = self.linked_server(url='redis://127.0.0.1:%d' % proxy.port)
+        two = self.linked_server()
+        bob, token = self.join_with_token(two, 'bob')
+        carl = self.join(one, 'carl')
+        self.everyone_knows([bob, carl], 2)
+        cut(bob)
+        carl.expect(r'^-!- bob lost the connection$')
+        proxy.hold = b'held back'  # its way back to one, on the bus
+        carl.send('/msg bob held back\n')
+        carl.expect(r'^\[PM to bob\] held back$')
+        wait_until(lambda: proxy.held, 'the message on its way back')
+        back = self.resume(one, 'bob', '/resume %s 0 0 0' % token)
+        back.expect(r'^-!- You are back as bob in #lobby')
+        proxy.release()
+        back.expect(r'^\[PM from carl\] held back$')
+        carl.send('/msg bob after\n')
+        before, _ = back.expect(r'^\[PM from carl\] after$')
+        self.assertNotIn('[PM from carl] held back', before)
 
     def test_unreachable_redis_at_start_is_one_clear_line_unless_optional(self):
         port = free_port()
