@@ -5931,7 +5931,11 @@ class Link:
 
     def ignore_again(self, mirror, names):
         """Whom a person resuming here ignored on its old server (names, a
-        tab between two, as note_session keeps them), of those still here."""
+        tab between two, as note_session keeps them), of those still here;
+        no one else (it may have been here before, and stopped since)."""
+        for other in mirror.ignoring:
+            other.ignored_by.discard(mirror)
+        mirror.ignoring.clear()
         people = self.server.names
         for name in names.decode('utf-8', 'replace').split('\t'):
             other = people.get(name_key(name))

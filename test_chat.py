@@ -6587,6 +6587,28 @@ class TestLink(LinkTests, unittest.TestCase):
         back.expect(r'^-!- You are back as bob in #lobby: 2 lines you missed$')
         self.assertEqual([back.line(), back.line()], ['<carl> c4', '[PM from carl] hi'])
 
+    def test_an_unignore_holds_on_a_resume_back_on_the_first_server(self):
+        one, two = self.linked_server(), self.linked_server()
+        bob, token = self.join_with_token(two, 'bob')
+        carl = self.join(one, 'carl')
+        self.everyone_knows([bob, carl], 2)
+        bob.send('/ignore carl\n')
+        bob.expect(r'^-!- You ignore carl')
+        cut(bob)
+        carl.expect(r'^-!- bob lost the connection$')
+        back = self.resume(one, 'bob', '/resume %s' % token)
+        token = back.expect(RESUME_LINE)[1].group(1)
+        back.send('/unignore carl\n')
+        back.expect(r'^-!- You hear carl again$')
+        cut(back)
+        carl.expect(r'^-!- bob lost the connection$')
+        again = self.resume(two, 'bob', '/resume %s' % token)  # where bob ignored carl
+        again.expect(r'^-!- You are back as bob')
+        again.send('/ignore\n')
+        again.expect(r'^-!- You ignore no one$')
+        carl.send('hello bob\n')
+        again.expect(r'^<carl> hello bob$')
+
     def test_an_ignore_that_ended_as_its_person_left_is_not_taken_to_another_server(self):
         one, two = self.linked_server(), self.linked_server()
         bob, token = self.join_with_token(two, 'bob')
