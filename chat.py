@@ -3095,6 +3095,7 @@ class Commands:
         other = self.someone(peer, name, self.cmd_mute)
         if other is not None:
             other.muted = peer.name
+            self.note_session(other)  # linked: a resume elsewhere does not lift it
             self.log('%s muted %s' % (peer.name, other.name))
             self.queue(other, error_line('you are muted by %s: only private messages to '
                                          'operators go out' % peer.name))
@@ -3105,6 +3106,7 @@ class Commands:
         other = self.someone(peer, name, self.cmd_unmute)
         if other is not None:
             other.muted = None
+            self.note_session(other)
             self.log('%s unmuted %s' % (peer.name, other.name))
             self.queue(other, notice_line('%s lets you speak again' % peer.name))
             self.queue(peer, notice_line('%s may speak again' % other.name))
@@ -5892,7 +5894,7 @@ class Link:
                   'mark', session.bus_mark, 'private_mark', session.private_mark,
                   'claimed', repr(peer.claimed),
                   'ignoring', '\t'.join(other.name for other in peer.ignoring),
-                  'ignored', b'\t'.join(spans))
+                  'ignored', b'\t'.join(spans), 'muted', peer.muted or '')
         self.call('EXPIRE', key, LINK_SESSION_KEEP_SEC)
 
     def end_session(self, digest):
@@ -5917,6 +5919,7 @@ class Link:
             else:
                 self.people.get(mirror.home, {}).pop(mirror.key, None)
                 self.ignore_again(mirror, session.get(b'ignoring', b''))
+                mirror.muted = session.get(b'muted', b'').decode('utf-8', 'replace') or None
                 missed, gone = self.missed(mirror, stream_id(session[b'mark']), heard,
                                            stream_id(session.get(b'private_mark',
                                                                  session[b'mark'])),

@@ -6587,6 +6587,26 @@ class TestLink(LinkTests, unittest.TestCase):
         back.expect(r'^-!- You are back as bob in #lobby: 2 lines you missed$')
         self.assertEqual([back.line(), back.line()], ['<carl> c4', '[PM from carl] hi'])
 
+    def test_a_muted_person_is_still_muted_after_a_resume_on_another_server(self):
+        one = self.linked_server('--op-password-file', self.op_file())
+        two = self.linked_server()
+        bob, token = self.join_with_token(two, 'bob')
+        op = self.join(one, 'op')
+        self.everyone_knows([bob, op], 2)
+        op.send('/op opsecret\n/mute bob\n')
+        bob.expect(r'^!!! you are muted by op')
+        cut(bob)
+        op.expect(r'^-!- bob lost the connection$')
+        back = self.resume(one, 'bob', '/resume %s' % token)
+        back.expect(r'^-!- You are back as bob')
+        back.send('still here\n')
+        back.expect(r'^!!! you are muted by op')
+        op.send('/unmute bob\n')
+        back.expect(r'^-!- op lets you speak again$')
+        back.send('free again\n')
+        before, _ = op.expect(r'^<bob> free again$')
+        self.assertNotIn('<bob> still here', before)
+
     def test_an_unignore_holds_on_a_resume_back_on_the_first_server(self):
         one, two = self.linked_server(), self.linked_server()
         bob, token = self.join_with_token(two, 'bob')
