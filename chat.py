@@ -5137,25 +5137,39 @@ def check_redis(url, address, tls):
 # to HISTORY_MAX_LINES entries) in one step, so that both have them in the
 # same order; each history entry is the say event and names its bus entry.
 # The rooms Redis keeps history for are a sorted set of their keys by the
-# time last said in (the entry's ms), and a hash of their names: past
-# LINK_ROOMS_MAX, the oldest go, with their history and topic.
-SAY_SCRIPT = b"""
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[2], 'b', id)
-redis.call('ZADD', KEYS[3], string.match(id, '^%d+'), ARGV[4])
-redis.call('HSET', KEYS[4], ARGV[4], ARGV[5])
-local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[6])
-if over > 0 then
-  local gone = redis.call('ZPOPMIN', KEYS[3], over)
-  for i = 1, #gone, 2 do
-    redis.call('HDEL', KEYS[4], gone[i])
-    redis.call('HDEL', KEYS[5], gone[i])
-    redis.call('DEL', ARGV[7] .. gone[i])
+# time last said in (the entry's ms; a topic's, by Redis's clock too), and a
+# hash of their names: past LINK_ROOMS_MAX, the oldest go, with their
+# history and topic.  Both scripts' first keys and arguments are
+# KEEP_ROOM_LUA's: the rooms said in, their names, their topics; the room's
+# key and name, LINK_ROOMS_MAX, and the history keys' prefix.
+KEEP_ROOM_LUA = b"""
+local function keep_room(stamp)
+  redis.call('ZADD', KEYS[1], stamp, ARGV[1])
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[3])
+  if over > 0 then
+    local gone = redis.call('ZPOPMIN', KEYS[1], over)
+    for i = 1, #gone, 2 do
+      redis.call('HDEL', KEYS[2], gone[i])
+      redis.call('HDEL', KEYS[3], gone[i])
+      redis.call('DEL', ARGV[4] .. gone[i])
+    end
   end
 end
+"""
+SAY_SCRIPT = KEEP_ROOM_LUA + b"""
+local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[6])
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'e', ARGV[6], 'b', id)
+keep_room(string.match(id, '^%d+'))
 return id
 """
+TOPIC_SCRIPT = KEEP_ROOM_LUA + b"""
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
+local now = redis.call('TIME')
+keep_room(string.format('%d%03d', now[1], math.floor(now[2] / 1000)))
+"""
 SAY_SCRIPT_SHA = hashlib.sha1(SAY_SCRIPT).hexdigest()
+TOPIC_SCRIPT_SHA = hashlib.sha1(TOPIC_SCRIPT).hexdigest()
 TAKE_MAIL_SCRIPT = b"""
 local mail = redis.call('LRANGE', KEYS[1], 0, -1)
 redis.call('DEL', KEYS[1])
@@ -5309,7 +5323,8 @@ class Link:
         except OSError as exc:
             self.fail(exc)
             return
-        self.commands.call(None, 'SCRIPT', 'LOAD', SAY_SCRIPT)
+        for script in (SAY_SCRIPT, TOPIC_SCRIPT):
+            self.commands.call(None, 'SCRIPT', 'LOAD', script)
         self.reader.call(self.linked, 'XREVRANGE', self.bus, '+', '-', 'COUNT', 1)
         self.take_guest_numbers()
 
@@ -5453,14 +5468,11 @@ class Link:
     def say(self, room, sender, lines):
         """Public lines go through Redis, and are heard when they come back
         (in its order); False if the link is down.  They go into the room's
-        history in Redis in the same step (SAY_SCRIPT)."""
+        history in Redis in the same step (SAY_SCRIPT, which keeps the room)."""
         stamp, number = self.server.stamp(), self.sent_count + 1
-        if not self.call('EVALSHA', SAY_SCRIPT_SHA, 5, self.bus, self.key('history', room.key),
-                         self.key('rooms-said'), self.key('room-names'), self.key('topics'),
-                         LINK_BUS_KEEP,
-                         self.event('say', number, room.key, stamp, sender.name, lines),
-                         HISTORY_MAX_LINES, room.key, room.name, LINK_ROOMS_MAX,
-                         self.key('history', '')):
+        event = self.event('say', number, room.key, stamp, sender.name, lines)
+        if not self.keep_room(SAY_SCRIPT_SHA, room, (self.bus, self.key('history', room.key)),
+                              (LINK_BUS_KEEP, event, HISTORY_MAX_LINES)):
             return False
         heard = functools.partial(self.hear_said, room, sender, stamp, lines)
         self.sent_count = number
@@ -5505,7 +5517,7 @@ class Link:
 
     def topic(self, room, text, setter, again=False):
         """A new topic, for every server, and kept in Redis for later ones
-        (its room among those said in, which SAY_SCRIPT trims); set here as
+        (TOPIC_SCRIPT: its room counts as said in now); set here as
         it comes back.  If the link is down it is set here only, and given
         to the others when it is up (again: unless another came meanwhile,
         it is set here already)."""
@@ -5518,10 +5530,15 @@ class Link:
             self.unsaid[('topics', room.key)] = (
                 lambda: self.topic(self.server.room_named(name), text, setter, True), True)
             return False
-        self.call('HSET', self.key('topics'), room.key, json.dumps([room.name, text, setter]))
-        self.call('ZADD', self.key('rooms-said'), 'NX', int(time.time() * 1000), room.key)
-        self.call('HSETNX', self.key('room-names'), room.key, room.name)
+        self.keep_room(TOPIC_SCRIPT_SHA, room, (), (json.dumps([room.name, text, setter]),))
         return True
+
+    def keep_room(self, script, room, keys, args):
+        """Run a script that keeps room among those said in (KEEP_ROOM_LUA),
+        with its own keys and arguments after those."""
+        return self.call('EVALSHA', script, 3 + len(keys), self.key('rooms-said'),
+                         self.key('room-names'), self.key('topics'), *keys, room.key, room.name,
+                         LINK_ROOMS_MAX, self.key('history', ''), *args)
 
     # Bans and registered names: on the bus for the servers linked now, and
     # in a hash for those that link later.  CLUSTER:bans has a field per

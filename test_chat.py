@@ -6782,6 +6782,25 @@ class TestLink(LinkTests, unittest.TestCase):
         ann.expect(r'^-!- You are in #dev')
         self.assertEqual(history_of(ann), [])
 
+    def test_a_topic_counts_as_said_in_its_room_in_redis_too(self):
+        most = chat.LINK_ROOMS_MAX
+        one = self.linked_server('--rate', '0')
+        ann, ben = self.join(one, 'ann'), self.join(one, 'ben')
+        ann.send(rooms_said_in(range(most))  # r0 to r1999: as many as Redis keeps
+                 + '/join #r0\n/topic kept fresh\n'  # r0, the oldest, is said in now
+                 + '/join #extra\n/topic a new room\n'  # one too many, and with
+                 + '/join #lobby\nback\n')  # the lobby two: r1 goes first (of rooms
+        # said in in the same millisecond, Redis takes the first by name)
+        ben.expect(r'^<ann> back$')
+        self.assertEqual(self.redis.command('ZCARD', 'chat:rooms-said'), most)
+        self.assertEqual([self.redis.command('EXISTS', 'chat:history:r%d' % i)
+                          for i in (0, 1)], [1, 0])
+        self.assertEqual([self.redis.command('HEXISTS', 'chat:topics', room)
+                          for room in ('r0', 'extra')], [1, 1])
+        cat = self.join(self.linked_server(), 'cat')
+        cat.send('/join #r0\n')
+        cat.expect(r'^-!- Topic of #r0: kept fresh$')
+
     def test_rooms_are_kept_up_to_a_bound_here_and_in_redis(self):
         most = chat.LINK_ROOMS_MAX
         one = self.linked_server('--rate', '0')
