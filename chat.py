@@ -2899,7 +2899,8 @@ class Commands:
         self.queue(mirror, b''.join(missed))
         self.give_session(mirror)
         self.back(mirror)
-        self.link.publish('moved', mirror.name, repr(mirror.claimed))
+        self.link.publish('moved', mirror.name, repr(mirror.claimed),
+                          json.dumps(self.link.person_state(mirror)))
         self.log('%s resumed from %s, from another server (%d lines)' % (
             mirror.name, mirror.address, len(missed)))
 
@@ -5804,10 +5805,14 @@ class Link:
 
     def state(self):
         """Everyone on this server, for the others."""
-        return [[peer.name, peer.room.name, peer.claimed, peer.away or '', peer.operator,
-                 peer.lost_at is not None]
-                for peer in self.server.names.values()
+        return [self.person_state(peer) for peer in self.server.names.values()
                 if peer.home is None and peer.room is not None]
+
+    @staticmethod
+    def person_state(peer):
+        """[NAME, ROOM, CLAIMED, AWAY, OPERATOR, LOST]: one in a state event."""
+        return [peer.name, peer.room.name, peer.claimed, peer.away or '', peer.operator,
+                peer.lost_at is not None]
 
     def beat(self, _=None):
         """Say this server lives; take servers long unheard for dead; and
@@ -6004,10 +6009,15 @@ class Link:
         return lines[kept:], ' (some earlier ones are gone)' if gone else ''
 
     def on_moved(self, origin, fields):
-        """name resumed on server origin: here it is one of origin's now."""
-        name, claimed = fields.split('\t')
+        """name resumed on server origin: here it is one of origin's now.  A
+        server that did not know it (linked after its old server died, or
+        that forgot it) takes it as if from origin's state."""
+        name, claimed, state = fields.split('\t', 2)
+        if origin == self.id:
+            return
         holder = self.server.names.get(name_key(name))
-        if origin == self.id or holder is None or repr(holder.claimed) != claimed:
+        if holder is None or repr(holder.claimed) != claimed:  # not this person
+            self.take_state(origin, json.loads(state))
             return
         if holder.home is None:  # its old connection was here
             self.server.hand_over(holder, origin)
@@ -6263,18 +6273,21 @@ class Link:
         people who are not there any more."""
         if origin == self.id:
             return
-        listed = set()
-        for name, room_name, claimed, away, operator, lost in json.loads(fields):
-            key = name_key(name)
-            holder = self.server.names.get(key)
-            if holder is not None and holder.home is None and (
-                    (claimed, origin) < (holder.claimed, self.id)):
-                self.yield_name(holder)  # it had the name before this one did
-            self.on_claim(origin, name, room_name, claimed, (away, operator, lost))
-            listed.add(key)
+        listed = {self.take_state(origin, person) for person in json.loads(fields)}
         for key, mirror in list(self.people.get(origin, {}).items()):
             if key not in listed:
                 self.drop_mirror(mirror, 'left')
+
+    def take_state(self, origin, person):
+        """One person of server origin (person_state): the earlier claim
+        keeps the name.  Its name's key."""
+        name, room_name, claimed, away, operator, lost = person
+        holder = self.server.names.get(name_key(name))
+        if holder is not None and holder.home is None and (
+                (claimed, origin) < (holder.claimed, self.id)):
+            self.yield_name(holder)  # it had the name before this one did
+        self.on_claim(origin, name, room_name, claimed, (away, operator, lost))
+        return name_key(name)
 
     def on_beat(self, origin, _):
         """Nothing more to do: on_message noted when origin was heard."""

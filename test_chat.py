@@ -6518,6 +6518,25 @@ class TestLink(LinkTests, unittest.TestCase):
         back.expect(r'^-!- You are back as ann in #side: 1 line you missed$')
         self.assertEqual(back.line(), '[PM from ben] while lost')
 
+    def test_a_server_linked_after_another_died_learns_of_its_people_as_they_resume(self):
+        one, two = self.linked_server(), self.linked_server()
+        ann, token = self.join_with_token(one, 'ann')
+        ben = self.join(two, 'ben')
+        self.everyone_knows([ann, ben], 2)
+        one.proc.kill()  # kill -9: three, linked after, never hears of ann from one
+        three = self.linked_server()
+        cat = self.join(three, 'cat')
+        self.everyone_knows([cat], 2)  # ben and cat
+        back = self.resume(two, 'ann', '/resume %s' % token)
+        back.expect(r'^-!- You are back as ann')
+        self.everyone_knows([cat], 3)
+        cat.send('/msg ann hi\n')
+        cat.expect(r'^\[PM to ann\] hi$')
+        back.expect(r'^\[PM from cat\] hi$')
+        dan = self.join(three, 'dan')
+        dan.send('/nick ann\n')
+        dan.expect(r'^!!! .*the name is taken by ann$')
+
     def test_a_lost_person_back_on_another_server_is_back_on_its_old_one_too(self):
         one, two = self.linked_server(), self.linked_server()
         ann, token = self.join_with_token(one, 'ann')
