@@ -1730,7 +1730,7 @@ class Session:
     numbered them, which may count a few the peer never had."""
 
     __slots__ = ('token', 'digest', 'peer', 'runs', 'direct_bytes', 'skipped', 'loss_run',
-                 'restored', 'bus_mark', 'private_mark', 'ignore_spans')
+                 'restored', 'bus_mark', 'private_mark', 'ignore_spans', 'lost_mark')
 
     def __init__(self, peer, digest=None):
         self.token = None if digest else secrets.token_urlsafe(16)  # 128 random bits
@@ -1751,6 +1751,8 @@ class Session:
         # as [Peer, name when it ended, first, last]: its client did not count
         # their lines then (Link.missed).  Those ignored now, from the start.
         self.ignore_spans = [[other, other.name, b'0-0', None] for other in peer.ignoring]
+        self.lost_mark = None       # --redis: the last bus entry heard when the connection
+        # was lost: a /resume without counts on another server gets what came after
 
     def moved(self, room):
         """The peer is in room now, or ignores other people: a new run."""
@@ -2870,7 +2872,7 @@ class Commands:
             owner = None
         elif owner is None and self.link is not None and self.link.up:
             # Redis may know it: a session of another server (that server may be gone).
-            self.link.find_session(peer, token_digest(token), int(heard) if heard else 0,
+            self.link.find_session(peer, token_digest(token), int(heard) if heard else None,
                                    int(privately) if privately else 0)
             return
         if (owner is None or owner is peer or owner.close_reason is not None  # leaving now
@@ -3517,6 +3519,8 @@ class Server(Commands):
         peer.room.announce_soon()
         peer.close_reason = None
         if self.link is not None:
+            peer.session.lost_mark = self.link.position()
+            self.link.note_session(peer)
             self.link.publish('lost', peer.name)
         self.call_later(self.resume_for, self.expire_session, peer)
 
@@ -5916,7 +5920,8 @@ class Link:
                   'mark', session.bus_mark, 'private_mark', session.private_mark,
                   'claimed', repr(peer.claimed),
                   'ignoring', '\t'.join(other.name for other in peer.ignoring),
-                  'ignored', b'\t'.join(spans), 'muted', peer.muted or '')
+                  'ignored', b'\t'.join(spans), 'muted', peer.muted or '',
+                  'lost', session.lost_mark or '')
         self.call('EXPIRE', key, LINK_SESSION_KEEP_SEC)
 
     def end_session(self, digest):
@@ -5925,7 +5930,8 @@ class Link:
 
     def find_session(self, peer, digest, heard, heard_privately):
         """/resume of a session this server does not have: Redis may know
-        it, of another server.  peer's input waits for the answer."""
+        it, of another server.  peer's input waits for the answer.  heard
+        is None if the client gave no counts (typed by hand)."""
         self.server.pause(peer, LINK_CONNECT_SEC)  # reads on at the answer, if not before
         self.resuming.add(peer)
         def found(record):
@@ -5942,9 +5948,12 @@ class Link:
                 self.people.get(mirror.home, {}).pop(mirror.key, None)
                 self.ignore_again(mirror, session.get(b'ignoring', b''))
                 mirror.muted = session.get(b'muted', b'').decode('utf-8', 'replace') or None
-                missed, gone = self.missed(mirror, stream_id(session[b'mark']), heard,
-                                           stream_id(session.get(b'private_mark',
-                                                                 session[b'mark'])),
+                mark = private_mark = stream_id(session[b'mark'])
+                if b'private_mark' in session:
+                    private_mark = stream_id(session[b'private_mark'])
+                if heard is None and session.get(b'lost'):  # no counts: from the loss on
+                    mark = private_mark = stream_id(session[b'lost'])
+                missed, gone = self.missed(mirror, mark, heard or 0, private_mark,
                                            heard_privately, ignore_spans(session))
                 self.server.resume_from_elsewhere(peer, mirror, missed, gone)
                 self.call('DEL', self.key('session', digest))  # its new token replaces it

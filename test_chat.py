@@ -6518,6 +6518,22 @@ class TestLink(LinkTests, unittest.TestCase):
         back.expect(r'^-!- You are back as ann in #side: 1 line you missed$')
         self.assertEqual(back.line(), '[PM from ben] while lost')
 
+    def test_a_resume_without_counts_on_another_server_gets_what_came_after_the_loss(self):
+        one, two = self.linked_server(), self.linked_server()
+        ann, token = self.join_with_token(one, 'ann')
+        ben, cat = self.join(two, 'ben'), self.join(two, 'cat')
+        self.everyone_knows([ann, ben, cat], 3)
+        ben.send('before\n/msg ann pm before\n')
+        ann.expect(r'^<ben> before$')
+        ann.expect(r'^\[PM from ben\] pm before$')
+        cut(ann)
+        ben.expect(r'^-!- ann lost the connection$')
+        ben.send('/msg ann pm after\nafter\n')
+        cat.expect(r'^<ben> after$')  # so two has read the message back from Redis
+        back = self.resume(two, 'ann', '/resume %s' % token)  # as typed: no counts
+        back.expect(r'^-!- You are back as ann in #lobby: 2 lines you missed$')
+        self.assertEqual([back.line(), back.line()], ['<ben> after', '[PM from ben] pm after'])
+
     def test_a_server_linked_after_another_died_learns_of_its_people_as_they_resume(self):
         one, two = self.linked_server(), self.linked_server()
         ann, token = self.join_with_token(one, 'ann')
