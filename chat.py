@@ -1730,7 +1730,7 @@ class Session:
     numbered them, which may count a few the peer never had."""
 
     __slots__ = ('token', 'digest', 'peer', 'runs', 'direct_bytes', 'skipped', 'loss_run',
-                 'restored', 'bus_mark', 'private_mark', 'ignore_spans', 'lost_mark')
+                 'restored', 'bus_mark', 'private_mark', 'ignore_spans', 'lost_mark', 'apart')
 
     def __init__(self, peer, digest=None):
         self.token = None if digest else secrets.token_urlsafe(16)  # 128 random bits
@@ -1753,6 +1753,8 @@ class Session:
         self.ignore_spans = [[other, other.name, b'0-0', None] for other in peer.ignoring]
         self.lost_mark = None       # --redis: the last bus entry heard when the connection
         # was lost: a /resume without counts on another server gets what came after
+        self.apart = False          # --redis: the link was down since the token, so its
+        # client's counts hold lines that never went on the bus: not to be trusted there
 
     def moved(self, room):
         """The peer is in room now, or ignores other people: a new run."""
@@ -3448,6 +3450,7 @@ class Server(Commands):
         session = Session(peer)  # from the room's lines said so far
         if self.link is not None:
             session.bus_mark = session.private_mark = self.link.position()
+            session.apart = not self.link.up
         self.queue(peer, notice_line(RESUME_NOTICE % session.token))
         peer.session = session   # counts what comes after the notice
         self.sessions[session.digest] = peer
@@ -5398,6 +5401,9 @@ class Link:
         if not self.down_told:
             self.down_told = True
             self.server.wall_here(notice_line(LINK_DOWN))
+        for peer in self.server.names.values():
+            if peer.home is None and peer.session is not None:
+                peer.session.apart = True  # (noted at the next link: note_sessions)
         sent, self.sent = self.sent, collections.deque()
         self.settled = self.sent_count  # Redis may yet run some: then they are done with
         for _, _, if_lost in sent:  # in the order they were sent
@@ -5921,7 +5927,7 @@ class Link:
                   'claimed', repr(peer.claimed),
                   'ignoring', '\t'.join(other.name for other in peer.ignoring),
                   'ignored', b'\t'.join(spans), 'muted', peer.muted or '',
-                  'lost', session.lost_mark or '')
+                  'lost', session.lost_mark or '', 'apart', 'yes' if session.apart else '')
         self.call('EXPIRE', key, LINK_SESSION_KEEP_SEC)
 
     def end_session(self, digest):
@@ -5951,10 +5957,13 @@ class Link:
                 mark = private_mark = stream_id(session[b'mark'])
                 if b'private_mark' in session:
                     private_mark = stream_id(session[b'private_mark'])
-                if heard is None and session.get(b'lost'):  # no counts: from the loss on
-                    mark = private_mark = stream_id(session[b'lost'])
-                missed, gone = self.missed(mirror, mark, heard or 0, private_mark,
-                                           heard_privately, ignore_spans(session))
+                counts = (heard, heard_privately)
+                if heard is None or session.get(b'apart'):  # no counts, or not of the bus's
+                    counts = (0, 0)  # lines: from the loss on, or all (twice, not lost)
+                    if session.get(b'lost'):
+                        mark = private_mark = stream_id(session[b'lost'])
+                missed, gone = self.missed(mirror, mark, counts[0], private_mark, counts[1],
+                                           ignore_spans(session))
                 self.server.resume_from_elsewhere(peer, mirror, missed, gone)
                 self.call('DEL', self.key('session', digest))  # its new token replaces it
             self.server.guarded(self.server.resume, peer)

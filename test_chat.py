@@ -6534,6 +6534,31 @@ class TestLink(LinkTests, unittest.TestCase):
         back.expect(r'^-!- You are back as ann in #lobby: 2 lines you missed$')
         self.assertEqual([back.line(), back.line()], ['<ben> after', '[PM from ben] pm after'])
 
+    def test_a_resume_elsewhere_after_lines_heard_while_the_link_was_down(self):
+        proxy = CuttableProxy(self.redis.port)
+        self.addCleanup(proxy.stop)
+        one = self.linked_server(url='redis://127.0.0.1:%d' % proxy.port)
+        two = self.linked_server()
+        ann, token = self.join_with_token(one, 'ann')
+        dan, ben = self.join(one, 'dan'), self.join(two, 'ben')
+        self.everyone_knows([ann, dan, ben], 3)
+        proxy.refusing = True
+        proxy.cut()
+        ann.expect(r'^-!- the link to the other servers is down')
+        dan.send('local\n/msg ann local pm\n')  # on one only: never on the bus
+        ann.expect(r'^<dan> local$')
+        ann.expect(r'^\[PM from dan\] local pm$')
+        proxy.refusing = False
+        ann.expect(r'^-!- linked again$')
+        self.everyone_knows([ben], 3)
+        cut(ann)  # its client counts 1 line and 1 message: not what two can count
+        ben.expect(r'^-!- ann lost the connection$')
+        ben.send('/msg ann pm after\nafter\n')
+        dan.expect(r'^<ben> after$')
+        back = self.resume(two, 'ann', '/resume %s 9 1 1' % token)
+        back.expect(r'^-!- You are back as ann in #lobby: 2 lines you missed$')
+        self.assertEqual([back.line(), back.line()], ['<ben> after', '[PM from ben] pm after'])
+
     def test_a_server_linked_after_another_died_learns_of_its_people_as_they_resume(self):
         one, two = self.linked_server(), self.linked_server()
         ann, token = self.join_with_token(one, 'ann')
