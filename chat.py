@@ -1576,15 +1576,7 @@ class Room:
         self.said.append((self.seq, sender, lines, count))
         self.seq += count
         self.said_bytes += len(lines)
-        self.trim_said()
-
-    def trim_said(self):
-        """Keep what the room said, for resuming: SAID_KEEP_SHARE backlog
-        caps, or nothing once no one is in it (such rooms are kept for their
-        history, up to 2,000 linked; a resume that lost lines said just
-        before its person left counts them as numbered: Session)."""
-        most = self.server.max_backlog * SAID_KEEP_SHARE if self.members else 0
-        while self.said_bytes > most:
+        while self.said_bytes > self.server.max_backlog * SAID_KEEP_SHARE:
             first, _, gone, count = self.said.popleft()
             self.said_bytes -= len(gone)
             self.said_from = first + count
@@ -3552,7 +3544,6 @@ class Server(Commands):
                 del self.rooms[room.key]
             return
         self.kept_rooms[room.key] = room
-        room.trim_said()
         most = KEPT_ROOMS_MAX if self.link is None else LINK_ROOMS_MAX
         while len(self.kept_rooms) > most:  # (a scan: only a flood of rooms gets here)
             key = min(self.kept_rooms, key=lambda kept: self.kept_rooms[kept].last_said())

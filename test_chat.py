@@ -337,12 +337,6 @@ class ServerTestCase(unittest.TestCase):
         conn.send('/who\n')
         return conn.expect(r'^-!- \d+ online in #')[0]
 
-    def go(self, conn, room):
-        """conn joins room; wait until it is there."""
-        conn.send('/join %s\n' % room)
-        conn.expect(r'^-!- You are in #%s$' % re.escape(room.lstrip('#')))
-        conn.expect(r'^-!- \d+ online in #')
-
 
 def run_chat(*args, stdin_data=None, timeout=TIMEOUT, **kw):
     """Run chat.py as a subprocess; its CompletedProcess (text)."""
@@ -835,6 +829,12 @@ class TestProtocolSelectSelector(ProtocolTests, ServerTestCase):
 class TestRooms(ServerTestCase):
     SERVER_OPTIONS = {'rate': 0}
 
+    def go(self, conn, room):
+        """conn joins room; wait until it is there."""
+        conn.send('/join %s\n' % room)
+        conn.expect(r'^-!- You are in #%s$' % re.escape(room.lstrip('#')))
+        conn.expect(r'^-!- \d+ online in #')
+
     def test_three_in_dev_and_two_in_the_lobby_do_not_hear_each_other(self):
         alice, bob, carol, dave, erin = (self.connect(n) for n in
                                          ('alice', 'bob', 'carol', 'dave', 'erin'))
@@ -969,34 +969,6 @@ class TestRooms(ServerTestCase):
         conn.expect(r'^-!- To resume after a lost connection: ')
         conn.send('/motd\n')
         self.assertEqual([conn.line(), conn.line()], ['-!- Welcome to the lab.', '-!- Be kind.'])
-
-
-class TestKeptRooms(ServerTestCase):
-    """Rooms no one is in, kept for their history (--data)."""
-
-    def setUp(self):
-        folder = tempfile.mkdtemp(prefix='chat-data-')
-        self.addCleanup(shutil.rmtree, folder, True)
-        self.SERVER_OPTIONS = {'rate': 0, 'data': chat.DataLog(folder)}
-        super().setUp()
-
-    def test_a_room_no_one_is_in_keeps_its_history_but_nothing_for_resuming(self):
-        ann = self.connect('ann')
-        self.go(ann, 'dev')
-        ann.send('one\ntwo\n')
-        roundtrip(ann)
-        dev = self.srv.server.rooms['dev']
-        self.assertEqual((dev.seq, dev.said_from, dev.said_bytes), (2, 0, len('<ann> one\n') * 2))
-        self.go(ann, 'lobby')
-        roundtrip(ann)
-        left = dev.seq  # (its leave notice, heard by no one, has a number too)
-        self.assertEqual((len(dev.said), dev.said_bytes, dev.said_from), (0, 0, left))
-        self.go(ann, 'dev')  # its history stays, and the numbering goes on
-        self.assertEqual(history_of(ann), ['<ann> one', '<ann> two'])
-        ann.send('three\n')
-        roundtrip(ann)
-        self.assertEqual((dev.said_from, [said[2] for said in dev.said][-1:]),
-                         (left, [b'<ann> three\n']))
 
 
 class TestOperatorsOfRooms(ServerTestCase):
