@@ -228,6 +228,8 @@ SAID_KEEP_SHARE = 4            # a room keeps what it said for resuming: 4 backl
 RESUME_SHARE = 2               # a resume sends at most max_backlog / 2 of it, the newest:
 # more at once would be cut off as too slow (Server.judge)
 SESSION_MAX_RUNS = 1000        # a session's runs (room lines, own lines) kept
+SESSION_MAX_ENDED_IGNORES = 100  # --redis: ignores that ended, which its record in Redis
+# keeps (for counting a resume elsewhere: Link.missed); more is a flood of /unignore
 
 # The data log (--data).
 DATA_LOG_NAME = 'history.log'  # in --data DIR
@@ -1766,13 +1768,23 @@ class Session:
     def ignores(self, other, entry):
         """--redis: the peer ignores other from after bus entry on."""
         self.ignore_spans.append([other, other.name, entry, None])
-        del self.ignore_spans[:-SESSION_MAX_RUNS]
 
-    def hears_again(self, other, entry):
-        """--redis: ... and hears other again after bus entry."""
+    def hears_again(self, other, entry, name=None):
+        """--redis: ... and hears other (called name until now) again after
+        bus entry.  Of the spans that ended, SESSION_MAX_ENDED_IGNORES are kept."""
         for span in self.ignore_spans:
             if span[0] is other and span[3] is None:
-                span[1], span[3] = other.name, entry
+                span[:] = None, name or other.name, span[2], entry
+        ended = [span for span in self.ignore_spans if span[3] is not None]
+        for span in ended[:-SESSION_MAX_ENDED_IGNORES]:
+            self.ignore_spans.remove(span)
+
+    def renamed(self, other, old, entry):
+        """--redis: other, whom the peer ignores, was called old until bus
+        entry (its lines are told apart by name)."""
+        if other in self.peer.ignoring:
+            self.hears_again(other, entry, old)
+            self.ignores(other, entry)
 
     def mark_loss(self):
         """The connection is lost: what comes from now on is what a person
@@ -2685,6 +2697,10 @@ class Commands:
         self.names[peer.key] = peer
         peer.room.rename(peer, old_key)
         self.note_session(peer)
+        for other in peer.ignored_by if self.link is not None else ():
+            if other.session is not None:
+                other.session.renamed(peer, old, self.link.position())
+                self.note_session(other)
         self.log('%s is now known as %s%s' % (old, name, ' (renamed by %s)' % by if by else ''))
         renamed = notice_line('%s is now known as %s%s' % (
             old, name, ' (renamed by %s)' % by if by else ''))
@@ -6030,12 +6046,13 @@ class Link:
         """name resumed on server origin: here it is one of origin's now.  A
         server that did not know it (linked after its old server died, or
         that forgot it) takes it as if from origin's state."""
-        name, claimed, state = fields.split('\t', 2)
+        name, claimed, state = (fields.split('\t', 2) + [''])[:3]  # (no state: older)
         if origin == self.id:
             return
         holder = self.server.names.get(name_key(name))
         if holder is None or repr(holder.claimed) != claimed:  # not this person
-            self.take_state(origin, json.loads(state))
+            if state:
+                self.take_state(origin, json.loads(state))
             return
         if holder.home is None:  # its old connection was here
             self.server.hand_over(holder, origin)

@@ -6667,6 +6667,40 @@ class TestLink(LinkTests, unittest.TestCase):
         before, _ = op.expect(r'^<bob> free again$')
         self.assertNotIn('<bob> still here', before)
 
+    def test_someone_ignored_who_renames_while_the_ignorer_is_away_stays_ignored(self):
+        one, two = self.linked_server(), self.linked_server()
+        bob, token = self.join_with_token(two, 'bob')
+        dan, carl = self.join(two, 'dan'), self.join(one, 'carl')
+        self.everyone_knows([bob, dan, carl], 3)
+        bob.send('/ignore carl\n')
+        bob.expect(r'^-!- You ignore carl')
+        carl.send('x1\n')
+        dan.expect(r'^<carl> x1$')
+        cut(bob)
+        dan.expect(r'^-!- bob lost the connection$')
+        carl.send('/nick carlos\nx2\n')
+        dan.expect(r'^<carlos> x2$')
+        back = self.resume(one, 'bob', '/resume %s 9 0 0' % token)
+        back.expect(r'^-!- You are back as bob in #lobby: 0 lines you missed$')
+        back.send('/ignore\n')
+        back.expect(r'^-!- You ignore carlos$')
+
+    def test_an_ignore_still_on_outlasts_the_bound_on_those_that_ended(self):
+        one, two = self.linked_server(), self.linked_server('--rate', '0')
+        bob, token = self.join_with_token(two, 'bob')
+        dan, carl = self.join(two, 'dan'), self.join(one, 'carl')
+        self.everyone_knows([bob, dan, carl], 3)
+        bob.send('/ignore carl\n' + '/ignore dan\n/unignore dan\n' * (
+            chat.SESSION_MAX_ENDED_IGNORES + 1))
+        for _ in range(chat.SESSION_MAX_ENDED_IGNORES + 1):
+            bob.expect(r'^-!- You hear dan again$')
+        cut(bob)
+        dan.expect(r'^-!- bob lost the connection$')
+        carl.send('c1\n')
+        dan.expect(r'^<carl> c1$')
+        back = self.resume(one, 'bob', '/resume %s 9 0 0' % token)
+        back.expect(r'^-!- You are back as bob in #lobby: 0 lines you missed$')
+
     def test_an_unignore_holds_on_a_resume_back_on_the_first_server(self):
         one, two = self.linked_server(), self.linked_server()
         bob, token = self.join_with_token(two, 'bob')
