@@ -6540,8 +6540,8 @@ class TestLink(LinkTests, unittest.TestCase):
         one = self.linked_server(url='redis://127.0.0.1:%d' % proxy.port)
         two = self.linked_server()
         ann, token = self.join_with_token(one, 'ann')
-        dan, ben = self.join(one, 'dan'), self.join(two, 'ben')
-        self.everyone_knows([ann, dan, ben], 3)
+        dan, ben, cat = self.join(one, 'dan'), self.join(two, 'ben'), self.join(two, 'cat')
+        self.everyone_knows([ann, dan, ben, cat], 4)
         proxy.refusing = True
         proxy.cut()
         ann.expect(r'^-!- the link to the other servers is down')
@@ -6550,11 +6550,11 @@ class TestLink(LinkTests, unittest.TestCase):
         ann.expect(r'^\[PM from dan\] local pm$')
         proxy.refusing = False
         ann.expect(r'^-!- linked again$')
-        self.everyone_knows([ben], 3)
+        self.everyone_knows([ben], 4)
         cut(ann)  # its client counts 1 line and 1 message: not what two can count
         ben.expect(r'^-!- ann lost the connection$')
         ben.send('/msg ann pm after\nafter\n')
-        dan.expect(r'^<ben> after$')
+        cat.expect(r'^<ben> after$')  # so two has read them back from Redis
         back = self.resume(two, 'ann', '/resume %s 9 1 1' % token)
         back.expect(r'^-!- You are back as ann in #lobby: 2 lines you missed$')
         self.assertEqual([back.line(), back.line()], ['<ben> after', '[PM from ben] pm after'])
@@ -6726,8 +6726,8 @@ class TestLink(LinkTests, unittest.TestCase):
     def test_an_ignore_that_ended_as_its_person_left_is_not_taken_to_another_server(self):
         one, two = self.linked_server(), self.linked_server()
         bob, token = self.join_with_token(two, 'bob')
-        carl = self.join(one, 'carl')
-        self.everyone_knows([bob, carl], 2)
+        carl, eve = self.join(one, 'carl'), self.join(one, 'eve')
+        self.everyone_knows([bob, carl, eve], 3)
         bob.send('/ignore carl\n')
         bob.expect(r'^-!- You ignore carl')
         carl.send('/quit\n')
@@ -6738,6 +6738,7 @@ class TestLink(LinkTests, unittest.TestCase):
         cut(bob)
         carl.expect(r'^-!- bob lost the connection$')
         carl.send('n2\n')
+        eve.expect(r'^<carl> n2$')  # so one has read it back from Redis
         back = self.resume(one, 'bob', '/resume %s 9 1 0' % token)
         back.expect(r'^-!- You are back as bob in #lobby: 1 line you missed$')
         self.assertEqual(back.line(), '<carl> n2')
