@@ -1341,6 +1341,14 @@ class History:
             for line in reversed(blob.splitlines(True)):
                 yield stamp, line
 
+    def add_older(self, said):
+        """Lines said before all those here ((stamp, lines), oldest first)."""
+        newer = [(stamp, lines) for stamp, lines, _ in self.blobs]
+        self.blobs.clear()
+        self.count = self.size = 0
+        for stamp, lines in said + newer:
+            self.add(stamp, lines)
+
     def add(self, stamp, lines):
         """lines: one or more, each ending in a newline."""
         count = lines.count(b'\n')
@@ -5290,6 +5298,8 @@ class Link:
         self.last_id = None          # of the last bus entry read
         self.first_id = None         # of the bus entry this server began after
         self.rooms_read = False      # the rooms' history and topics, at the first link
+        self.histories = None        # ... keys of the rooms whose history is here until
+        # then (--data, or loaded from Redis at a try that broke): not loaded again
         self.sent_count = 0          # numbered events sent (say, pm, topic, wall)
         self.settled = 0             # ... of those, the last back or taken for lost
         self.up = False
@@ -5379,6 +5389,7 @@ class Link:
         first = self.last_id is None
         if first:  # from the bus's newest entry on
             self.last_id = self.first_id = newest[0][0] if newest else b'0-0'
+            self.histories = {key for key, room in self.server.rooms.items() if len(room.history)}
         if self.rooms_read:
             self.read_bus()
         else:  # the first link, or one that broke before they all came
@@ -5788,7 +5799,7 @@ class Link:
 
     def rooms_loaded(self):
         """The rooms' history and topics are here: read the bus on from them."""
-        self.rooms_read = True
+        self.rooms_read, self.histories = True, None
         self.server.keep_empty_rooms()
         self.read_bus()
         self.say_linked()
@@ -5801,15 +5812,19 @@ class Link:
 
     def got_history(self, name, entries):
         """A room's lines from Redis, newest first: those said before the
-        bus entry this server reads on from (the rest come on the bus)."""
+        bus entry this server reads on from (the rest come on the bus),
+        before any said here while a first link was down."""
         room = self.server.room_named(name)
-        if len(room.history) or isinstance(entries, RespError):  # not a stream: none
+        if room.key in self.histories or isinstance(entries, RespError):  # (not a stream)
             return
+        self.histories.add(room.key)
+        older = []
         for _, fields in reversed(entries):
             said = dict(zip(fields[::2], fields[1::2]))
             if stream_id(said[b'b']) <= stream_id(self.last_id):
                 _, _, stamp, _, lines = said_fields(said[b'e'].split(b'\t', 2)[2])
-                room.history.add(stamp, lines)
+                older.append((stamp, lines))
+        room.history.add_older(older)
 
     def take_guest_numbers(self):
         """Guest names are numbered cluster-wide, a block at a time."""

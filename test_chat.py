@@ -6866,6 +6866,26 @@ class TestLink(LinkTests, unittest.TestCase):
         two.wait_log(r'link: lost Redis')
         self.assertEqual(history_of(self.join(two, 'ben')), ['<ann> said before two started'])
 
+    def test_lines_said_while_a_first_link_was_down_come_after_those_loaded_later(self):
+        ann = self.join(self.linked_server(), 'ann')
+        ann.send('said before two started\n')
+        wait_until(lambda: self.redis.command('XLEN', 'chat:history:lobby') == 1,
+                   'the line in Redis')
+        proxy = CuttableProxy(self.redis.port)
+        self.addCleanup(proxy.stop)
+        proxy.trip = b'chat:history:lobby'
+        two = ServerProcess('--redis', 'redis://127.0.0.1:%d' % proxy.port)
+        self.addCleanup(two.stop)
+        wait_until(lambda: proxy.trip is None, 'the first link to break')
+        proxy.refusing = True  # before the next try, half a second on
+        ben = self.join(two, 'ben')  # (after the link broke: not told it is down)
+        ben.send('said while apart\n')
+        self.assertEqual(history_of(ben), ['<ben> said while apart'])
+        proxy.refusing = False
+        two.wait_log(r'link: linked through Redis')
+        self.assertEqual(history_of(ben), ['<ann> said before two started',
+                                           '<ben> said while apart'])
+
     def test_rooms_whose_keys_in_redis_are_damaged_are_loaded_without_them(self):
         self.redis.command('SET', 'chat:topics', 'not a hash')
         self.redis.command('HSET', 'chat:room-names', 'dev', 'dev')
