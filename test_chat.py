@@ -7174,6 +7174,8 @@ class TestLink(LinkTests, unittest.TestCase):
         two = self.linked_server()
         ann, amy, ben = self.join(one, 'ann'), self.join(one, 'amy'), self.join(two, 'ben')
         self.everyone_knows([ann, amy, ben], 3)
+        wait_until(lambda: self.who(ann).endswith(': amy, ann, ben'),  # (the count alone
+                   'one to know ben by name')  # may be of ben's guest name)
         ann.send('/op opsecret\n')
         ann.expect(r'^-!- ann is now an operator')
         self.redis.proc.send_signal(signal.SIGSTOP)  # alive, but answers nothing
