@@ -6264,6 +6264,15 @@ class LinkTests:
         conn.name = name
         return conn, token
 
+    def met(self, resumable, *placed):
+        """resumable, a (server, name), joined with the token to resume it,
+        then each (server, name) of placed; returned once all of them know
+        each other by name: the token, then the connections in that order."""
+        first, token = self.join_with_token(*resumable)
+        conns = [first] + [self.join(server, name) for server, name in placed]
+        self.everyone_knows(conns, len(conns))
+        return [token] + conns
+
     def resume(self, server, name, command):
         """A new connection to server that sends command (/resume ...) to
         come back as name."""
@@ -6274,10 +6283,18 @@ class LinkTests:
         return conn
 
     def everyone_knows(self, conns, count):
-        """Wait until every one of conns sees count people in its room."""
+        """Wait until every one of conns sees count people in its room, all
+        of conns among them by name: a count alone could count someone whose
+        /nick has not yet come over the bus under the guest name."""
+        names = {conn.name for conn in conns}
+
+        def knows(conn):
+            listed = re.match(r'-!- (\d+) online in #\S+: (.*)$', self.who(conn))
+            return (int(listed.group(1)) == count and
+                    names <= {name.split(' ')[0] for name in listed.group(2).split(', ')})
         for conn in conns:
-            wait_until(lambda: self.who(conn).startswith('-!- %d online' % count),
-                       '%s to see %d people' % (conn.name, count))
+            wait_until(lambda: knows(conn), '%s to see %d people, %s among them' % (
+                conn.name, count, ', '.join(sorted(names))))
 
     def who(self, conn):
         conn.send('/who\n')
@@ -6470,9 +6487,8 @@ class TestLink(LinkTests, unittest.TestCase):
 
     def test_a_client_resumes_on_another_server_without_missing_a_line(self):
         one, two, three = self.three()
-        ann, token = self.join_with_token(one, 'ann')
-        ben, cat, dan = self.join(two, 'ben'), self.join(three, 'cat'), self.join(one, 'dan')
-        self.everyone_knows([ann, ben, cat, dan], 4)
+        token, ann, ben, cat, dan = self.met((one, 'ann'), (two, 'ben'), (three, 'cat'),
+                                             (one, 'dan'))
         ben.send('before\n/msg ann private before\n')
         ann.expect(r'^<ben> before$')  # heard: 1 public line since the token
         ann.expect(r'^\[PM from ben\] private before$')  # and 2 private messages:
@@ -6503,9 +6519,7 @@ class TestLink(LinkTests, unittest.TestCase):
 
     def test_private_messages_count_from_the_token_on_a_resume_on_another_server(self):
         one, two = self.linked_server(), self.linked_server()
-        ann, token = self.join_with_token(one, 'ann')
-        ben = self.join(two, 'ben')
-        self.everyone_knows([ann, ben], 2)
+        token, ann, ben = self.met((one, 'ann'), (two, 'ben'))
         ben.send('/msg ann before the join\n')
         ann.expect(r'^\[PM from ben\] before the join$')
         ann.send('/join side\n')  # its client counts room lines from here on, not private ones
@@ -6522,9 +6536,7 @@ class TestLink(LinkTests, unittest.TestCase):
 
     def test_a_resume_without_counts_on_another_server_gets_what_came_after_the_loss(self):
         one, two = self.linked_server(), self.linked_server()
-        ann, token = self.join_with_token(one, 'ann')
-        ben, cat = self.join(two, 'ben'), self.join(two, 'cat')
-        self.everyone_knows([ann, ben, cat], 3)
+        token, ann, ben, cat = self.met((one, 'ann'), (two, 'ben'), (two, 'cat'))
         ben.send('before\n/msg ann pm before\n')
         ann.expect(r'^<ben> before$')
         ann.expect(r'^\[PM from ben\] pm before$')
@@ -6541,9 +6553,8 @@ class TestLink(LinkTests, unittest.TestCase):
         self.addCleanup(proxy.stop)
         one = self.linked_server(url='redis://127.0.0.1:%d' % proxy.port)
         two = self.linked_server()
-        ann, token = self.join_with_token(one, 'ann')
-        dan, ben, cat = self.join(one, 'dan'), self.join(two, 'ben'), self.join(two, 'cat')
-        self.everyone_knows([ann, dan, ben, cat], 4)
+        token, ann, dan, ben, cat = self.met((one, 'ann'), (one, 'dan'), (two, 'ben'),
+                                             (two, 'cat'))
         proxy.refusing = True
         proxy.cut()
         ann.expect(r'^-!- the link to the other servers is down')
@@ -6563,9 +6574,7 @@ class TestLink(LinkTests, unittest.TestCase):
 
     def test_a_server_linked_after_another_died_learns_of_its_people_as_they_resume(self):
         one, two = self.linked_server(), self.linked_server()
-        ann, token = self.join_with_token(one, 'ann')
-        ben = self.join(two, 'ben')
-        self.everyone_knows([ann, ben], 2)
+        token, ann, ben = self.met((one, 'ann'), (two, 'ben'))
         one.proc.kill()  # kill -9: three, linked after, never hears of ann from one
         three = self.linked_server()
         cat = self.join(three, 'cat')
@@ -6582,9 +6591,7 @@ class TestLink(LinkTests, unittest.TestCase):
 
     def test_a_lost_person_back_on_another_server_is_back_on_its_old_one_too(self):
         one, two = self.linked_server(), self.linked_server()
-        ann, token = self.join_with_token(one, 'ann')
-        dan, ben = self.join(one, 'dan'), self.join(two, 'ben')
-        self.everyone_knows([ann, dan, ben], 3)
+        token, ann, dan, ben = self.met((one, 'ann'), (one, 'dan'), (two, 'ben'))
         cut(ann)
         for conn in (dan, ben):
             conn.expect(r'^-!- ann lost the connection$')
@@ -6595,9 +6602,7 @@ class TestLink(LinkTests, unittest.TestCase):
 
     def test_a_resume_on_another_server_keeps_whom_the_person_ignores(self):
         one, two = self.linked_server(), self.linked_server()
-        bob, token = self.join_with_token(two, 'bob')
-        amy, carl = self.join(one, 'amy'), self.join(one, 'carl')
-        self.everyone_knows([bob, amy, carl], 3)
+        token, bob, amy, carl = self.met((two, 'bob'), (one, 'amy'), (one, 'carl'))
         bob.send('/ignore carl\n')
         bob.expect(r'^-!- You ignore carl')
         for conn, line, hearer in ((amy, 'a1', carl), (carl, 'c1', amy), (amy, 'a2', bob)):
@@ -6618,9 +6623,7 @@ class TestLink(LinkTests, unittest.TestCase):
 
     def test_a_resume_on_another_server_counts_only_what_was_ignored_while_it_was(self):
         one, two = self.linked_server(), self.linked_server()
-        bob, token = self.join_with_token(two, 'bob')
-        amy, carl = self.join(one, 'amy'), self.join(one, 'carl')
-        self.everyone_knows([bob, amy, carl], 3)
+        token, bob, amy, carl = self.met((two, 'bob'), (one, 'amy'), (one, 'carl'))
 
         def say(conn, line, hearer=None):  # hearer hears it, after all said before
             conn.send(line + '\n')
@@ -6652,9 +6655,7 @@ class TestLink(LinkTests, unittest.TestCase):
     def test_a_muted_person_is_still_muted_after_a_resume_on_another_server(self):
         one = self.linked_server('--op-password-file', self.op_file())
         two = self.linked_server()
-        bob, token = self.join_with_token(two, 'bob')
-        op = self.join(one, 'op')
-        self.everyone_knows([bob, op], 2)
+        token, bob, op = self.met((two, 'bob'), (one, 'op'))
         op.send('/op opsecret\n/mute bob\n')
         bob.expect(r'^!!! you are muted by op')
         cut(bob)
@@ -6671,9 +6672,7 @@ class TestLink(LinkTests, unittest.TestCase):
 
     def test_someone_ignored_who_renames_while_the_ignorer_is_away_stays_ignored(self):
         one, two = self.linked_server(), self.linked_server()
-        bob, token = self.join_with_token(two, 'bob')
-        dan, carl = self.join(two, 'dan'), self.join(one, 'carl')
-        self.everyone_knows([bob, dan, carl], 3)
+        token, bob, dan, carl = self.met((two, 'bob'), (two, 'dan'), (one, 'carl'))
         bob.send('/ignore carl\n')
         bob.expect(r'^-!- You ignore carl')
         carl.send('x1\n')
@@ -6689,9 +6688,7 @@ class TestLink(LinkTests, unittest.TestCase):
 
     def test_an_ignore_still_on_outlasts_the_bound_on_those_that_ended(self):
         one, two = self.linked_server(), self.linked_server('--rate', '0')
-        bob, token = self.join_with_token(two, 'bob')
-        dan, carl = self.join(two, 'dan'), self.join(one, 'carl')
-        self.everyone_knows([bob, dan, carl], 3)
+        token, bob, dan, carl = self.met((two, 'bob'), (two, 'dan'), (one, 'carl'))
         bob.send('/ignore carl\n' + '/ignore dan\n/unignore dan\n' * (
             chat.SESSION_MAX_ENDED_IGNORES + 1))
         for _ in range(chat.SESSION_MAX_ENDED_IGNORES + 1):
@@ -6705,9 +6702,7 @@ class TestLink(LinkTests, unittest.TestCase):
 
     def test_an_unignore_holds_on_a_resume_back_on_the_first_server(self):
         one, two = self.linked_server(), self.linked_server()
-        bob, token = self.join_with_token(two, 'bob')
-        carl = self.join(one, 'carl')
-        self.everyone_knows([bob, carl], 2)
+        token, bob, carl = self.met((two, 'bob'), (one, 'carl'))
         bob.send('/ignore carl\n')
         bob.expect(r'^-!- You ignore carl')
         cut(bob)
@@ -6727,9 +6722,7 @@ class TestLink(LinkTests, unittest.TestCase):
 
     def test_an_ignore_that_ended_as_its_person_left_is_not_taken_to_another_server(self):
         one, two = self.linked_server(), self.linked_server()
-        bob, token = self.join_with_token(two, 'bob')
-        carl, eve = self.join(one, 'carl'), self.join(one, 'eve')
-        self.everyone_knows([bob, carl, eve], 3)
+        token, bob, carl, eve = self.met((two, 'bob'), (one, 'carl'), (one, 'eve'))
         bob.send('/ignore carl\n')
         bob.expect(r'^-!- You ignore carl')
         carl.send('/quit\n')
@@ -6752,9 +6745,7 @@ class TestLink(LinkTests, unittest.TestCase):
         self.addCleanup(proxy.stop)
         one = self.linked_server(url='redis://127.0.0.1:%d' % proxy.port)
         two = self.linked_server()
-        bob, token = self.join_with_token(two, 'bob')
-        carl = self.join(one, 'carl')
-        self.everyone_knows([bob, carl], 2)
+        token, bob, carl = self.met((two, 'bob'), (one, 'carl'))
         cut(bob)
         carl.expect(r'^-!- bob lost the connection$')
         proxy.hold = b'held back'  # its way back to one, on the bus
@@ -6827,7 +6818,8 @@ class TestLink(LinkTests, unittest.TestCase):
         red = self.linked_server('--cluster', 'red')
         blue = self.linked_server('--cluster', 'blue')
         ann, ben = self.join(red, 'ann'), self.join(blue, 'ann')  # one name, two chats
-        self.everyone_knows([ann, ben], 1)
+        for conn in (ann, ben):
+            self.everyone_knows([conn], 1)
         ann.send('in red\n')
         ben.send('/who\n')
         before, _ = ben.expect(r'^-!- 1 online')
