@@ -5221,10 +5221,42 @@ def said_fields(fields):
     return fields.split(b'\t', 4)
 
 
+# A session in Redis, as Link.note_session keeps it for whichever server the
+# person resumes on: marks are bus entries as stream_id (lost: None if the
+# connection was not lost); claimed, the name's claim as repr() keeps it;
+# ignoring, the names ignored now; ignored, ignore_spans.
+SessionRecord = collections.namedtuple('SessionRecord', 'server name claimed mark private_mark '
+                                       'lost apart ignoring ignored muted')
+
+
+def session_record(reply):
+    """HGETALL's reply (field, value, ...) as a SessionRecord, or None if
+    there is no such session or its record is damaged.  Fields added later
+    may be missing from an older server's record: private messages then
+    count from the mark, and nothing is ignored but those ignored now."""
+    if not isinstance(reply, list) or not reply:
+        return None
+    fields = dict(zip(reply[::2], reply[1::2]))
+    try:
+        mark = stream_id(fields[b'mark'])
+        private_mark = stream_id(fields.get(b'private_mark', fields[b'mark']))
+        lost = stream_id(fields[b'lost']) if fields.get(b'lost') else None
+        server, name = fields[b'server'].decode('ascii'), fields[b'name'].decode('utf-8')
+        claimed = fields[b'claimed'].decode('ascii')
+    except (KeyError, ValueError):  # (UnicodeDecodeError is one)
+        return None
+    ignoring = fields.get(b'ignoring', b'').decode('utf-8', 'replace').split('\t')
+    return SessionRecord(server, name, claimed, mark, private_mark, lost,
+                         bool(fields.get(b'apart')), [other for other in ignoring if other],
+                         ignore_spans(fields),
+                         fields.get(b'muted', b'').decode('utf-8', 'replace') or None)
+
+
 def ignore_spans(session):
-    """Whom a session record says its person ignored: (name, first, last)
-    for each span (bus entries as stream_id; last None: still ignored).  A
-    record from before spans were kept: those ignored now, from the start."""
+    """Whom a session record's fields say its person ignored: (name, first,
+    last) for each span (bus entries as stream_id; last None: still
+    ignored).  A record from before spans were kept: those ignored now,
+    from the start."""
     if b'ignored' not in session:
         names = session.get(b'ignoring', b'').decode('utf-8', 'replace').split('\t')
         return [(name, (0, 0), None) for name in names if name]
@@ -5975,26 +6007,23 @@ class Link:
             self.resuming.discard(peer)
             if peer.sock is None or peer.close_reason is not None:
                 return
-            session = dict(zip(record[::2], record[1::2])) if isinstance(record, list) else {}
-            mirror = self.mirror_of(session.get(b'server', b'').decode('ascii', 'replace'),
-                                    session.get(b'name', b'').decode('utf-8', 'replace'))
+            session = session_record(record)
+            mirror = session and self.mirror_of(session.server, session.name)
             if (mirror is None or self.server.gate.name_banned(mirror.key)
-                    or repr(mirror.claimed).encode() != session.get(b'claimed')):
+                    or repr(mirror.claimed) != session.claimed):
                 self.server.refuse_resume(peer)  # (the claim: not someone since called so)
             else:
                 self.people.get(mirror.home, {}).pop(mirror.key, None)
-                self.ignore_again(mirror, session.get(b'ignoring', b''))
-                mirror.muted = session.get(b'muted', b'').decode('utf-8', 'replace') or None
-                mark = private_mark = stream_id(session[b'mark'])
-                if b'private_mark' in session:
-                    private_mark = stream_id(session[b'private_mark'])
-                counts = (heard, heard_privately)
-                if heard is None or session.get(b'apart'):  # no counts, or not of the bus's
+                self.ignore_again(mirror, session.ignoring)
+                mirror.muted = session.muted
+                mark, private_mark, counts = session.mark, session.private_mark, (
+                    heard, heard_privately)
+                if heard is None or session.apart:  # no counts, or not of the bus's
                     counts = (0, 0)  # lines: from the loss on, or all (twice, not lost)
-                    if session.get(b'lost'):
-                        mark = private_mark = stream_id(session[b'lost'])
+                    if session.lost is not None:
+                        mark = private_mark = session.lost
                 missed, gone = self.missed(mirror, mark, counts[0], private_mark, counts[1],
-                                           ignore_spans(session))
+                                           session.ignored)
                 self.server.resume_from_elsewhere(peer, mirror, missed, gone)
                 self.call('DEL', self.key('session', digest))  # its new token replaces it
             self.server.guarded(self.server.resume, peer)
@@ -6004,14 +6033,14 @@ class Link:
             self.fail(exc)
 
     def ignore_again(self, mirror, names):
-        """Whom a person resuming here ignored on its old server (names, a
-        tab between two, as note_session keeps them), of those still here;
-        no one else (it may have been here before, and stopped since)."""
+        """Whom a person resuming here ignored on its old server (names), of
+        those still here; no one else (it may have been here before, and
+        stopped since)."""
         for other in mirror.ignoring:
             other.ignored_by.discard(mirror)
         mirror.ignoring.clear()
         people = self.server.names
-        for name in names.decode('utf-8', 'replace').split('\t'):
+        for name in names:
             other = people.get(name_key(name))
             if other is not None and other is not mirror:
                 mirror.ignoring.add(other)

@@ -7215,6 +7215,20 @@ class TestLink(LinkTests, unittest.TestCase):
         self.assertEqual((bad.returncode, bad.stderr),
                          (1, 'chat.py: error: bench: --servers takes HOST:PORT,HOST:PORT,...\n'))
 
+    def test_a_damaged_session_record_refuses_the_resume_and_keeps_the_link(self):
+        one, two = self.linked_server(), self.linked_server()
+        token, ann, ben = self.met((one, 'ann'), (two, 'ben'))
+        cut(ann)
+        ben.expect(r'^-!- ann lost the connection$')
+        key, = [key for key in self.redis.command('KEYS', 'chat:session:*')
+                if self.redis.command('HGET', key, 'name') == b'ann']
+        self.redis.command('HSET', key, 'mark', 'not a bus entry')
+        back = self.resume(two, 'ann', '/resume %s' % token)
+        back.expect(r'^!!! cannot resume: no such session')
+        ben.send('still linked\n')
+        back.expect(r'^<ben> still linked$')  # in as a newcomer
+        self.assertNotIn('internal error', '\n'.join(two.logs))
+
     def test_a_bad_event_on_the_bus_is_logged_and_passed_over(self):
         one, two = self.linked_server(), self.linked_server()
         ann, ben = self.join(one, 'ann'), self.join(two, 'ben')
