@@ -225,6 +225,7 @@ RESUME_NOTICE = 'To resume after a lost connection: /resume %s'  # 22-character 
 LOST_REASONS = ('connection lost', 'no answer to ping')  # not /quit, kick or ban
 LOST_NOTE = 'lost the connection'  # "-!- bob lost the connection", or among many leaves
 SAID_KEEP_SHARE = 4            # a room keeps what it said for resuming: 4 backlog caps
+KEPT_SAID_SHARE = 16           # ... and the rooms no one is in, 16 caps in all
 RESUME_SHARE = 2               # a resume sends at most max_backlog / 2 of it, the newest:
 # more at once would be cut off as too slow (Server.judge)
 SESSION_MAX_RUNS = 1000        # a session's runs (room lines, own lines) kept
@@ -1442,7 +1443,8 @@ class Room:
                                server.max_backlog)
         self.topic_said = None      # (stamp, notice line) that set the topic, for the data log
         # What it said lately, for sessions that resume: (first line number,
-        # sender, lines, how many), within SAID_KEEP_SHARE backlog caps.
+        # sender, lines, how many), within SAID_KEEP_SHARE backlog caps (and
+        # once no one is in it, within Server.bound_kept_said's).
         self.said = collections.deque()
         self.said_bytes = 0
         self.seq = 0                # lines said in it, ever: the number of the next
@@ -1586,7 +1588,12 @@ class Room:
         self.said.append((self.seq, sender, lines, count))
         self.seq += count
         self.said_bytes += len(lines)
-        while self.said_bytes > self.server.max_backlog * SAID_KEEP_SHARE:
+        self.trim_said(self.server.max_backlog * SAID_KEEP_SHARE)
+
+    def trim_said(self, most):
+        """Keep at most most bytes of what the room said, the newest; the
+        older lines are forgotten (Session counts them as numbered)."""
+        while self.said_bytes > most:
             first, _, gone, count = self.said.popleft()
             self.said_bytes -= len(gone)
             self.said_from = first + count
@@ -3568,12 +3575,26 @@ class Server(Commands):
                 del self.rooms[room.key]
             return
         self.kept_rooms[room.key] = room
+        self.bound_kept_said()
         most = KEPT_ROOMS_MAX if self.link is None else LINK_ROOMS_MAX
         while len(self.kept_rooms) > most:  # (a scan: only a flood of rooms gets here)
             key = min(self.kept_rooms, key=lambda kept: self.kept_rooms[kept].last_said())
             oldest = self.kept_rooms.pop(key)
             if self.rooms.get(key) is oldest and not oldest.members:
                 del self.rooms[key]
+
+    def bound_kept_said(self):
+        """What the rooms no one is in said, kept for the sessions that
+        were in them (Session.room_lines), stays within KEPT_SAID_SHARE
+        backlog caps in all, not SAID_KEEP_SHARE for each of thousands: the
+        rooms that emptied first forget theirs first.  (A scan of the kept
+        rooms, a few thousand at most, as one empties.)"""
+        total = sum(room.said_bytes for room in self.kept_rooms.values())
+        for room in self.kept_rooms.values():  # in the order they emptied
+            if total <= self.max_backlog * KEPT_SAID_SHARE:
+                break
+            total -= room.said_bytes
+            room.trim_said(0)
 
     def keep_empty_rooms(self):
         """After the rooms are loaded (--data, --redis): keep those no one is in."""

@@ -3244,6 +3244,33 @@ class TestBackpressure(unittest.TestCase):
         server.wait_log(r'guest-2 is too slow')  # the one that never reads
 
 
+class TestKeptRoomsMemory(ServerTestCase):
+    """Rooms no one is in are kept for their history (--data); what they
+    said, kept for sessions that resume, is bounded in all, not per room."""
+
+    def setUp(self):
+        folder = tempfile.mkdtemp(prefix='chat-data-')
+        self.addCleanup(shutil.rmtree, folder, True)
+        self.SERVER_OPTIONS = {'rate': 0, 'max_backlog': 4096, 'data': chat.DataLog(folder)}
+        super().setUp()
+
+    def test_what_empty_rooms_said_stays_within_a_bound_the_first_emptied_forget_first(self):
+        ann = self.connect('ann')
+        line = 'z' * 1000  # 8 of them: half of what one room keeps (4 caps of 4 KiB)
+        for number in range(10):  # 10 x 8 KB: more than the 16 caps that empty rooms keep
+            ann.send('/join r%d\n%s' % (number, ('%s\n' % line) * 8))
+        ann.send('/join lobby\n')
+        ann.expect(r'^-!- You are in #lobby')
+        roundtrip(ann)
+        rooms = [self.srv.server.rooms['r%d' % number] for number in range(10)]
+        kept = [room.said_bytes for room in rooms]
+        self.assertLessEqual(sum(kept), 4096 * chat.KEPT_SAID_SHARE)
+        self.assertEqual(kept[:2], [0, 0])  # the first emptied forgot first...
+        self.assertEqual([room.said_from == room.seq for room in rooms[:2]], [True, True])
+        self.assertTrue(all(size > 8 * len(line) for size in kept[2:]), kept)  # ...the
+        # others keep all they said
+
+
 class TestBacklogMemory(ServerTestCase):
     SERVER_OPTIONS = {'rate': 0, 'max_backlog': 32 * 1024}
 
