@@ -1585,6 +1585,11 @@ class Room:
     def keep_said(self, sender, lines):
         """Number lines and keep them for a while, for sessions that resume."""
         count = lines.count(b'\n')
+        if not self.members:  # no session can want it (its runs here ended as it left)
+            self.seq += count
+            if not self.said:
+                self.said_from = self.seq
+            return
         self.said.append((self.seq, sender, lines, count))
         self.seq += count
         self.said_bytes += len(lines)
@@ -1596,9 +1601,12 @@ class Room:
         while self.said_bytes > most:
             first, _, gone, count = self.said.popleft()
             self.said_bytes -= len(gone)
-            self.said_from = first + count
+            self.said_from = first + count if self.said else self.seq  # (and any gap)
+        dropped = None
         while self.bus_marks and self.bus_marks[0][1] < self.said_from:
-            self.bus_marks.popleft()
+            dropped = self.bus_marks.popleft()
+        if dropped is not None:  # the newest forgotten entry, as the first kept line's:
+            self.bus_marks.appendleft((dropped[0], self.said_from))  # (Link.missed: gone)
 
     def catch_up(self, peer):
         """Copy this turn's lines that peer has not had into its outbuf."""
@@ -3580,6 +3588,7 @@ class Server(Commands):
         while len(self.kept_rooms) > most:  # (a scan: only a flood of rooms gets here)
             key = min(self.kept_rooms, key=lambda kept: self.kept_rooms[kept].last_said())
             oldest = self.kept_rooms.pop(key)
+            oldest.trim_said(0)  # (sessions that were in it may hold it: not its lines)
             if self.rooms.get(key) is oldest and not oldest.members:
                 del self.rooms[key]
 

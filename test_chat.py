@@ -3251,8 +3251,12 @@ class TestKeptRoomsMemory(ServerTestCase):
     def setUp(self):
         folder = tempfile.mkdtemp(prefix='chat-data-')
         self.addCleanup(shutil.rmtree, folder, True)
-        self.SERVER_OPTIONS = {'rate': 0, 'max_backlog': 4096, 'data': chat.DataLog(folder)}
+        self.SERVER_OPTIONS = {'rate': 0, 'max_backlog': 4096, 'data': chat.DataLog(folder),
+                               'op_password': 'op'}
         super().setUp()
+
+    def kept_said(self):
+        return sum(room.said_bytes for room in self.srv.server.kept_rooms.values())
 
     def test_what_empty_rooms_said_stays_within_a_bound_the_first_emptied_forget_first(self):
         ann = self.connect('ann')
@@ -3269,6 +3273,29 @@ class TestKeptRoomsMemory(ServerTestCase):
         self.assertEqual([room.said_from == room.seq for room in rooms[:2]], [True, True])
         self.assertTrue(all(size > 8 * len(line) for size in kept[2:]), kept)  # ...the
         # others keep all they said
+
+    def test_a_wall_keeps_nothing_in_rooms_no_one_is_in(self):
+        ann = self.connect('ann')
+        for number in range(10):
+            ann.send('/join r%d\nhi\n' % number)
+        ann.send('/join lobby\n/op op\n')
+        ann.expect(r'^-!- ann is now an operator$')
+        before = self.kept_said()
+        ann.send(('/wall %s\n' % ('w' * 1000)) * 20)  # 20 KB into each of 10 kept rooms
+        roundtrip(ann)
+        self.assertEqual(self.kept_said(), before)
+
+    def test_a_room_forgotten_past_the_bound_on_rooms_forgets_its_lines_too(self):
+        self.addCleanup(setattr, chat, 'KEPT_ROOMS_MAX', chat.KEPT_ROOMS_MAX)
+        chat.KEPT_ROOMS_MAX = 3
+        ann = self.connect('ann')
+        for number in range(6):  # ann's session still has runs in all six
+            ann.send('/join r%d\n%s\n/join lobby\n' % (number, 'z' * 1000))
+        roundtrip(ann)
+        runs = self.srv.peer('ann').session.runs
+        rooms = {run[0] for run in runs if run[0] is not None and run[0].key != 'lobby'}
+        self.assertEqual(len(rooms), 6)
+        self.assertEqual(sorted(room.said_bytes > 0 for room in rooms), [False] * 3 + [True] * 3)
 
 
 class TestBacklogMemory(ServerTestCase):
@@ -7241,6 +7268,23 @@ class TestLink(LinkTests, unittest.TestCase):
         bad = run_chat('bench', '--servers', '127.0.0.1', '--clients', '3')
         self.assertEqual((bad.returncode, bad.stderr),
                          (1, 'chat.py: error: bench: --servers takes HOST:PORT,HOST:PORT,...\n'))
+
+    def test_a_room_that_forgot_its_lines_while_empty_tells_no_loss_on_a_resume(self):
+        one, two = (self.linked_server('--rate', '0', '--max-backlog', '4096') for _ in 'ab')
+        token, ann, ben, cat = self.met((one, 'ann'), (two, 'ben'), (two, 'cat'))
+        ann.send('/join r\nsaid in r\n' + ''.join(  # r empties, and forgets its lines as
+            '/join k%d\n%s' % (number, ('z' * 1000 + '\n') * 8)  # 10 rooms of 8 KB
+            for number in range(10)) + '/join lobby\n')  # empty after it
+        ben.expect(r'^-!- ann joined$')  # back in the lobby: two has had it all
+        for conn in (ben, cat, ann):
+            conn.send('/join r\n')
+        self.everyone_knows([ann, ben, cat], 3)  # in r: so two has read all that came before
+        cut(ann)  # no line in r since it emptied: the first after it is the one missed
+        ben.send('said while away\n')
+        cat.expect(r'^<ben> said while away$')
+        back = self.resume(two, 'ann', '/resume %s' % token)  # from the loss on
+        back.expect(r'^-!- You are back as ann in #r: 1 line you missed$')  # none gone
+        self.assertEqual(back.line(), '<ben> said while away')
 
     def test_a_damaged_session_record_refuses_the_resume_and_keeps_the_link(self):
         one, two = self.linked_server(), self.linked_server()
