@@ -1593,7 +1593,8 @@ class Room:
         self.said.append((self.seq, sender, lines, count))
         self.seq += count
         self.said_bytes += len(lines)
-        self.trim_said(self.server.max_backlog * SAID_KEEP_SHARE)
+        if self.said_bytes > self.server.max_backlog * SAID_KEEP_SHARE:  # (a call saved
+            self.trim_said(self.server.max_backlog * SAID_KEEP_SHARE)  # per line, mostly)
 
     def trim_said(self, most):
         """Keep at most most bytes of what the room said, the newest; the
