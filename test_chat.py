@@ -5391,13 +5391,13 @@ class TestPassword(PtySession, ServerTestCase):
         self.assertFalse([l for l in self.srv.logs if 'sesame' in l or ' a ' in l])
 
     def test_no_password_in_time_closes_and_frees_the_slot(self):
-        patch_constant(self, 'PASSWORD_SEC', 0.5)
+        patch_constant(self, 'PASSWORD_SEC', 3)  # time enough for the second to come
         self.srv.server.gate.max_clients = 1
         door = self.newcomer()
         refused = Conn(self.srv.port)
         self.addCleanup(refused.close)
         self.assertEqual(refused.expect_closed(), ['!!! server full (1 clients); try later'])
-        self.assertEqual(door.expect_closed(), ['!!! no password in 0 s: goodbye'])
+        self.assertEqual(door.expect_closed(), ['!!! no password in 3 s: goodbye'])
         self.member('late')  # its slot is free again
 
     def test_the_client_gives_chat_password(self):
@@ -6589,7 +6589,8 @@ class TestLink(LinkTests, unittest.TestCase):
 
     def test_private_messages_count_from_the_token_on_a_resume_on_another_server(self):
         one, two = self.linked_server(), self.linked_server()
-        token, ann, ben = self.met((one, 'ann'), (two, 'ben'))
+        token, ann, ben, dan, eve = self.met((one, 'ann'), (two, 'ben'), (two, 'dan'),
+                                             (two, 'eve'))  # (in the lobby: not counted)
         ben.send('/msg ann before the join\n')
         ann.expect(r'^\[PM from ben\] before the join$')
         ann.send('/join side\n')  # its client counts room lines from here on, not private ones
@@ -6599,6 +6600,8 @@ class TestLink(LinkTests, unittest.TestCase):
         ben.expect(r'^-!- ann lost the connection$')
         ben.send('/msg ann while lost\n')
         ben.expect(r'^-!- ann lost the connection: it gets this if it comes back$')
+        dan.send('sync\n')  # said on two after ben's message went to Redis:
+        eve.expect(r'^<dan> sync$')  # so two has read that message back
         back = self.resume(two, 'ann', '/resume %s 9 0 2' % token)  # no room line since
         # the join; 2 private
         back.expect(r'^-!- You are back as ann in #side: 1 line you missed$')
@@ -7095,9 +7098,11 @@ class TestLink(LinkTests, unittest.TestCase):
 
     def test_a_registered_name_is_its_owners_on_every_server(self):
         one, two = self.linked_server(), self.linked_server()  # no --data: Redis keeps it
-        ann = self.join(one, 'ann')
+        ann, watcher = self.join(one, 'ann'), self.join(two, 'watcher')
         ann.send('/register correct horse\n')
         ann.expect(r'^-!- The name ann is yours')
+        ann.send('registered\n')
+        watcher.expect(r'^<ann> registered$')  # so two has read the registration, before it
         ann.send('/quit\n')
         ann.expect_closed()
         for server, name in ((two, 'other'), (self.linked_server(), 'late')):  # linked after
@@ -7296,6 +7301,7 @@ class TestLink(LinkTests, unittest.TestCase):
             conn.send('/join r\n')
         self.everyone_knows([ann, ben, cat], 3)  # in r: so two has read all that came before
         cut(ann)  # no line in r since it emptied: the first after it is the one missed
+        ben.expect(r'^-!- ann lost the connection$')  # one took the loss before ben's line
         ben.send('said while away\n')
         cat.expect(r'^<ben> said while away$')
         back = self.resume(two, 'ann', '/resume %s' % token)  # from the loss on
