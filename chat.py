@@ -5341,6 +5341,12 @@ def ban_field(what, shown):
     return 'name:' + name_key(shown) if what == 'name' else what
 
 
+def unban_field(text):
+    """The field in the bans hash that /unban TEXT lifts."""
+    network = banned_network(text)
+    return str(network) if network is not None else ban_field('name', text)
+
+
 def stream_id(text):
     """A Redis stream entry's id (b'MS-SEQ') as numbers, to compare."""
     milliseconds, _, sequence = text.partition(b'-')
@@ -5667,8 +5673,7 @@ class Link:
             self.ban(what, ban.seconds_left(), ban.by, ban.shown)
 
     def unban(self, text):
-        network = banned_network(text)
-        field = str(network) if network is not None else ban_field('name', text)
+        field = unban_field(text)
         self.say_or_keep(('bans', field), lambda: self.unban(text), ('unban', text),
                          ('HDEL', self.key('bans'), field))
 
@@ -6334,6 +6339,7 @@ class Link:
     def on_ban(self, origin, fields):
         """Another server's operator banned an address, or a person's name."""
         what, seconds, by, shown = fields.split('\t', 3)
+        self.heard_ban_change(ban_field(what, shown))
         if origin != self.id:
             self.take_ban(what, float(seconds) if seconds else None, by, shown)
 
@@ -6352,8 +6358,16 @@ class Link:
             self.server.gate.ban(ipaddress.ip_network(what), shown, seconds, by)
 
     def on_unban(self, origin, what):
+        self.heard_ban_change(unban_field(what))
         if origin != self.id:
             self.server.gate.lift(what)
+
+    def heard_ban_change(self, field):
+        """A ban or unban on the bus while the bans are read (load_shared):
+        it is newer than what the read may hold for it, which got_bans
+        then passes over."""
+        if self.loading is not None:
+            self.loading.add(('bans', field))
 
     def on_name(self, origin, fields):
         """A name registered on another server (its password's hash)."""

@@ -7199,6 +7199,29 @@ class TestLink(LinkTests, unittest.TestCase):
         wait_until(lambda: welcomed(two.port, '127.0.0.2'), 'two to let 127.0.0.2 in')
         self.assertTrue(welcomed(one.port, '127.0.0.2'))  # not banned again from Redis
 
+    def test_an_unban_heard_while_the_bans_are_read_again_is_not_undone_by_them(self):
+        proxy = CuttableProxy(self.redis.port)
+        self.addCleanup(proxy.stop)
+        one = self.linked_server('--op-password-file', self.op_file())
+        two = self.linked_server(url='redis://127.0.0.1:%d' % proxy.port)
+        boss, amy = self.join(one, 'boss'), self.join(two, 'amy')
+        self.everyone_knows([boss, amy], 2)
+        boss.send('/op opsecret\n/ban 127.0.0.2\n')
+        boss.expect(r'^-!- boss banned 127\.0\.0\.2 until lifted$')
+        wait_until(lambda: not welcomed(two.port, '127.0.0.2'), 'two to hear of the ban')
+        proxy.hold = b'["127.0.0.2'  # two's next read of the bans waits, the ban in it
+        proxy.cut()  # two links again, and reads the bans again
+        amy.expect(r'^-!- linked again$')
+        wait_until(lambda: proxy.held is not None, 'two to read the bans')
+        boss.send('/unban 127.0.0.2\nunbanned\n')
+        amy.expect(r'^<boss> unbanned$')  # two has heard the unban, after the read
+        proxy.release()
+        asked = Conn(two.port, hello=False)  # a question to Redis after the bans:
+        self.addCleanup(asked.close)
+        asked.send('/resume %s\n' % ('x' * 22))
+        asked.expect(r'^!!! cannot resume')  # its answer comes after theirs
+        self.assertTrue(welcomed(two.port, '127.0.0.2'))
+
     def op_file(self):
         folder = tempfile.mkdtemp(prefix='chat-op-')
         self.addCleanup(shutil.rmtree, folder, True)
