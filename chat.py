@@ -6339,7 +6339,7 @@ class Link:
     def on_ban(self, origin, fields):
         """Another server's operator banned an address, or a person's name."""
         what, seconds, by, shown = fields.split('\t', 3)
-        self.heard_ban_change(ban_field(what, shown))
+        self.heard_change('bans', ban_field(what, shown))
         if origin != self.id:
             self.take_ban(what, float(seconds) if seconds else None, by, shown)
 
@@ -6358,24 +6358,26 @@ class Link:
             self.server.gate.ban(ipaddress.ip_network(what), shown, seconds, by)
 
     def on_unban(self, origin, what):
-        self.heard_ban_change(unban_field(what))
+        self.heard_change('bans', unban_field(what))
         if origin != self.id:
             self.server.gate.lift(what)
 
-    def heard_ban_change(self, field):
-        """A ban or unban on the bus while the bans are read (load_shared):
-        it is newer than what the read may hold for it, which got_bans
-        then passes over."""
+    def heard_change(self, table, field):
+        """A ban, unban, registration or unregistration on the bus while
+        the shared hashes are read (load_shared): it is newer than what the
+        read may hold for it, which got_bans and got_names pass over."""
         if self.loading is not None:
-            self.loading.add(('bans', field))
+            self.loading.add((table, field))
 
     def on_name(self, origin, fields):
         """A name registered on another server (its password's hash)."""
         name, hashed = fields.split('\t')
+        self.heard_change('names', name_key(name))
         if origin != self.id:
             self.learn_name(name, hashed)
 
     def on_unname(self, origin, name):
+        self.heard_change('names', name_key(name))
         server = self.server
         if origin != self.id and server.accounts.pop(name_key(name), None) is not None:
             server.mail.pop(name_key(name), None)

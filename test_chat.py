@@ -7222,6 +7222,32 @@ class TestLink(LinkTests, unittest.TestCase):
         asked.expect(r'^!!! cannot resume')  # its answer comes after theirs
         self.assertTrue(welcomed(two.port, '127.0.0.2'))
 
+    def test_an_unregistering_heard_while_the_names_are_read_again_is_not_undone(self):
+        proxy = CuttableProxy(self.redis.port)
+        self.addCleanup(proxy.stop)
+        one = self.linked_server()
+        two = self.linked_server(url='redis://127.0.0.1:%d' % proxy.port)
+        ann, amy = self.join(one, 'ann'), self.join(two, 'amy')
+        self.everyone_knows([ann, amy], 2)
+        ann.send('/register correct horse\nregistered\n')
+        amy.expect(r'^<ann> registered$')  # two knows the name is ann's
+        proxy.hold = b'["ann", "'  # two's next read of the names waits, ann's in it
+        proxy.cut()  # two links again, and reads the names again
+        amy.expect(r'^-!- linked again$')
+        wait_until(lambda: proxy.held is not None, 'two to read the names')
+        ann.send('/unregister\nunregistered\n')
+        amy.expect(r'^<ann> unregistered$')  # two has heard it, after the read
+        proxy.release()
+        asked = Conn(two.port, hello=False)  # a question to Redis after the names:
+        self.addCleanup(asked.close)
+        asked.send('/resume %s\n' % ('x' * 22))
+        asked.expect(r'^!!! cannot resume')  # its answer comes after theirs
+        ann.send('/nick ann2\n')
+        ann.expect(r'^-!- ann is now known as ann2$')
+        amy.expect(r'^-!- ann is now known as ann2$')
+        amy.send('/nick ann\n')  # free: not registered again from the read
+        amy.expect(r'^-!- amy is now known as ann$')
+
     def op_file(self):
         folder = tempfile.mkdtemp(prefix='chat-op-')
         self.addCleanup(shutil.rmtree, folder, True)
