@@ -4301,24 +4301,31 @@ class Web:
     def metrics_text(self):
         """The server's counters in Prometheus's text format."""
         server = self.server
+        figures = [
+            ('chat_peers', 'gauge', len(server.names), 'people in rooms'),
+            ('chat_connections', 'gauge', len(server.peers), 'open connections'),
+            ('chat_websockets', 'gauge', len(self.sockets), 'WebSocket connections'),
+            ('chat_rooms', 'gauge', len(server.rooms), 'rooms'),
+            ('chat_lines_in_total', 'counter', server.lines_in, 'lines received'),
+            ('chat_lines_out_total', 'counter', server.lines_out,
+             'room lines delivered, one per recipient'),
+            ('chat_bytes_in_total', 'counter', server.bytes_in, 'bytes received'),
+            ('chat_bytes_out_total', 'counter', server.bytes_out, 'bytes sent'),
+            ('chat_slow_peers_cut_total', 'counter', server.cut_slow,
+             'peers cut off as too slow'),
+            ('chat_loop_turns_total', 'counter', server.turn, 'loop turns'),
+            ('chat_loop_turn_seconds_total', 'counter', round(server.turn_seconds, 6),
+             'time spent in loop turns'),
+            ('chat_loop_turn_seconds_max', 'gauge', round(server.turn_max, 6),
+             'the longest loop turn')]
+        if server.link is not None:
+            figures += [('chat_link_up', 'gauge', int(server.link.up),
+                         '1 while linked through Redis to the other servers'),
+                        ('chat_link_servers', 'gauge', len(server.link.heard),
+                         'the other servers known: heard lately, or gone with people '
+                         'who may resume')]
         lines = []
-        for name, kind, value, what in (
-                ('chat_peers', 'gauge', len(server.names), 'people in rooms'),
-                ('chat_connections', 'gauge', len(server.peers), 'open connections'),
-                ('chat_websockets', 'gauge', len(self.sockets), 'WebSocket connections'),
-                ('chat_rooms', 'gauge', len(server.rooms), 'rooms'),
-                ('chat_lines_in_total', 'counter', server.lines_in, 'lines received'),
-                ('chat_lines_out_total', 'counter', server.lines_out,
-                 'room lines delivered, one per recipient'),
-                ('chat_bytes_in_total', 'counter', server.bytes_in, 'bytes received'),
-                ('chat_bytes_out_total', 'counter', server.bytes_out, 'bytes sent'),
-                ('chat_slow_peers_cut_total', 'counter', server.cut_slow,
-                 'peers cut off as too slow'),
-                ('chat_loop_turns_total', 'counter', server.turn, 'loop turns'),
-                ('chat_loop_turn_seconds_total', 'counter', round(server.turn_seconds, 6),
-                 'time spent in loop turns'),
-                ('chat_loop_turn_seconds_max', 'gauge', round(server.turn_max, 6),
-                 'the longest loop turn')):
+        for name, kind, value, what in figures:
             lines += ['# HELP %s %s' % (name, what), '# TYPE %s %s' % (name, kind),
                       '%s %s' % (name, value)]
         lines += ['# HELP chat_refused_total connections refused, by reason',
@@ -5942,12 +5949,22 @@ class Link:
         self.call('GET', self.key('epoch'), answer=self.check_epoch)
         for origin, heard in list(self.heard.items()):
             if now - heard > LINK_DEAD_SEC and origin not in self.dead:
-                self.dead.add(origin)
                 people = list(self.people.get(origin, {}).values())
                 self.server.log('link: server %s unheard for %s: its %s lost' % (
                     origin, duration(now - heard), plural(len(people), 'person')))
+                if not people:  # nothing to keep of it (if only cut off, it says
+                    self.forget(origin)  # hello and its state when linked again)
+                    continue
+                self.dead.add(origin)
                 for mirror in people:
                     self.mirror_lost(mirror)
+
+    def forget(self, origin):
+        """A server gone, and nothing left of it here: not even its id (a
+        server is a new one at every start, so ids would pile up)."""
+        for table in (self.people, self.heard):
+            table.pop(origin, None)
+        self.dead.discard(origin)
 
     # Receiving -----------------------------------------------------------------
 
@@ -6240,9 +6257,7 @@ class Link:
         for alias in [alias for alias, peer in self.aliases.items() if peer is mirror]:
             del self.aliases[alias]
         if not people and mirror.home in self.dead:  # nothing left of a dead server
-            for table in (self.people, self.heard):
-                table.pop(mirror.home, None)
-            self.dead.discard(mirror.home)
+            self.forget(mirror.home)
         self.server.drop_mirror(mirror, reason)
 
     def on_lost(self, origin, name):
@@ -6421,8 +6436,7 @@ class Link:
     def on_bye(self, origin, _):
         for mirror in list(self.people.get(origin, {}).values()):
             self.drop_mirror(mirror, 'its server stopped')
-        for table in (self.people, self.heard):
-            table.pop(origin, None)
+        self.forget(origin)
 
 
 # --- The web page --------------------------------------------------------------

@@ -5122,6 +5122,14 @@ class TlsConn(Conn):
             self.send(b'\n')
 
 
+def link_figures(server):
+    """A linked server's chat_link_* figures from its /metrics, by their
+    names' ends: {'up': 1, 'servers': 2}."""
+    _, _, body = response_parts(http_get(server.port, 'GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n'))
+    return {name: int(value) for name, value in
+            re.findall(r'^chat_link_(\w+) (\d+)$', body.decode(), re.M)}
+
+
 def patch_constant(test, name, value):
     original = getattr(chat, name)
     setattr(chat, name, value)
@@ -6548,18 +6556,24 @@ class TestLink(LinkTests, unittest.TestCase):
         self.assertEqual(sum('set the topic' in line for line in amy.seen), 1)  # not again
 
     def test_a_killed_server_s_people_are_lost_then_gone(self):
-        one = self.linked_server('--resume-for=6')  # /who must see ben lost within it
-        two = self.linked_server('--resume-for=6')
+        one = self.linked_server('--resume-for=6', '--metrics')  # /who must see ben lost
+        two = self.linked_server('--resume-for=6')  # within it
+        empty = self.linked_server()  # no one on it
         ann, ben = self.join(one, 'ann'), self.join(two, 'ben')
         self.everyone_knows([ann, ben], 2)
+        wait_until(lambda: link_figures(one) == {'up': 1, 'servers': 2}, 'one to hear both')
         ben.send('last words\n')
         ann.expect(r'^<ben> last words$')
         two.proc.kill()
+        empty.proc.kill()
         ann.expect(r'^-!- ben lost the connection$', timeout=chat.LINK_DEAD_SEC + 15)
         ann.send('/who\n')
         ann.expect(r'^-!- 2 online in #lobby: ann, ben \(lost\)$')
         ann.expect(r'^-!- ben left \(connection lost\)$')
         self.everyone_knows([ann], 1)  # no ghost
+        wait_until(lambda: link_figures(one) == {'up': 1, 'servers': 0},
+                   'one to forget both servers')  # nor a dead server kept (empty's beats
+        # may have stopped up to LINK_BEAT_SEC after two's)
         three = self.linked_server()
         self.join(three, 'ben')  # the name is free again
         ann.expect(r'^-!- ben joined$')
