@@ -269,8 +269,7 @@ LINK_ROOMS_MAX = 2 * KEPT_ROOMS_MAX  # rooms Redis keeps history for, the last s
 LINK_SESSION_KEEP_SEC = 7 * 24 * 3600  # a session's record in Redis (for resuming
 # on another server) lasts this long after its last change, if not ended before
 LINK_BUS_KEEP = 100000         # events the bus keeps (about), for servers cut off a while
-LINK_READ_COUNT = 1000         # events read from the bus at a time
-LINK_READ_BLOCK_MS = 5000      # a read of the bus waits this long for one
+LINK_READ_COUNT = 1000         # events read from the bus at a time, catching up
 LINK_READ_BYTES = 1 << 20      # read from Redis at once, at most (a big reply comes whole),
 LINK_READ_CHUNK_BYTES = 256 * 1024  # a recv() at a time
 LINK_ANSWER_SEC = 10.0         # Redis silent this long with a command waiting: start again
@@ -4991,11 +4990,18 @@ class PeopleLog:
 # Every server started with the same --redis URL and --cluster is one chat.
 # Whatever the others must know goes as an event on one Redis stream, the
 # bus (CLUSTER:bus, XADD), and every server, the sender's own included, acts
-# on the events in the one order the stream has (XREAD).  So a room's lines
-# come in the same order everywhere, and when two servers let two people
-# take one name at the same moment, every server agrees whose claim came
-# first.  A stream rather than pub/sub: a server cut off for a moment reads
-# on from where it stopped, and misses nothing the bus still keeps.
+# on the events in the one order the stream has.  So a room's lines come in
+# the same order everywhere, and when two servers let two people take one
+# name at the same moment, every server agrees whose claim came first.
+# A stream, so that a server cut off for a moment reads on from where it
+# stopped (XREAD), and misses nothing the bus still keeps.  But it hears
+# the bus live by pub/sub: the script that adds an event also publishes it,
+# with its entry's id, on the bus's channel (CLUSTER:bus@DB: channels are
+# not per database), in the same step, so in the same order.  Pushed, an
+# event costs Redis one write to each server; with a blocking XREAD, each
+# server would also ask again after every read, waking Redis each time (a
+# third of Redis's CPU at light load, on cores the servers need then).
+# All the servers of a chat must run a chat.py that publishes so.
 #
 # An event is "SERVER<TAB>KIND<TAB>FIELDS" in UTF-8, SERVER a random id the
 # server took at start.  The last field may hold tabs; no other can.  N
@@ -5046,6 +5052,7 @@ class RedisConnection:
         self.outbuf = bytearray()
         self.reader = RespReader()
         self.waiting = collections.deque()  # per command sent, its callback or None
+        self.pushes = None           # subscribed: what to do with each message
         self.answered_at = 0.0       # when Redis last answered, or was asked with nothing
         self.events = 0              # waiting (Link.beat restarts a link silent too long)
 
@@ -5130,6 +5137,9 @@ class RedisConnection:
         for reply in self.reader.replies():
             if self.sock is None:
                 return  # a callback found the link broken: this connection is done
+            if self.pushes is not None and isinstance(reply, list) and reply[:1] == [b'message']:
+                self.pushes(reply[2])  # (a message, not an answer: ['message', CHANNEL, IT])
+                continue
             if not self.waiting:
                 raise RespFailure('a reply to no command')
             callback = self.waiting.popleft()
@@ -5171,16 +5181,18 @@ def redis_address(url):
     return family, address
 
 
-def check_redis(url, address, tls):
-    """At start, before the loop: reach Redis, log in and PING, blocking for
-    at most LINK_CONNECT_SEC; a UserError says what went wrong."""
+def check_redis(url, address, tls, channel):
+    """At start, before the loop: reach Redis, log in, PING, and subscribe
+    to the bus's channel (an ACL user may lack it: Redis 7's have no channel
+    unless given), blocking for at most LINK_CONNECT_SEC; a UserError says
+    what went wrong."""
     where = '%s:%d' % (url.host, url.port)
     try:
         sock = socket.create_connection(address[1][:2], LINK_CONNECT_SEC)
         with sock:
             if tls is not None:
                 sock = tls.wrap_socket(sock, server_hostname=url.host)
-            commands = [('SELECT', url.db), ('PING',)]
+            commands = [('SELECT', url.db), ('PING',), ('SUBSCRIBE', channel)]
             if url.password is not None:
                 commands.insert(0, ['AUTH'] + ([url.username] if url.username else [])
                                 + [url.password])
@@ -5198,9 +5210,10 @@ def check_redis(url, address, tls):
                 where, getattr(exc, 'reason', None) or exc))
         raise UserError('cannot reach Redis at %s: %s' % (where, getattr(exc, 'strerror', None)
                                                           or exc))
-    for reply in replies:
+    for command, reply in zip(commands, replies):
         if isinstance(reply, RespError):
-            raise UserError('Redis at %s refused: %s' % (where, reply.args[0]))
+            what = ' the channel %s' % channel if command[0] == 'SUBSCRIBE' else ''
+            raise UserError('Redis at %s refused%s: %s' % (where, what, reply.args[0]))
 
 
 # Public lines go on the bus and into their room's history (a stream, kept
@@ -5227,8 +5240,20 @@ local function keep_room(stamp)
   end
 end
 """
-SAY_SCRIPT = KEEP_ROOM_LUA + b"""
-local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[6])
+# Every event goes on the bus through to_bus: added to the stream, and
+# published with its id ("ID<TAB>EVENT") on the channel.
+BUS_LUA = b"""
+local function to_bus(bus, keep, channel, event)
+  local id = redis.call('XADD', bus, 'MAXLEN', '~', keep, '*', 'e', event)
+  redis.call('PUBLISH', channel, id .. '\\t' .. event)
+  return id
+end
+"""
+PUBLISH_SCRIPT = BUS_LUA + b"""
+return to_bus(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
+"""
+SAY_SCRIPT = KEEP_ROOM_LUA + BUS_LUA + b"""
+local id = to_bus(KEYS[4], ARGV[5], ARGV[8], ARGV[6])
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'e', ARGV[6], 'b', id)
 keep_room(string.match(id, '^%d+'))
 return id
@@ -5238,6 +5263,7 @@ redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
 local now = redis.call('TIME')
 keep_room(string.format('%d%03d', now[1], math.floor(now[2] / 1000)))
 """
+PUBLISH_SCRIPT_SHA = hashlib.sha1(PUBLISH_SCRIPT).hexdigest()
 SAY_SCRIPT_SHA = hashlib.sha1(SAY_SCRIPT).hexdigest()
 TOPIC_SCRIPT_SHA = hashlib.sha1(TOPIC_SCRIPT).hexdigest()
 TAKE_MAIL_SCRIPT = b"""
@@ -5354,6 +5380,11 @@ def unban_field(text):
     return str(network) if network is not None else ban_field('name', text)
 
 
+def bus_channel(cluster, db):
+    """The bus's pub/sub channel: channels are not per database."""
+    return '%s:bus@%d' % (cluster, db)
+
+
 def stream_id(text):
     """A Redis stream entry's id (b'MS-SEQ') as numbers, to compare."""
     milliseconds, _, sequence = text.partition(b'-')
@@ -5368,10 +5399,13 @@ class Link:
         self.url, self.address, self.tls = url, address, tls
         self.cluster = cluster
         self.bus = cluster + ':bus'
+        self.channel = bus_channel(cluster, url.db)
         self.id = secrets.token_hex(6)
         self.server = None
         self.commands = self.reader = None
         self.last_id = None          # of the last bus entry read
+        self.held = None             # ... from the channel, while the stream is caught up
+        self.held_bytes = 0          # with (follow_bus): their size
         self.first_id = None         # of the bus entry this server began after
         self.rooms_read = False      # the rooms' history and topics, at the first link
         self.histories = None        # ... keys of the rooms whose history is here until
@@ -5433,7 +5467,7 @@ class Link:
         except OSError as exc:
             self.fail(exc)
             return
-        for script in (SAY_SCRIPT, TOPIC_SCRIPT):
+        for script in (PUBLISH_SCRIPT, SAY_SCRIPT, TOPIC_SCRIPT):
             self.commands.call(None, 'SCRIPT', 'LOAD', script)
         self.reader.call(self.linked, 'XREVRANGE', self.bus, '+', '-', 'COUNT', 1)
         self.take_guest_numbers()
@@ -5442,20 +5476,58 @@ class Link:
         """The last bus entry read (b'0-0' before any)."""
         return self.last_id or b'0-0'
 
-    def read_bus(self):
-        self.reader.call(self.on_bus, 'XREAD', 'COUNT', LINK_READ_COUNT, 'BLOCK',
-                         LINK_READ_BLOCK_MS, 'STREAMS', self.bus, self.last_id)
+    def follow_bus(self):
+        """Hear the bus on from last_id: subscribe to its channel, then
+        catch up from the stream on what came before.  What the channel
+        brings meanwhile is held until then."""
+        self.held, self.held_bytes = [], 0
+        self.reader.pushes = self.on_live
+        self.reader.call(self.catch_up, 'SUBSCRIBE', self.channel)
 
-    def on_bus(self, reply):
-        """Events from the bus, then wait for more."""
+    def catch_up(self, reply=None):
         if isinstance(reply, RespError):
             raise reply
-        for _, entries in reply or ():
-            for entry_id, fields in entries:
-                self.last_id = entry_id
-                self.on_message(fields[1])
-        if self.reader is not None and self.reader.sock is not None:
-            self.read_bus()
+        self.commands.call(self.caught_up, 'XREAD', 'COUNT', LINK_READ_COUNT,
+                           'STREAMS', self.bus, self.last_id)
+
+    def caught_up(self, reply):
+        """Entries from the stream: more to come if it gave all it was
+        asked for; else the held ones, and from now on the channel."""
+        if isinstance(reply, RespError):
+            raise reply
+        entries = reply[0][1] if reply else ()
+        for entry_id, fields in entries:
+            self.take(entry_id, fields[1])
+        if self.commands is None:
+            return  # an event broke the link
+        if len(entries) == LINK_READ_COUNT:
+            self.catch_up()
+            return
+        held, self.held = self.held, None
+        for message in held:
+            self.on_live(message)
+
+    def on_live(self, message):
+        """An entry from the bus's channel: "ID<TAB>EVENT".  One that the
+        stream gave already (as it was caught up with) is passed over."""
+        if self.held is not None:
+            self.held.append(message)
+            self.held_bytes += len(message)
+            if self.held_bytes > LINK_MAX_QUEUED:
+                raise RespFailure('the bus came faster than it could be caught up with')
+            return
+        entry_id, _, event = message.partition(b'\t')
+        try:
+            newer = stream_id(entry_id) > stream_id(self.last_id)
+        except ValueError:
+            self.server.log('link: not a bus entry on %s: %r' % (self.channel, message[:80]))
+            return
+        if newer:
+            self.take(entry_id, event)
+
+    def take(self, entry_id, event):
+        self.last_id = entry_id
+        self.on_message(event)
 
     def linked(self, newest):
         """Linked: say so to everyone, and to the people here if they heard
@@ -5467,7 +5539,7 @@ class Link:
             self.last_id = self.first_id = newest[0][0] if newest else b'0-0'
             self.histories = {key for key, room in self.server.rooms.items() if len(room.history)}
         if self.rooms_read:
-            self.read_bus()
+            self.follow_bus()
         else:  # the first link, or one that broke before they all came
             self.load_rooms()
         self.up, self.tries = True, 0
@@ -5576,7 +5648,7 @@ class Link:
 
     def publish(self, kind, *fields):
         """Send an event to every server; False if the link is down."""
-        return self.call('XADD', self.bus, 'MAXLEN', '~', LINK_BUS_KEEP, '*', 'e',
+        return self.call('EVALSHA', PUBLISH_SCRIPT_SHA, 1, self.bus, LINK_BUS_KEEP, self.channel,
                          self.event(kind, *fields))
 
     def say(self, room, sender, lines):
@@ -5586,7 +5658,7 @@ class Link:
         stamp, number = self.server.stamp(), self.sent_count + 1
         event = self.event('say', number, room.key, stamp, sender.name, lines)
         if not self.keep_room(SAY_SCRIPT_SHA, room, (self.bus, self.key('history', room.key)),
-                              (LINK_BUS_KEEP, event, HISTORY_MAX_LINES)):
+                              (LINK_BUS_KEEP, event, HISTORY_MAX_LINES, self.channel)):
             return False
         heard = functools.partial(self.hear_said, room, sender, stamp, lines)
         self.sent_count = number
@@ -5876,7 +5948,7 @@ class Link:
         """The rooms' history and topics are here: read the bus on from them."""
         self.rooms_read, self.histories = True, None
         self.server.keep_empty_rooms()
-        self.read_bus()
+        self.follow_bus()
         self.say_linked()
 
     def say_linked(self):
@@ -5933,8 +6005,8 @@ class Link:
     def beat(self, _=None):
         """Say this server lives; take servers long unheard for dead; and
         start again if Redis has left a command unanswered too long (the
-        bus is read with a wait of LINK_READ_BLOCK_MS, so it is answered
-        at least that often)."""
+        connection that hears the bus is asked a PING at every beat, so it
+        is answered that often)."""
         self.later(LINK_BEAT_SEC, self.beat)
         now = time.monotonic()
         for connection in (self.commands, self.reader):
@@ -5946,6 +6018,7 @@ class Link:
         if not self.up:
             return
         self.publish('beat')
+        self.reader.call(None, 'PING')
         self.call('GET', self.key('epoch'), answer=self.check_epoch)
         for origin, heard in list(self.heard.items()):
             if now - heard > LINK_DEAD_SEC and origin not in self.dead:
@@ -9356,7 +9429,7 @@ def redis_link(args, log):
         tls = ssl.create_default_context(cafile=args.redis_cafile)
     address = redis_address(url)
     try:
-        check_redis(url, address, tls)
+        check_redis(url, address, tls, bus_channel(args.cluster, url.db))
     except UserError as exc:
         if not args.redis_optional:
             raise

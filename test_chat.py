@@ -6907,6 +6907,21 @@ class TestLink(LinkTests, unittest.TestCase):
         ann, ben = self.join(one, 'ann'), self.join(two, 'ben')
         self.everyone_knows([ann, ben], 2)
 
+    def test_a_redis_user_needs_the_bus_s_channel(self):
+        for user, rules in (('keys', ['~chat:*']), ('chat', ['~chat:*', '&chat:*'])):
+            self.redis.command('ACL', 'SETUSER', user, 'on', '>pw', '+@all', *rules)
+        result = run_chat('server', '0', '--host', '127.0.0.1', '--redis',
+                          'redis://keys:pw@127.0.0.1:%d' % self.redis.port)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertRegex(result.stderr.strip(), r'^chat.py: error: Redis at 127.0.0.1:\d+ '
+                         r'refused the channel chat:bus@0: NOPERM ')
+        url = 'redis://chat:pw@127.0.0.1:%d' % self.redis.port
+        one, two = self.linked_server(url=url), self.linked_server(url=url)
+        ann, ben = self.join(one, 'ann'), self.join(two, 'ben')
+        self.everyone_knows([ann, ben], 2)
+        ann.send('with its own keys and channel\n')
+        ben.expect(r'^<ann> with its own keys and channel$')
+
     def test_rediss_speaks_tls_to_redis_and_checks_its_certificate(self):
         cert, key, _ = certificate()
         port = free_port()
@@ -7237,7 +7252,21 @@ class TestLink(LinkTests, unittest.TestCase):
         wait_until(lambda: welcomed(two.port, '127.0.0.2'), 'two to let 127.0.0.2 in')
         self.assertTrue(welcomed(one.port, '127.0.0.2'))  # not banned again from Redis
 
-    def test_an_unban_heard_while_the_bans_are_read_again_is_not_undone_by_them(self):
+    def read_again_held(self, proxy, two, amy, hold, how):
+        """Make two read the shared hashes again, its reply holding hold
+        kept back by proxy: how='link' cuts its link (it reads them at the
+        next, and hears the bus only after them), how='epoch' makes Redis
+        look emptied (it reads them at its next beat, the bus going on)."""
+        proxy.hold = hold
+        if how == 'link':
+            proxy.cut()
+            amy.expect(r'^-!- linked again$')
+        else:
+            self.redis.command('DEL', 'chat:epoch')
+            two.wait_log(r'link: Redis at .* lost what it held')
+        wait_until(lambda: proxy.held is not None, 'two to read the hashes')
+
+    def an_unban_heard_while_the_bans_are_read_again(self, how):
         proxy = CuttableProxy(self.redis.port)
         self.addCleanup(proxy.stop)
         one = self.linked_server('--op-password-file', self.op_file())
@@ -7247,20 +7276,29 @@ class TestLink(LinkTests, unittest.TestCase):
         boss.send('/op opsecret\n/ban 127.0.0.2\n')
         boss.expect(r'^-!- boss banned 127\.0\.0\.2 until lifted$')
         wait_until(lambda: not welcomed(two.port, '127.0.0.2'), 'two to hear of the ban')
-        proxy.hold = b'["127.0.0.2'  # two's next read of the bans waits, the ban in it
-        proxy.cut()  # two links again, and reads the bans again
-        amy.expect(r'^-!- linked again$')
-        wait_until(lambda: proxy.held is not None, 'two to read the bans')
+        self.read_again_held(proxy, two, amy, b'["127.0.0.2', how)  # the ban in the reply
         boss.send('/unban 127.0.0.2\nunbanned\n')
-        amy.expect(r'^<boss> unbanned$')  # two has heard the unban, after the read
+        if how == 'epoch':  # two has heard the unban, after the read: the bus goes on
+            amy.expect(r'^<boss> unbanned$')
         proxy.release()
+        if how == 'link':  # the bus waits for the read
+            amy.expect(r'^<boss> unbanned$')
         asked = Conn(two.port, hello=False)  # a question to Redis after the bans:
         self.addCleanup(asked.close)
         asked.send('/resume %s\n' % ('x' * 22))
         asked.expect(r'^!!! cannot resume')  # its answer comes after theirs
         self.assertTrue(welcomed(two.port, '127.0.0.2'))
+        boss.send('after\n')  # the line came on the channel and from the stream: once
+        before, _ = amy.expect(r'^<boss> after$')
+        self.assertNotIn('<boss> unbanned', before)
 
-    def test_an_unregistering_heard_while_the_names_are_read_again_is_not_undone(self):
+    def test_an_unban_heard_while_the_bans_are_read_at_a_link_is_not_undone_by_them(self):
+        self.an_unban_heard_while_the_bans_are_read_again('link')
+
+    def test_an_unban_heard_while_an_emptied_redis_is_read_is_not_undone_by_it(self):
+        self.an_unban_heard_while_the_bans_are_read_again('epoch')
+
+    def an_unregistering_heard_while_the_names_are_read_again(self, how):
         proxy = CuttableProxy(self.redis.port)
         self.addCleanup(proxy.stop)
         one = self.linked_server()
@@ -7271,15 +7309,15 @@ class TestLink(LinkTests, unittest.TestCase):
         ann.expect(r'^-!- The name ann is yours')  # (hashed off the loop: lines may pass it)
         ann.send('registered\n')
         amy.expect(r'^<ann> registered$')  # after the name on the bus: two knows it is ann's
-        # two's next read of the names waits (HGETALL's reply, ann's the one
-        # field: the bus's state events hold '["ann", "' too, and may come first)
-        proxy.hold = b'*2\r\n$3\r\nann\r\n$'
-        proxy.cut()  # two links again, and reads the names again
-        amy.expect(r'^-!- linked again$')
-        wait_until(lambda: proxy.held is not None, 'two to read the names')
+        # two's read of the names is held: HGETALL's reply, ann's the one
+        # field (the bus's state events hold '["ann", "' too, and may come first)
+        self.read_again_held(proxy, two, amy, b'*2\r\n$3\r\nann\r\n$', how)
         ann.send('/unregister\nunregistered\n')
-        amy.expect(r'^<ann> unregistered$')  # two has heard it, after the read
+        if how == 'epoch':  # two has heard it, after the read: the bus goes on
+            amy.expect(r'^<ann> unregistered$')
         proxy.release()
+        if how == 'link':  # the bus waits for the read
+            amy.expect(r'^<ann> unregistered$')
         asked = Conn(two.port, hello=False)  # a question to Redis after the names:
         self.addCleanup(asked.close)
         asked.send('/resume %s\n' % ('x' * 22))
@@ -7289,6 +7327,12 @@ class TestLink(LinkTests, unittest.TestCase):
         amy.expect(r'^-!- ann is now known as ann2$')
         amy.send('/nick ann\n')  # free: not registered again from the read
         amy.expect(r'^-!- amy is now known as ann$')
+
+    def test_an_unregistering_heard_while_the_names_are_read_at_a_link_is_not_undone(self):
+        self.an_unregistering_heard_while_the_names_are_read_again('link')
+
+    def test_an_unregistering_heard_while_an_emptied_redis_is_read_is_not_undone(self):
+        self.an_unregistering_heard_while_the_names_are_read_again('epoch')
 
     def op_file(self):
         folder = tempfile.mkdtemp(prefix='chat-op-')
@@ -7328,6 +7372,21 @@ class TestLink(LinkTests, unittest.TestCase):
         ben.expect(r'^\[\S+\] \* ann nods$')
         ben.send('/history\n')
         ben.expect(r'^-!- Last 2 messages:$')
+
+    def test_a_bus_connection_gone_silent_starts_the_link_again(self):
+        proxy = CuttableProxy(self.redis.port)
+        self.addCleanup(proxy.stop)
+        one = self.linked_server()
+        two = self.linked_server(url='redis://127.0.0.1:%d' % proxy.port)
+        ann, amy = self.join(one, 'ann'), self.join(two, 'amy')
+        self.everyone_knows([ann, amy], 2)
+        proxy.hold = b'goes quiet'  # the channel's connection to two: its commands' go on
+        ann.send('goes quiet\n')
+        wait_until(lambda: proxy.held is not None, 'the line to reach the proxy')
+        wait_until(lambda: any(re.search(r'link: lost Redis at \S+: no answer for \d+ s; '
+                                         r'trying again', line) for line in two.logs),
+                   'the silence to be noticed', timeout=chat.LINK_ANSWER_SEC + 2 * chat.LINK_BEAT_SEC)
+        amy.expect(r'^<ann> goes quiet$')  # from the stream, linked again
 
     def test_a_stalled_redis_holds_input_back_then_the_link_starts_again(self):
         one = self.linked_server('--rate=0', '--op-password-file', self.op_file())
@@ -7413,14 +7472,35 @@ class TestLink(LinkTests, unittest.TestCase):
         back.expect(r'^<ben> still linked$')  # in as a newcomer
         self.assertNotIn('internal error', '\n'.join(two.logs))
 
+    def test_a_line_both_caught_up_with_and_heard_live_is_heard_once(self):
+        proxy = CuttableProxy(self.redis.port)
+        self.addCleanup(proxy.stop)
+        one = self.linked_server()
+        two = self.linked_server(url='redis://127.0.0.1:%d' % proxy.port)
+        ann, amy = self.join(one, 'ann'), self.join(two, 'amy')
+        self.everyone_knows([ann, amy], 2)
+        proxy.hold = b'$9\r\nsubscribe\r\n'  # two's subscription: it asks the stream after
+        proxy.cut()
+        amy.expect(r'^-!- linked again$')
+        wait_until(lambda: proxy.held is not None, 'two to subscribe')
+        ann.send('said meanwhile\n')  # on the channel, held; in the stream
+        wait_until(lambda: b'said meanwhile' in proxy.held[1], 'the line to come live')
+        proxy.release()
+        ann.send('after\n')
+        before, _ = amy.expect(r'^<ann> after$')
+        self.assertEqual(before.count('<ann> said meanwhile'), 1, before)
+
     def test_a_bad_event_on_the_bus_is_logged_and_passed_over(self):
         one, two = self.linked_server(), self.linked_server()
         ann, ben = self.join(one, 'ann'), self.join(two, 'ben')
         self.everyone_knows([ann, ben], 2)
         for junk in (b'x', b'abc\tsay\t1', b'abc\tstate\t[[', b'\xff\tin\t\xff',
-                     b'abc\tunknown-kind\tx'):
-            self.redis.command('XADD', 'chat:bus', '*', 'e', junk)
+                     b'abc\tunknown-kind\tx'):  # on the bus as a server puts them
+            entry = self.redis.command('XADD', 'chat:bus', '*', 'e', junk)
+            self.redis.command('PUBLISH', 'chat:bus@0', entry + b'\t' + junk)
+        self.redis.command('PUBLISH', 'chat:bus@0', b'no entry id')
         one.wait_log(r'link: cannot take a state event from abc')
+        one.wait_log(r"link: not a bus entry on chat:bus@0: b'no entry id'")
         ann.send('still fine\n')
         ben.expect(r'^<ann> still fine$')
 
